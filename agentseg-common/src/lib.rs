@@ -1,0 +1,185 @@
+//! Types shared by the kernel programs (`agentseg-ebpf`) and user space (`agentseg`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a compile-time size check: an
+//! implicit hole in a map key makes lookups miss at random. No `bool`, enum or `Option` crosses
+//! the boundary: integers with named consts instead.
+#![no_std]
+
+/// Map names as the kernel sees them (at most 15 bytes: the kernel truncates silently).
+pub mod map_names {
+    /// cgroup id → [`crate::Member`].
+    pub const MEMBERS: &str = "AS_MEMBERS";
+    /// (segment id, IPv4 prefix) → [`crate::PolicyValue`].
+    pub const POLICY_V4: &str = "AS_POLICY_V4";
+    /// (segment id, IPv6 prefix) → [`crate::PolicyValue`].
+    pub const POLICY_V6: &str = "AS_POLICY_V6";
+    /// ruleset id → [`crate::RuleSet`].
+    pub const RULESETS: &str = "AS_RULESETS";
+    /// segment id → [`crate::SegmentInfo`].
+    pub const SEGMENTS: &str = "AS_SEGMENTS";
+    /// member cgroup id → per-CPU [`crate::Counters`].
+    pub const COUNTERS: &str = "AS_COUNTERS";
+    /// index ([`crate::STAT_*`](crate::STAT_NO_MEMBER)) → per-CPU u64.
+    pub const STATS: &str = "AS_STATS";
+}
+
+/// Program names (the Rust function names in `agentseg-ebpf`).
+pub mod prog_names {
+    pub const CONNECT4: &str = "agentseg_connect4";
+    pub const CONNECT6: &str = "agentseg_connect6";
+    pub const SENDMSG4: &str = "agentseg_sendmsg4";
+    pub const SENDMSG6: &str = "agentseg_sendmsg6";
+}
+
+/// Deepest cgroup level the kernel programs walk when looking for a member ancestor.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+/// Port rules one ruleset can hold; the compiler merges ranges and refuses more.
+pub const RULESET_CAPACITY: usize = 16;
+/// Ruleset 0 is always the empty set: everything it covers is denied.
+pub const RULESET_EMPTY: u32 = 0;
+
+/// Protocol bits in [`PortRule::protocols`].
+pub const PROTO_TCP: u8 = 1 << 0;
+pub const PROTO_UDP: u8 = 1 << 1;
+pub const PROTO_ICMP: u8 = 1 << 2;
+
+/// [`SegmentInfo::mode`]: deny what the rules do not allow.
+pub const MODE_ENFORCE: u32 = 0;
+/// [`SegmentInfo::mode`]: allow everything, count what would have been denied.
+pub const MODE_AUDIT: u32 = 1;
+
+/// [`Member::kind`]: a cgroup named in a segment's `[members]`.
+pub const MEMBER_CGROUP: u32 = 0;
+/// [`Member::kind`]: an agent started with `agentseg run`.
+pub const MEMBER_AGENT: u32 = 1;
+
+/// Global per-CPU statistics (indices into the STATS array).
+/// A program found no member entry on the task's cgroup path although it runs on a member
+/// cgroup's socket: denied (fail closed).
+pub const STAT_NO_MEMBER: u32 = 0;
+/// A member pointed at a segment id the SEGMENTS map does not hold: denied (fail closed).
+pub const STAT_NO_SEGMENT: u32 = 1;
+/// A ruleset id with no entry: denied (fail closed).
+pub const STAT_NO_RULESET: u32 = 2;
+pub const STAT_COUNT: u32 = 4;
+
+/// Value of MEMBERS, keyed by the cgroup id (the cgroup directory's inode number, host u64).
+/// Written by the daemon when it applies policy or starts an agent; read by every hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Segment this cgroup and all its descendants belong to.
+    pub segment_id: u32,
+    /// [`MEMBER_CGROUP`] or [`MEMBER_AGENT`].
+    pub kind: u32,
+    /// Random 128-bit agent id (all zero for plain member cgroups).
+    pub agent_id: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Member>() == 24);
+
+/// LPM key data for POLICY_V4. The trie matches bits in memory order, so the segment id comes
+/// first and every entry's prefix length is `32 + address prefix length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKeyV4 {
+    /// Segment id in big-endian so that the trie's bit order is the id's numeric order.
+    pub segment_id_be: [u8; 4],
+    /// IPv4 address, network byte order.
+    pub addr_be: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyV4>() == 8);
+
+/// LPM key data for POLICY_V6: as [`PolicyKeyV4`] with a 128-bit address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKeyV6 {
+    pub segment_id_be: [u8; 4],
+    /// IPv6 address, network byte order.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyV6>() == 20);
+
+/// Bits of the LPM key taken by the segment id.
+pub const SEGMENT_PREFIX_BITS: u32 = 32;
+
+/// Value of POLICY_V4/V6: which ruleset covers this prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub ruleset_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+
+/// One allowed (protocols, port range) pair inside a ruleset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PortRule {
+    /// First allowed destination port, host byte order.
+    pub port_lo: u16,
+    /// Last allowed destination port (inclusive), host byte order.
+    pub port_hi: u16,
+    /// Bitmask of `PROTO_*`. ICMP ignores the port range.
+    pub protocols: u8,
+    pub _pad: [u8; 3],
+    /// Index of the policy rule that produced this entry (for counters and audit).
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortRule>() == 12);
+
+/// Value of RULESETS: the union of every rule that covers one prefix, merged by the compiler.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Number of valid entries in `rules` (at most [`RULESET_CAPACITY`]).
+    pub len: u32,
+    pub rules: [PortRule; RULESET_CAPACITY],
+}
+const _: () = assert!(core::mem::size_of::<RuleSet>() == 4 + 12 * RULESET_CAPACITY);
+
+/// Value of SEGMENTS, keyed by segment id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SegmentInfo>() == 8);
+
+/// Per-CPU decision counters of one member cgroup (agent or member cgroup), summed by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connects and sends allowed by a rule.
+    pub allowed: u64,
+    /// Connects and sends denied (enforce mode).
+    pub denied: u64,
+    /// Would-be denials let through because the segment is in audit mode.
+    pub audit_denied: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are repr(C), made of integers and byte arrays, with no implicit
+    // padding (checked by the size asserts above): every bit pattern is a valid value.
+    unsafe impl aya::Pod for Member {}
+    unsafe impl aya::Pod for PolicyKeyV4 {}
+    unsafe impl aya::Pod for PolicyKeyV6 {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleSet {}
+    unsafe impl aya::Pod for SegmentInfo {}
+    unsafe impl aya::Pod for Counters {}
+
+    impl Default for RuleSet {
+        fn default() -> Self {
+            Self {
+                len: 0,
+                rules: [PortRule::default(); RULESET_CAPACITY],
+            }
+        }
+    }
+}

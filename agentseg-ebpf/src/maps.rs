@@ -1,0 +1,35 @@
+//! Every map the kernel programs use. Capacities here are defaults; the loader sets the real
+//! ones (`EbpfLoader::map_max_entries`) from the compiled policy.
+use agentseg_common::{Counters, Member, PolicyValue, RuleSet, SegmentInfo, PolicyKeyV4, PolicyKeyV6, STAT_COUNT};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+};
+
+/// cgroup id → membership. Written by the daemon, read by every hook (ancestor walk).
+#[map(name = "AS_MEMBERS")]
+pub static MEMBERS: HashMap<u64, Member> = HashMap::with_max_entries(65536, 0);
+
+/// (segment, IPv4 prefix) → ruleset. Written by the daemon (compiled policy).
+#[map(name = "AS_POLICY_V4")]
+pub static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> = LpmTrie::with_max_entries(1 << 20, 0);
+
+/// (segment, IPv6 prefix) → ruleset. Written by the daemon (compiled policy).
+#[map(name = "AS_POLICY_V6")]
+pub static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> = LpmTrie::with_max_entries(1 << 20, 0);
+
+/// ruleset id → merged port rules. Written by the daemon; id 0 is the empty (deny) set.
+#[map(name = "AS_RULESETS")]
+pub static RULESETS: Array<RuleSet> = Array::with_max_entries(4096, 0);
+
+/// segment id → mode. Written by the daemon.
+#[map(name = "AS_SEGMENTS")]
+pub static SEGMENTS: HashMap<u32, SegmentInfo> = HashMap::with_max_entries(4096, 0);
+
+/// member cgroup id → decision counters (per CPU). Written here, read and pruned by the daemon.
+#[map(name = "AS_COUNTERS")]
+pub static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::with_max_entries(65536, 0);
+
+/// Fail-closed events that point at a daemon bug or a race (per CPU), by `STAT_*` index.
+#[map(name = "AS_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

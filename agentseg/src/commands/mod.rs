@@ -1,0 +1,5 @@
+//! Bodies of the CLI commands; operator-facing errors get their context here (anyhow).
+pub mod check;
+pub mod daemon;
+pub mod run;
+pub mod status;

@@ -1,0 +1,50 @@
+use std::{path::Path, process::ExitCode};
+
+use crate::control::{self, Reply, Request};
+
+pub fn status(socket: &Path, json: bool) -> ExitCode {
+    let status = match control::call(socket, &Request::Status) {
+        Ok(Reply::Status(s)) => s,
+        Ok(Reply::Error { message }) => {
+            eprintln!("agentseg: the daemon refused: {message}");
+            return ExitCode::FAILURE;
+        }
+        Ok(other) => {
+            eprintln!("agentseg: unexpected reply: {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("agentseg: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agentseg: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        println!("daemon pid {} ready, policies {}, cgroup2 {}", status.pid, status.policies.display(), status.cgroup2.display());
+        println!("{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}", "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT");
+        for s in &status.segments {
+            println!("{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}", s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied);
+        }
+        if !status.agents.is_empty() {
+            println!();
+            println!("{:<34} {:<32} {:<16} {:>8} {:>8}", "AGENT", "SEGMENT", "PIDS", "ALLOWED", "DENIED");
+            for a in &status.agents {
+                let pids: Vec<String> = a.pids.iter().map(u32::to_string).collect();
+                println!("{:<34} {:<32} {:<16} {:>8} {:>8}", a.agent_id, a.segment, pids.join(","), a.allowed, a.denied);
+            }
+        }
+        for (name, n) in &status.fail_closed {
+            if *n > 0 {
+                println!("kernel fail-closed denials ({name}): {n}");
+            }
+        }
+    }
+    if status.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

@@ -1,0 +1,118 @@
+//! The control socket: a root-only Unix socket speaking one JSON request and one JSON reply per
+//! connection, each a single line. Types here; the server lives in `daemon`, the client below.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default control socket path (its directory is created 0700 by the daemon).
+pub const DEFAULT_SOCKET: &str = "/run/agentseg/agentseg.sock";
+/// Longest request line the daemon reads; anything longer is refused.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Create a cgroup for a new agent of `segment` and register it; the caller then starts
+    /// the agent's process inside it.
+    StartAgent { segment: String },
+    /// The agent's main process exited: the daemon forgets it once its cgroup is empty.
+    AgentExited { agent_id: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Status(Status),
+    AgentStarted { agent_id: String, segment: String, cgroup: PathBuf },
+    Ok,
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub ready: bool,
+    pub pid: u32,
+    pub cgroup2: PathBuf,
+    pub policies: PathBuf,
+    pub segments: Vec<SegmentStatus>,
+    pub agents: Vec<AgentStatus>,
+    /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset.
+    pub fail_closed: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SegmentStatus {
+    pub name: String,
+    pub id: u32,
+    pub mode: String,
+    pub member_cgroups: Vec<String>,
+    pub prefixes: usize,
+    pub allowed: u64,
+    pub denied: u64,
+    pub audit_denied: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub agent_id: String,
+    pub segment: String,
+    pub cgroup: PathBuf,
+    pub pids: Vec<u32>,
+    pub allowed: u64,
+    pub denied: u64,
+    pub audit_denied: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no agentseg daemon answers at {path}: {source} (is `agentseg daemon` running?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("talking to the daemon at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the daemon sent a reply this client does not understand: {0}")]
+    BadReply(serde_json::Error),
+    #[error("the daemon closed the connection without a reply")]
+    NoReply,
+}
+
+/// Send one request and wait for its reply.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let io = |source| ClientError::Io { path: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(ClientError::BadReply)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    if reply.is_empty() {
+        return Err(ClientError::NoReply);
+    }
+    serde_json::from_str(&reply).map_err(ClientError::BadReply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_single_json_lines() {
+        let r = Request::StartAgent { segment: "a.b.c".into() };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(!s.contains('\n'));
+        assert_eq!(s, r#"{"request":"start_agent","segment":"a.b.c"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_requests_are_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"request":"open_everything"}"#).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Policy directory (TOML) → validated, typed model.
+//!
+//! Loading never stops at the first problem: every file is parsed, every value checked, and all
+//! errors are returned together with file, line and column. The raw serde structs live in `raw`,
+//! single-value parsers in `parse`, and the checks that turn raw files into the model in
+//! `validate`.
+
+mod error;
+mod parse;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_errors;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+pub use error::{PolicyError, PolicyErrors};
+
+/// Everything a policy directory defines.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicySet {
+    /// Sorted by name.
+    pub segments: Vec<Segment>,
+    /// Peer groups by name (`@NAME` in `cidrs`), already validated.
+    pub peers: BTreeMap<String, Vec<IpNet>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub name: SegmentName,
+    pub description: String,
+    pub mode: Mode,
+    pub egress: Vec<Rule>,
+    pub ingress: Vec<Rule>,
+    pub members: Members,
+    pub origin: Origin,
+}
+
+/// `<function>.<environment>.<access>`, each part 1–32 chars of `[a-z0-9-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentName(String);
+
+/// Why a string is not a valid [`SegmentName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SegmentNameError(pub String);
+
+impl FromStr for SegmentName {
+    type Err = SegmentNameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse::segment_name(s).map_err(SegmentNameError)?;
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Display for SegmentName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for SegmentName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Deny what the rules do not allow.
+    #[default]
+    Enforce,
+    /// Allow everything; count what enforce mode would deny.
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+/// One `[[egress]]`/`[[ingress]]` rule: traffic to (egress) or from (ingress) `cidrs` minus
+/// `except`, on `ports` (empty = all), with `protocol`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `@group` references already expanded.
+    pub cidrs: Vec<IpNet>,
+    pub except: Vec<IpNet>,
+    /// Empty = all ports.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+    pub origin: Origin,
+}
+
+/// Inclusive port range, `1 <= lo <= hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    #[default]
+    Any,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Members {
+    /// Relative to the cgroup2 mount; no leading '/', no `.`/`..`, no empty components.
+    pub cgroups: Vec<String>,
+    /// systemd units (`.service`, `.scope`, `.slice`); the daemon resolves them to cgroups.
+    pub units: Vec<String>,
+}
+
+/// Where a segment or rule is defined (1-based line of its table header, or for a
+/// single-segment file, of its `name` key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Loads every `*.toml` file directly in `dir` (not recursive; hidden files skipped), in file
+/// name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PolicyErrors(vec![error::file_error(
+            dir,
+            format!("cannot read policy directory: {e}"),
+        )])
+    })?;
+    let mut paths = Vec::new();
+    let mut errors = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(error::file_error(
+                    dir,
+                    format!("cannot read policy directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Editors leave hidden lock/backup files (`.#x.toml`) next to the real ones.
+        if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        // Follows symlinks on purpose: a policy file may be linked in from elsewhere.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() && errors.is_empty() {
+        errors.push(error::file_error(
+            dir,
+            format!("no *.toml policy files in {}", dir.display()),
+        ));
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        match std::fs::read(&path) {
+            Ok(bytes) => files.push((path, bytes)),
+            Err(e) => errors.push(error::file_error(&path, format!("cannot read file: {e}"))),
+        }
+    }
+    if !errors.is_empty() {
+        // Still check the readable files so that one pass shows every problem.
+        if !files.is_empty()
+            && let Err(PolicyErrors(more)) = load_files(&files)
+        {
+            errors.extend(more);
+        }
+        return Err(PolicyErrors(errors));
+    }
+    load_files(&files)
+}
+
+/// Same as [`load_dir`], from `(path, contents)` pairs (sorted by path here).
+pub fn load_files(files: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
+    if files.is_empty() {
+        return Err(PolicyErrors(vec![error::file_error(
+            Path::new(""),
+            "no policy files",
+        )]));
+    }
+    let mut sorted: Vec<&(PathBuf, Vec<u8>)> = files.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    validate::load(&sorted)
+}

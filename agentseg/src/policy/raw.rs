@@ -1,0 +1,117 @@
+//! The policy file as serde sees it. Every value that validation may reject keeps its span so
+//! that errors point at it; optional keys are `Option` so that a missing key is reported by us
+//! (with a position and a helpful reason) rather than by serde.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One policy file: either a single segment at the top level or `[[segment]]` tables, plus
+/// optional `[peers.NAME]` groups.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFile {
+    pub name: Option<Spanned<String>>,
+    pub description: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub egress: Option<Vec<Spanned<RawRule>>>,
+    pub ingress: Option<Vec<Spanned<RawRule>>>,
+    pub members: Option<Spanned<RawMembers>>,
+    pub segment: Option<Vec<Spanned<RawSegment>>>,
+    pub peers: Option<BTreeMap<Spanned<String>, Spanned<RawPeer>>>,
+}
+
+/// One `[[segment]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSegment {
+    pub name: Option<Spanned<String>>,
+    pub description: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub egress: Option<Vec<Spanned<RawRule>>>,
+    pub ingress: Option<Vec<Spanned<RawRule>>>,
+    pub members: Option<Spanned<RawMembers>>,
+}
+
+/// One `[[egress]]` / `[[ingress]]` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+    pub except: Option<Vec<Spanned<String>>>,
+    /// Integers or strings ("443", "8000-8100"): kept as raw values and checked by hand.
+    pub ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    pub protocol: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMembers {
+    pub cgroups: Option<Vec<Spanned<String>>>,
+    pub units: Option<Vec<Spanned<String>>>,
+}
+
+/// `[peers.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    pub cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+impl RawFile {
+    /// Whether any single-segment key is present at the top level.
+    pub fn has_top_level_segment(&self) -> bool {
+        self.name.is_some()
+            || self.description.is_some()
+            || self.mode.is_some()
+            || self.egress.is_some()
+            || self.ingress.is_some()
+            || self.members.is_some()
+    }
+
+    /// Splits the file into its segments (top-level form or `[[segment]]` tables) and its peer
+    /// groups. `top_level` is true when the segment came from top-level keys.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Option<RawSegment>,
+        Vec<Spanned<RawSegment>>,
+        BTreeMap<Spanned<String>, Spanned<RawPeer>>,
+    ) {
+        let top = self.has_top_level_segment().then_some(RawSegment {
+            name: self.name,
+            description: self.description,
+            mode: self.mode,
+            egress: self.egress,
+            ingress: self.ingress,
+            members: self.members,
+        });
+        (
+            top,
+            self.segment.unwrap_or_default(),
+            self.peers.unwrap_or_default(),
+        )
+    }
+}
+
+impl RawSegment {
+    /// Byte offset of the first key of a top-level segment (its "table start").
+    pub fn first_offset(&self) -> Option<usize> {
+        let spans = [
+            self.name.as_ref().map(|s| s.span().start),
+            self.description.as_ref().map(|s| s.span().start),
+            self.mode.as_ref().map(|s| s.span().start),
+            self.egress
+                .as_ref()
+                .and_then(|r| r.first())
+                .map(|s| s.span().start),
+            self.ingress
+                .as_ref()
+                .and_then(|r| r.first())
+                .map(|s| s.span().start),
+            self.members.as_ref().map(|s| s.span().start),
+        ];
+        spans.into_iter().flatten().min()
+    }
+}

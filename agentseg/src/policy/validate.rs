@@ -1,0 +1,381 @@
+//! Raw files → [`PolicySet`], collecting every error instead of stopping at the first.
+//!
+//! Three passes: parse every file, then collect peer groups from all of them (a segment may use
+//! a group defined in another file), then check segments in file order (so a duplicate is
+//! reported at the second occurrence).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
+use super::parse::{self, CidrEntry};
+use super::raw::{RawFile, RawMembers, RawPeer, RawRule, RawSegment};
+use super::{Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
+
+pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut parsed: Vec<(Source<'_>, RawFile)> = Vec::new();
+    for (path, bytes) in files.iter().map(|f| (&f.0, &f.1)) {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(utf8_error(path, bytes, &e));
+                continue;
+            }
+        };
+        let src = Source::new(path, text);
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((src, raw)),
+            Err(e) => {
+                let at = e.span().map_or(0, |s| s.start);
+                errors.push(src.error(at, one_line(e.message())));
+            }
+        }
+    }
+
+    let mut peers = BTreeMap::new();
+    let mut peer_origins = HashMap::new();
+    let mut per_file = Vec::new();
+    for (src, raw) in parsed {
+        let (top, multi, raw_peers) = raw.into_parts();
+        if top.is_none() && multi.is_empty() && raw_peers.is_empty() {
+            errors.push(src.error(0, "file defines no segment and no peer group"));
+        }
+        if let (Some(_), Some(first)) = (&top, multi.first()) {
+            errors.push(src.error_at(
+                first,
+                "top-level segment keys (name, mode, egress, ...) cannot be mixed with \
+                 [[segment]] tables in one file; use one form",
+            ));
+        }
+        for (name, peer) in raw_peers {
+            let group = PeerGroup {
+                src: &src,
+                name,
+                raw: peer,
+            };
+            group.check(&mut peers, &mut peer_origins, &mut errors);
+        }
+        per_file.push((src, top, multi));
+    }
+
+    let mut ctx = Ctx {
+        peers: &peers,
+        seen_names: HashMap::new(),
+        seen_cgroups: HashMap::new(),
+        seen_units: HashMap::new(),
+        errors,
+    };
+    let mut segments = Vec::new();
+    for (src, top, multi) in per_file {
+        // A mixed file already has an error; its [[segment]] tables are still checked.
+        if let (Some(top), true) = (top, multi.is_empty()) {
+            let start = top
+                .name
+                .as_ref()
+                .map(|n| n.span().start)
+                .or_else(|| top.first_offset())
+                .unwrap_or(0);
+            segments.extend(ctx.segment(&src, top, start));
+        }
+        for seg in multi {
+            let start = seg.span().start;
+            segments.extend(ctx.segment(&src, seg.into_inner(), start));
+        }
+    }
+
+    if !ctx.errors.is_empty() {
+        return Err(PolicyErrors(ctx.errors));
+    }
+    segments.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(PolicySet { segments, peers })
+}
+
+fn origin(src: &Source<'_>, offset: usize) -> Origin {
+    Origin {
+        file: src.file.to_path_buf(),
+        line: src.line(offset),
+    }
+}
+
+struct PeerGroup<'s, 'a> {
+    src: &'s Source<'a>,
+    name: Spanned<String>,
+    raw: Spanned<RawPeer>,
+}
+
+impl PeerGroup<'_, '_> {
+    fn check(
+        self,
+        peers: &mut BTreeMap<String, Vec<IpNet>>,
+        origins: &mut HashMap<String, Origin>,
+        errors: &mut Vec<PolicyError>,
+    ) {
+        let src = self.src;
+        let name = self.name.get_ref();
+        if let Err(m) = parse::peer_group_name(name) {
+            errors.push(src.error_at(&self.name, m));
+            return;
+        }
+        if let Some(first) = origins.get(name) {
+            errors.push(src.error_at(
+                &self.name,
+                format!("duplicate peer group {name:?}; first defined at {first}"),
+            ));
+            return;
+        }
+        origins.insert(name.clone(), origin(src, self.name.span().start));
+        let mut nets = Vec::new();
+        match &self.raw.get_ref().cidrs {
+            None => errors.push(src.error_at(&self.raw, "peer group has no `cidrs`")),
+            Some(list) if list.get_ref().is_empty() => {
+                errors.push(src.error_at(list, "`cidrs` of a peer group must not be empty"));
+            }
+            Some(list) => {
+                for c in list.get_ref() {
+                    if c.get_ref().starts_with('@') {
+                        errors.push(src.error_at(
+                            c,
+                            "peer groups cannot reference other groups; list the CIDRs",
+                        ));
+                        continue;
+                    }
+                    match parse::cidr(c.get_ref()) {
+                        Ok(n) => nets.push(n),
+                        Err(m) => errors.push(src.error_at(c, m)),
+                    }
+                }
+            }
+        }
+        // Inserted even when partly invalid so that references to it do not add more errors.
+        peers.insert(name.clone(), nets);
+    }
+}
+
+/// State shared by all segments of the directory.
+struct Ctx<'p> {
+    peers: &'p BTreeMap<String, Vec<IpNet>>,
+    seen_names: HashMap<SegmentName, Origin>,
+    /// cgroup → (segment name, where it was listed).
+    seen_cgroups: HashMap<String, (String, Origin)>,
+    seen_units: HashMap<String, (String, Origin)>,
+    errors: Vec<PolicyError>,
+}
+
+impl Ctx<'_> {
+    fn segment(&mut self, src: &Source<'_>, raw: RawSegment, start: usize) -> Option<Segment> {
+        let seg_origin = origin(src, start);
+        let name = self.name(src, raw.name.as_ref(), start, &seg_origin);
+        let label = raw
+            .name
+            .as_ref()
+            .map_or_else(|| "<unnamed>".to_string(), |n| n.get_ref().clone());
+        let mode = match &raw.mode {
+            None => Mode::Enforce,
+            Some(m) => parse::mode(m.get_ref()).unwrap_or_else(|e| {
+                self.errors.push(src.error_at(m, e));
+                Mode::Enforce
+            }),
+        };
+        let egress = self.rules(src, raw.egress);
+        let ingress = self.rules(src, raw.ingress);
+        let members = match raw.members {
+            Some(m) => self.members(src, m.into_inner(), &label),
+            None => Members::default(),
+        };
+        Some(Segment {
+            name: name?,
+            description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
+            mode,
+            egress,
+            ingress,
+            members,
+            origin: seg_origin,
+        })
+    }
+
+    fn name(
+        &mut self,
+        src: &Source<'_>,
+        raw: Option<&Spanned<String>>,
+        start: usize,
+        seg_origin: &Origin,
+    ) -> Option<SegmentName> {
+        let Some(raw) = raw else {
+            self.errors.push(src.error(start, "segment has no `name`"));
+            return None;
+        };
+        let name = match raw.get_ref().parse::<SegmentName>() {
+            Ok(n) => n,
+            Err(e) => {
+                self.errors.push(src.error_at(raw, e.0));
+                return None;
+            }
+        };
+        if let Some(first) = self.seen_names.get(&name) {
+            self.errors.push(src.error_at(
+                raw,
+                format!("duplicate segment name \"{name}\"; first defined at {first}"),
+            ));
+            return None;
+        }
+        self.seen_names.insert(name.clone(), seg_origin.clone());
+        Some(name)
+    }
+
+    fn rules(&mut self, src: &Source<'_>, raw: Option<Vec<Spanned<RawRule>>>) -> Vec<Rule> {
+        raw.unwrap_or_default()
+            .into_iter()
+            .map(|r| self.rule(src, r))
+            .collect()
+    }
+
+    fn rule(&mut self, src: &Source<'_>, raw: Spanned<RawRule>) -> Rule {
+        let start = raw.span().start;
+        let raw = raw.into_inner();
+        let protocol = match &raw.protocol {
+            None => Some(Protocol::Any),
+            Some(p) => parse::protocol(p.get_ref())
+                .map_err(|e| self.errors.push(src.error_at(p, e)))
+                .ok(),
+        };
+
+        let mut cidrs: Vec<IpNet> = Vec::new();
+        let mut cidrs_ok = false;
+        match &raw.cidrs {
+            None => self.errors.push(src.error(
+                start,
+                "rule has no `cidrs`; use [\"0.0.0.0/0\", \"::/0\"] to mean everywhere",
+            )),
+            Some(list) if list.get_ref().is_empty() => {
+                self.errors.push(src.error_at(list, "`cidrs` must not be empty"));
+            }
+            Some(list) => {
+                cidrs_ok = true;
+                for c in list.get_ref() {
+                    match parse::cidr_entry(c.get_ref()) {
+                        Ok(CidrEntry::Net(n)) => cidrs.push(n),
+                        Ok(CidrEntry::Group(g)) => match self.peers.get(g) {
+                            Some(nets) => cidrs.extend(nets),
+                            None => {
+                                cidrs_ok = false;
+                                let msg = format!("unknown peer group \"@{g}\"");
+                                self.errors.push(src.error_at(c, msg));
+                            }
+                        },
+                        Err(m) => {
+                            cidrs_ok = false;
+                            self.errors.push(src.error_at(c, m));
+                        }
+                    }
+                }
+            }
+        }
+        dedup_in_order(&mut cidrs);
+
+        let mut except = Vec::new();
+        for e in raw.except.iter().flatten() {
+            if e.get_ref().starts_with('@') {
+                let msg = "peer group references are only allowed in `cidrs`, not in `except`";
+                self.errors.push(src.error_at(e, msg));
+                continue;
+            }
+            match parse::cidr(e.get_ref()) {
+                // Only judged against fully valid cidrs, to avoid a follow-on error.
+                Ok(n) if cidrs_ok && !cidrs.iter().any(|c| c.contains(&n)) => {
+                    let msg = format!("except {n} is not inside any of the rule's cidrs");
+                    self.errors.push(src.error_at(e, msg));
+                }
+                Ok(n) => except.push(n),
+                Err(m) => self.errors.push(src.error_at(e, m)),
+            }
+        }
+        dedup_in_order(&mut except);
+
+        let mut ports = Vec::new();
+        if let Some(list) = &raw.ports {
+            if list.get_ref().is_empty() {
+                let msg = "`ports` must not be empty; omit the key to allow all ports";
+                self.errors.push(src.error_at(list, msg));
+            }
+            if protocol == Some(Protocol::Icmp) {
+                let msg = "ICMP has no ports: remove `ports` or use protocol \"tcp\" or \"udp\"";
+                self.errors.push(src.error_at(list, msg));
+            }
+            for p in list.get_ref() {
+                match parse::port_entry(p.get_ref()) {
+                    Ok(r) => ports.push(r),
+                    Err(m) => self.errors.push(src.error_at(p, m)),
+                }
+            }
+        }
+
+        Rule {
+            cidrs,
+            except,
+            ports,
+            protocol: protocol.unwrap_or_default(),
+            origin: origin(src, start),
+        }
+    }
+
+    fn members(&mut self, src: &Source<'_>, raw: RawMembers, segment: &str) -> Members {
+        let mut members = Members::default();
+        for c in raw.cgroups.iter().flatten() {
+            match parse::cgroup_path(c.get_ref()) {
+                Ok(path) => {
+                    if claim(&mut self.seen_cgroups, &path, segment, src, c, &mut self.errors) {
+                        members.cgroups.push(path);
+                    }
+                }
+                Err(m) => self.errors.push(src.error_at(c, m)),
+            }
+        }
+        for u in raw.units.iter().flatten() {
+            match parse::unit_name(u.get_ref()) {
+                Ok(()) => {
+                    let unit = u.get_ref().clone();
+                    if claim(&mut self.seen_units, &unit, segment, src, u, &mut self.errors) {
+                        members.units.push(unit);
+                    }
+                }
+                Err(m) => self.errors.push(src.error_at(u, m)),
+            }
+        }
+        members
+    }
+}
+
+/// Records that `segment` owns `key` (a cgroup or unit); a second claim anywhere is an error,
+/// since one cgroup can only be in one segment.
+fn claim(
+    seen: &mut HashMap<String, (String, Origin)>,
+    key: &str,
+    segment: &str,
+    src: &Source<'_>,
+    at: &Spanned<String>,
+    errors: &mut Vec<PolicyError>,
+) -> bool {
+    if let Some((first_seg, first)) = seen.get(key) {
+        let msg = if first_seg == segment {
+            format!("duplicate member {key:?} (already listed at {first})")
+        } else {
+            format!("duplicate member {key:?}: already a member of segment {first_seg:?} at {first}")
+        };
+        errors.push(src.error_at(at, msg));
+        return false;
+    }
+    seen.insert(
+        key.to_string(),
+        (segment.to_string(), origin(src, at.span().start)),
+    );
+    true
+}
+
+fn dedup_in_order(nets: &mut Vec<IpNet>) {
+    let mut seen = std::collections::HashSet::new();
+    nets.retain(|n| seen.insert(*n));
+}

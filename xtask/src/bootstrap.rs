@@ -1,0 +1,122 @@
+//! Install what the build and the tests need, only when missing.
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::step;
+
+/// bpf-linker version known to build with the machine's nightly (shared/notes/toolchain.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the kernel tests use: `ip` for network namespaces.
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+
+pub fn all(for_tests: bool) -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    if for_tests {
+        debian_packages(TEST_PACKAGES)?;
+    }
+    Ok(())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+pub fn path_with_cargo_bin() -> OsString {
+    let mut paths = vec![cargo_home().join("bin")];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .context("`rustup` with a nightly toolchain is needed to build the eBPF object")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    step("installing rust-src for the nightly toolchain (-Z build-std=core)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_home().join("bin/bpf-linker");
+    if let Some(v) = output(Command::new(&bin).arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about 90 s)"));
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("`rustc +nightly --print sysroot`")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" → 22
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM version from {llvm}"))?
+        .to_owned();
+    // The prefix must outlive the build: bpf-linker keeps it as its RUNPATH.
+    let prefix = cargo_home().join("agentseg-llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--force", "--locked", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}

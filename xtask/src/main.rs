@@ -1,0 +1,122 @@
+//! Project tasks: bootstrap the eBPF toolchain, build, run the daemon, run every test.
+//!
+//! Every command installs what is missing first (rust-src, bpf-linker built against the
+//! nightly's own LLVM, Debian packages) and says what it does; when all is present it is quick.
+mod bootstrap;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "agentseg project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Bootstrap,
+    /// Build the daemon (kernel object embedded) in release mode.
+    Build,
+    /// Build, then run the daemon in the foreground on the bundled policies/ (root).
+    Daemon {
+        /// Policy directory.
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// Extra arguments for `agentseg daemon`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite: unit tests, then the real-kernel tests (root).
+    Test {
+        /// Only tests whose name contains this filter.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Bootstrap => bootstrap::all(false),
+        Task::Build => {
+            bootstrap::all(false)?;
+            cargo(&["build", "--release", "-p", "agentseg"])
+        }
+        Task::Daemon { policies, args } => {
+            require_root("the daemon loads eBPF programs")?;
+            bootstrap::all(false)?;
+            cargo(&["build", "--release", "-p", "agentseg"])?;
+            let bin = root.join("target/release/agentseg");
+            step(&format!("running {} daemon --policies {}", bin.display(), policies.display()));
+            let err = std::os::unix::process::CommandExt::exec(
+                Command::new(&bin).arg("daemon").arg("--policies").arg(&policies).args(&args),
+            );
+            bail!("exec {}: {err}", bin.display())
+        }
+        Task::Test { filter } => {
+            require_root("the kernel tests load eBPF programs and create cgroups and namespaces")?;
+            bootstrap::all(true)?;
+            step("checking formatting");
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            step("building the daemon and the test probe");
+            cargo(&["build", "-p", "agentseg", "-p", "agentseg-tests", "--bins"])?;
+            let bin = root.join("target/debug/agentseg");
+            step("running unit and kernel tests");
+            let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+            if let Some(f) = &filter {
+                args.push(f);
+            }
+            // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
+            args.extend(["--", "--test-threads=1"]);
+            let status = cargo_cmd(&args)
+                .env("AGENTSEG_BIN", &bin)
+                .status()
+                .context("running cargo test")?;
+            if !status.success() {
+                bail!("tests failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root ({why}); run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+pub fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+/// `cargo` with the cargo bin directory (bpf-linker) first on PATH.
+pub fn cargo_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args).env("PATH", bootstrap::path_with_cargo_bin());
+    cmd
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = cargo_cmd(args).status().with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
