@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
     if skip || !have_linker {
         println!(
             "cargo:warning=agentseg: eBPF object not built ({}); run `cargo xtask bootstrap`",
-            if skip { "AGENTSEG_SKIP_EBPF set" } else { "bpf-linker not found" }
+            if skip {
+                "AGENTSEG_SKIP_EBPF set"
+            } else {
+                "bpf-linker not found"
+            }
         );
         fs::write(out_dir.join("agentseg"), b"").context("writing empty eBPF stub")?;
         return Ok(());

@@ -1,6 +1,8 @@
 //! Every map the kernel programs use. Capacities here are defaults; the loader sets the real
 //! ones (`EbpfLoader::map_max_entries`) from the compiled policy.
-use agentseg_common::{Counters, Member, PolicyValue, RuleSet, SegmentInfo, PolicyKeyV4, PolicyKeyV6, STAT_COUNT};
+use agentseg_common::{
+    Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, STAT_COUNT, SegmentInfo,
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},

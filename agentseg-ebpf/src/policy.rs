@@ -12,9 +12,8 @@
 //! A program only runs for sockets of cgroups it is attached to (member cgroups and the agent
 //! root), so "no member" means the socket is a member's but the calling task is not: deny.
 use agentseg_common::{
-    Counters, MAX_CGROUP_DEPTH, MODE_AUDIT, Member, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-    PolicyKeyV4, PolicyKeyV6, RULESET_CAPACITY, STAT_NO_MEMBER, STAT_NO_RULESET,
-    STAT_NO_SEGMENT,
+    Counters, MAX_CGROUP_DEPTH, MODE_AUDIT, Member, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4,
+    PolicyKeyV6, RULESET_CAPACITY, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
 };
 use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
 
@@ -56,10 +55,17 @@ fn stat(index: u32) {
     }
 }
 
-/// Deepest member entry on the current task's cgroup path, with its cgroup id.
+/// Deepest member entry on the current task's cgroup path: (cgroup id, member), with cgroup id
+/// 0 when there is none. Plain values, not `Option`: LLVM leaves an `Option` payload
+/// uninitialised and the verifier rejects the read ("R8 !read_ok").
 #[inline(always)]
-fn find_member() -> Option<(u64, Member)> {
-    let mut found: Option<(u64, Member)> = None;
+fn find_member() -> (u64, Member) {
+    let mut found_id: u64 = 0;
+    let mut found = Member {
+        segment_id: 0,
+        kind: 0,
+        agent_id: [0; 16],
+    };
     let mut level: i32 = 1;
     while level < MAX_CGROUP_DEPTH as i32 {
         // SAFETY: plain helper call; returns 0 past the task's own level.
@@ -68,24 +74,25 @@ fn find_member() -> Option<(u64, Member)> {
             break;
         }
         // SAFETY: the value is copied out at once; MEMBERS values are plain integers.
-        if let Some(m) = unsafe { MEMBERS.get(&id) } {
-            found = Some((id, *m));
+        if let Some(m) = unsafe { MEMBERS.get(id) } {
+            found_id = id;
+            found = *m;
         }
         level += 1;
     }
-    found
+    (found_id, found)
 }
 
 #[inline(always)]
 fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
-    match COUNTERS.get_ptr_mut(&cgroup) {
+    match COUNTERS.get_ptr_mut(cgroup) {
         // SAFETY: per-CPU value, only this CPU writes it.
         Some(p) => f(unsafe { &mut *p }),
         None => {
             let mut c = Counters::default();
             f(&mut c);
             // A failed insert (map full) loses one count, never the verdict.
-            let _ = COUNTERS.insert(&cgroup, &c, 0);
+            let _ = COUNTERS.insert(cgroup, c, 0);
         }
     }
 }
@@ -93,11 +100,17 @@ fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
 #[inline(always)]
 fn ruleset_allows(ruleset_id: u32, proto: u8, port: u16) -> Option<bool> {
     let rs = RULESETS.get(ruleset_id)?;
-    let len = if (rs.len as usize) < RULESET_CAPACITY { rs.len as usize } else { RULESET_CAPACITY };
+    let len = if (rs.len as usize) < RULESET_CAPACITY {
+        rs.len as usize
+    } else {
+        RULESET_CAPACITY
+    };
     let mut i = 0;
     while i < len {
         let r = &rs.rules[i];
-        if r.protocols & proto != 0 && (proto == PROTO_ICMP || (port >= r.port_lo && port <= r.port_hi)) {
+        if r.protocols & proto != 0
+            && (proto == PROTO_ICMP || (port >= r.port_lo && port <= r.port_hi))
+        {
             return Some(true);
         }
         i += 1;
@@ -108,22 +121,35 @@ fn ruleset_allows(ruleset_id: u32, proto: u8, port: u16) -> Option<bool> {
 /// Judge one connect or send. `port` is in host byte order.
 #[inline(always)]
 pub fn judge(dest: Dest, protocol: u32, port: u16) -> i32 {
-    let Some((cgroup, member)) = find_member() else {
+    let (cgroup, member) = find_member();
+    if cgroup == 0 {
         stat(STAT_NO_MEMBER);
         return SOCK_DENY;
-    };
+    }
     // SAFETY: copied out at once; plain integers.
-    let Some(seg) = (unsafe { SEGMENTS.get(&member.segment_id) }).copied() else {
+    let Some(seg) = (unsafe { SEGMENTS.get(member.segment_id) }).copied() else {
         stat(STAT_NO_SEGMENT);
         return SOCK_DENY;
     };
     let seg_be = member.segment_id.to_be_bytes();
     let ruleset_id = match dest {
         Dest::V4(addr_be) => POLICY_V4
-            .get(Key::new(64, PolicyKeyV4 { segment_id_be: seg_be, addr_be }))
+            .get(Key::new(
+                64,
+                PolicyKeyV4 {
+                    segment_id_be: seg_be,
+                    addr_be,
+                },
+            ))
             .map(|v| v.ruleset_id),
         Dest::V6(addr_be) => POLICY_V6
-            .get(Key::new(160, PolicyKeyV6 { segment_id_be: seg_be, addr_be }))
+            .get(Key::new(
+                160,
+                PolicyKeyV6 {
+                    segment_id_be: seg_be,
+                    addr_be,
+                },
+            ))
             .map(|v| v.ruleset_id),
     }
     .unwrap_or(agentseg_common::RULESET_EMPTY);

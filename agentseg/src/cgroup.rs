@@ -12,14 +12,17 @@ use std::{
 pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
     NoCgroup2,
-    #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
     #[error("bad cgroup path {path:?}: {reason}")]
     BadPath { path: String, reason: &'static str },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io { path: path.to_owned(), source }
+    move |err| CgroupError::Io {
+        path: path.to_owned(),
+        err,
+    }
 }
 
 /// Mount points of every mount of filesystem type `fstype` in a mountinfo text.
@@ -44,7 +47,9 @@ fn unescape_mountinfo(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -61,18 +66,27 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    mounts_of_type(&text, "cgroup2").into_iter().next().ok_or(CgroupError::NoCgroup2)
+    mounts_of_type(&text, "cgroup2")
+        .into_iter()
+        .next()
+        .ok_or(CgroupError::NoCgroup2)
 }
 
 /// A relative cgroup path, checked: no absolute part, no `..`, no empty components.
 pub fn check_relative(rel: &str) -> Result<PathBuf, CgroupError> {
     let trimmed = rel.trim_start_matches('/');
     if trimmed.is_empty() {
-        return Err(CgroupError::BadPath { path: rel.into(), reason: "empty" });
+        return Err(CgroupError::BadPath {
+            path: rel.into(),
+            reason: "empty",
+        });
     }
     let p = Path::new(trimmed);
     if p.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(CgroupError::BadPath { path: rel.into(), reason: "only plain names allowed" });
+        return Err(CgroupError::BadPath {
+            path: rel.into(),
+            reason: "only plain names allowed",
+        });
     }
     Ok(p.to_owned())
 }
@@ -163,16 +177,26 @@ mod tests {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
             26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
             27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(mounts_of_type(hybrid, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
-        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(mounts_of_type(unified, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup")]);
+        assert_eq!(
+            mounts_of_type(hybrid, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        let unified =
+            "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            mounts_of_type(unified, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
         assert!(mounts_of_type(unified, "bpf").is_empty());
     }
 
     #[test]
     fn unescapes_mount_points() {
         let line = "30 1 0:26 / /mnt/with\\040space rw - bpf bpf rw\n";
-        assert_eq!(mounts_of_type(line, "bpf"), vec![PathBuf::from("/mnt/with space")]);
+        assert_eq!(
+            mounts_of_type(line, "bpf"),
+            vec![PathBuf::from("/mnt/with space")]
+        );
     }
 
     #[test]
@@ -185,13 +209,19 @@ mod tests {
 
     #[test]
     fn unit_names_map_to_systemd_layout() {
-        assert_eq!(unit_cgroup("web.service"), PathBuf::from("system.slice/web.service"));
+        assert_eq!(
+            unit_cgroup("web.service"),
+            PathBuf::from("system.slice/web.service")
+        );
         assert_eq!(unit_cgroup("a-b.slice"), PathBuf::from("a.slice/a-b.slice"));
     }
 
     #[test]
     fn proc_cgroup_unified_line() {
         let text = "12:cpu:/foo\n0::/agentseg/agents/x\n";
-        assert_eq!(parse_proc_cgroup(text), Some(PathBuf::from("agentseg/agents/x")));
+        assert_eq!(
+            parse_proc_cgroup(text),
+            Some(PathBuf::from("agentseg/agents/x"))
+        );
     }
 }

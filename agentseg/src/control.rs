@@ -20,18 +20,28 @@ pub enum Request {
     Status,
     /// Create a cgroup for a new agent of `segment` and register it; the caller then starts
     /// the agent's process inside it.
-    StartAgent { segment: String },
+    StartAgent {
+        segment: String,
+    },
     /// The agent's main process exited: the daemon forgets it once its cgroup is empty.
-    AgentExited { agent_id: String },
+    AgentExited {
+        agent_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Status(Status),
-    AgentStarted { agent_id: String, segment: String, cgroup: PathBuf },
+    AgentStarted {
+        agent_id: String,
+        segment: String,
+        cgroup: PathBuf,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -72,9 +82,15 @@ pub struct AgentStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no agentseg daemon answers at {path}: {source} (is `agentseg daemon` running?)")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the daemon at {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the daemon sent a reply this client does not understand: {0}")]
     BadReply(serde_json::Error),
     #[error("the daemon closed the connection without a reply")]
@@ -83,10 +99,17 @@ pub enum ClientError {
 
 /// Send one request and wait for its reply.
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
-    let io = |source| ClientError::Io { path: socket.to_owned(), source };
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let io = |source| ClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::BadReply)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
@@ -104,7 +127,9 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_single_json_lines() {
-        let r = Request::StartAgent { segment: "a.b.c".into() };
+        let r = Request::StartAgent {
+            segment: "a.b.c".into(),
+        };
         let s = serde_json::to_string(&r).unwrap();
         assert!(!s.contains('\n'));
         assert_eq!(s, r#"{"request":"start_agent","segment":"a.b.c"}"#);

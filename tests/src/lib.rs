@@ -1,1 +1,357 @@
+//! Helpers for the real-kernel tests: RAII guards for network namespaces, cgroups and the
+//! daemon, and a runner for the probe. Everything a test makes is removed on drop, failures
+//! included. Tests panic with a message rather than return errors (aya's test/README).
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for names made by this test process.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Whether kernel tests can run here. Under CI (`CI=true`) a test that cannot run fails;
+/// elsewhere it says loudly why it is skipped.
+pub fn kernel_ready() -> bool {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("not root".to_owned())
+    } else if std::env::var_os("AGENTSEG_BIN").is_none() {
+        Some("AGENTSEG_BIN not set (run `cargo xtask test`)".to_owned())
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("kernel test cannot run under CI: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED kernel test: {why}");
+            false
+        }
+    }
+}
+
+pub fn agentseg_bin() -> PathBuf {
+    PathBuf::from(std::env::var_os("AGENTSEG_BIN").expect("AGENTSEG_BIN"))
+}
+
+/// The probe binary, built beside `agentseg` by `cargo xtask test`.
+pub fn probe_bin() -> PathBuf {
+    agentseg_bin().with_file_name("agentseg-probe")
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("no cgroup2 mount")
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with only `lo` (127.0.0.0/8, ::1, and two test-only v6 addresses on
+/// lo). Nothing sent inside it can leave the machine: it has no other interface.
+pub struct Netns {
+    pub name: String,
+}
+
+/// Extra IPv6 addresses on the namespace's loopback (unique-local, only inside the netns).
+pub const V6_A: &str = "fd00:a5::1";
+pub const V6_B: &str = "fd00:a5::2";
+
+impl Netns {
+    pub fn create() -> Self {
+        let name = unique("agseg");
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        sh(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        for a in [V6_A, V6_B] {
+            sh(Command::new("ip").args([
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ]));
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A cgroup tree for one test, under the cgroup2 mount. On drop the processes left in it
+/// (all started by this test) are killed and the tree removed.
+pub struct CgroupTree {
+    pub rel: String,
+    pub path: PathBuf,
+}
+
+impl CgroupTree {
+    pub fn create() -> Self {
+        let rel = unique("agentseg-test");
+        let path = cgroup2_mount().join(&rel);
+        std::fs::create_dir_all(&path).expect("create test cgroup");
+        Self { rel, path }
+    }
+
+    /// A path (relative to the cgroup2 mount) below this tree.
+    pub fn rel(&self, sub: &str) -> String {
+        format!("{}/{sub}", self.rel)
+    }
+
+    pub fn abs(&self, sub: &str) -> PathBuf {
+        self.path.join(sub)
+    }
+}
+
+fn kill_and_remove(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_and_remove(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        for pid in &pids {
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("warning: could not remove {}", dir.display());
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        kill_and_remove(&self.path);
+    }
+}
+
+/// A running `agentseg daemon` on a policy directory of the test's own.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Daemon {
+    /// Write `files` (name, contents) to a fresh policy dir and start a daemon on it whose agent
+    /// cgroups live under `tree`. Panics unless it reports ready within 30 s.
+    pub fn start(tree: &CgroupTree, files: &[(&str, &str)]) -> Self {
+        Self::try_start(tree, files).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
+    }
+
+    pub fn try_start(tree: &CgroupTree, files: &[(&str, &str)]) -> Result<Self, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).expect("mkdir");
+        for (name, text) in files {
+            std::fs::write(policies.join(name), text).expect("write policy");
+        }
+        let socket = dir.path().join("agentseg.sock");
+        let mut child = Command::new(agentseg_bin())
+            .args(["daemon", "--policies"])
+            .arg(&policies)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--agent-root")
+            .arg(tree.rel("agents"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let ready = line.contains("agentseg: ready");
+                    lines.push(line);
+                    if ready {
+                        return Ok(Self {
+                            child,
+                            socket,
+                            dir,
+                            stdout_lines: lines,
+                        });
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().expect("wait daemon");
+                    return Err(format!(
+                        "status {}, stdout {lines:?}, stderr:\n{}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// `agentseg ARGS` against this daemon's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agentseg_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run agentseg")
+    }
+
+    /// `agentseg run --segment SEG -- probe --netns NS PROBE_ARGS`: the probe's one-line result.
+    pub fn run_probe(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> String {
+        let out = self.run_agent(segment, ns, probe_args);
+        assert!(
+            out.status.success(),
+            "agentseg run failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn run_agent(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> Output {
+        let probe = probe_bin();
+        let mut args = vec![
+            "run",
+            "--segment",
+            segment,
+            "--",
+            probe.to_str().expect("utf8"),
+            "--netns",
+            &ns.name,
+        ];
+        args.extend_from_slice(probe_args);
+        self.cli(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait; returns the daemon's stderr.
+    pub fn stop(mut self) -> String {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> String {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// A TCP server (the probe's `serve`) inside `ns`, listening on every address given.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(ns: &Netns, addrs: &[&str]) -> Self {
+        let mut child = Command::new(probe_bin())
+            .args(["--netns", &ns.name, "serve"])
+            .args(addrs)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("server output");
+        assert_eq!(line.trim(), "ready", "server did not start");
+        Self(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The probe run directly (not as an agent): in `ns`, optionally joining a cgroup first.
+pub fn probe(ns: &Netns, join: Option<&Path>, args: &[&str]) -> String {
+    let mut cmd = Command::new(probe_bin());
+    cmd.args(["--netns", &ns.name]);
+    if let Some(dir) = join {
+        cmd.arg("--join-cgroup").arg(dir);
+    }
+    let out = cmd.args(args).output().expect("run probe");
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

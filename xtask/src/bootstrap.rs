@@ -40,7 +40,9 @@ pub fn path_with_cargo_bin() -> OsString {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -52,8 +54,14 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .context("`rustup` with a nightly toolchain is needed to build the eBPF object")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("`rustup` with a nightly toolchain is needed to build the eBPF object")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -63,12 +71,14 @@ fn rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     let bin = cargo_home().join("bin/bpf-linker");
-    if let Some(v) = output(Command::new(&bin).arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Some(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
-    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about 90 s)"));
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about 90 s)"
+    ));
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
         .context("`rustc +nightly --print sysroot`")?;
     let lib = Path::new(sysroot.trim()).join("lib");
@@ -89,7 +99,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     // The prefix must outlive the build: bpf-linker keeps it as its RUNPATH.
     let prefix = cargo_home().join("agentseg-llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     for name in ["libLLVM.so", llvm.as_str()] {
         let link = prefix_lib.join(name);
         let _ = std::fs::remove_file(&link);
@@ -97,23 +108,46 @@ fn bpf_linker() -> anyhow::Result<()> {
             .with_context(|| format!("linking {}", link.display()))?;
     }
     run(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--force", "--locked", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(tool).is_file()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .chain(["/usr/sbin".into(), "/sbin".into()])
+                .any(|d| d.join(tool).is_file())
+        })
         .unwrap_or(false)
 }
 
 fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = wanted.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])

@@ -56,9 +56,17 @@ fn main() -> anyhow::Result<()> {
             bootstrap::all(false)?;
             cargo(&["build", "--release", "-p", "agentseg"])?;
             let bin = root.join("target/release/agentseg");
-            step(&format!("running {} daemon --policies {}", bin.display(), policies.display()));
+            step(&format!(
+                "running {} daemon --policies {}",
+                bin.display(),
+                policies.display()
+            ));
             let err = std::os::unix::process::CommandExt::exec(
-                Command::new(&bin).arg("daemon").arg("--policies").arg(&policies).args(&args),
+                Command::new(&bin)
+                    .arg("daemon")
+                    .arg("--policies")
+                    .arg(&policies)
+                    .args(&args),
             );
             bail!("exec {}: {err}", bin.display())
         }
@@ -91,7 +99,10 @@ fn main() -> anyhow::Result<()> {
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_path_buf).context("xtask has no parent directory")
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
@@ -114,7 +125,9 @@ pub fn cargo_cmd(args: &[&str]) -> Command {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let status = cargo_cmd(args).status().with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let status = cargo_cmd(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
         bail!("cargo {} failed", args.join(" "));
     }

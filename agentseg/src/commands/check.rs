@@ -30,7 +30,11 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
             for e in &errors.0 {
                 eprintln!("{e}");
             }
-            eprintln!("agentseg: {} error(s) compiling {}", errors.0.len(), dir.display());
+            eprintln!(
+                "agentseg: {} error(s) compiling {}",
+                errors.0.len(),
+                dir.display()
+            );
             ExitCode::FAILURE
         }
     }

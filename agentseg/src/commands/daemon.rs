@@ -20,6 +20,14 @@ pub fn daemon(policies: PathBuf, socket: PathBuf, agent_root: String) -> anyhow:
                 _ = int.recv() => tracing::info!("SIGINT"),
             }
         };
-        daemon::run(Config { policies, socket, agent_root }, shutdown).await
+        daemon::run(
+            Config {
+                policies,
+                socket,
+                agent_root,
+            },
+            shutdown,
+        )
+        .await
     })
 }

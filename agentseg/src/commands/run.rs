@@ -3,7 +3,10 @@
 //! joins it between fork and exec, so CMD never runs a single instruction unconfined.
 use std::{
     fs::File,
-    os::{fd::AsRawFd as _, unix::process::{CommandExt as _, ExitStatusExt as _}},
+    os::{
+        fd::AsRawFd as _,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::Path,
     process::{Command, ExitCode},
     sync::atomic::{AtomicI32, Ordering},
@@ -32,8 +35,15 @@ pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
         eprintln!("agentseg: run needs a command");
         return ExitCode::from(REFUSED);
     };
-    let (agent_id, cgroup) = match control::call(socket, &Request::StartAgent { segment: segment.into() }) {
-        Ok(Reply::AgentStarted { agent_id, cgroup, .. }) => (agent_id, cgroup),
+    let (agent_id, cgroup) = match control::call(
+        socket,
+        &Request::StartAgent {
+            segment: segment.into(),
+        },
+    ) {
+        Ok(Reply::AgentStarted {
+            agent_id, cgroup, ..
+        }) => (agent_id, cgroup),
         Ok(Reply::Error { message }) => {
             eprintln!("agentseg: refusing to start {program}: {message}");
             return ExitCode::from(REFUSED);
@@ -47,7 +57,10 @@ pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
             return ExitCode::from(REFUSED);
         }
     };
-    eprintln!("agentseg: agent {agent_id} segment {segment} cgroup {}", cgroup.display());
+    eprintln!(
+        "agentseg: agent {agent_id} segment {segment} cgroup {}",
+        cgroup.display()
+    );
     let code = match spawn_in_cgroup(&cgroup, &agent_id, program, args) {
         Ok(code) => code,
         Err(e) => {
@@ -55,14 +68,26 @@ pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
             127
         }
     };
-    if let Err(e) = control::call(socket, &Request::AgentExited { agent_id: agent_id.clone() }) {
+    if let Err(e) = control::call(
+        socket,
+        &Request::AgentExited {
+            agent_id: agent_id.clone(),
+        },
+    ) {
         eprintln!("agentseg: could not tell the daemon that agent {agent_id} exited: {e}");
     }
     ExitCode::from(code)
 }
 
-fn spawn_in_cgroup(cgroup: &Path, agent_id: &str, program: &str, args: &[String]) -> std::io::Result<u8> {
-    let procs = File::options().write(true).open(cgroup.join("cgroup.procs"))?;
+fn spawn_in_cgroup(
+    cgroup: &Path,
+    agent_id: &str,
+    program: &str,
+    args: &[String],
+) -> std::io::Result<u8> {
+    let procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))?;
     let procs_fd = procs.as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.args(args).env(AGENT_ID_ENV, agent_id);
@@ -73,7 +98,12 @@ fn spawn_in_cgroup(cgroup: &Path, agent_id: &str, program: &str, args: &[String]
             join_cgroup(procs_fd)?;
             // Descriptors inherited from whoever started us must not reach the agent (a socket
             // passed in keeps its creator's cgroup and bypasses enforcement).
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -82,8 +112,14 @@ fn spawn_in_cgroup(cgroup: &Path, agent_id: &str, program: &str, args: &[String]
     CHILD.store(child.id() as i32, Ordering::SeqCst);
     // SAFETY: installing plain handlers; forward_signal only calls kill.
     unsafe {
-        libc::signal(libc::SIGTERM, forward_signal as libc::sighandler_t);
-        libc::signal(libc::SIGHUP, forward_signal as libc::sighandler_t);
+        libc::signal(
+            libc::SIGTERM,
+            forward_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGHUP,
+            forward_signal as *const () as libc::sighandler_t,
+        );
         // The terminal delivers ^C to the agent too; we wait for it to finish and report.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);

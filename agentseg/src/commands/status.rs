@@ -27,17 +27,38 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             }
         }
     } else {
-        println!("daemon pid {} ready, policies {}, cgroup2 {}", status.pid, status.policies.display(), status.cgroup2.display());
-        println!("{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}", "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT");
+        println!(
+            "daemon pid {} ready, policies {}, cgroup2 {}",
+            status.pid,
+            status.policies.display(),
+            status.cgroup2.display()
+        );
+        println!(
+            "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}",
+            "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT"
+        );
         for s in &status.segments {
-            println!("{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}", s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied);
+            println!(
+                "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}",
+                s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied
+            );
         }
         if !status.agents.is_empty() {
             println!();
-            println!("{:<34} {:<32} {:<16} {:>8} {:>8}", "AGENT", "SEGMENT", "PIDS", "ALLOWED", "DENIED");
+            println!(
+                "{:<34} {:<32} {:<16} {:>8} {:>8}",
+                "AGENT", "SEGMENT", "PIDS", "ALLOWED", "DENIED"
+            );
             for a in &status.agents {
                 let pids: Vec<String> = a.pids.iter().map(u32::to_string).collect();
-                println!("{:<34} {:<32} {:<16} {:>8} {:>8}", a.agent_id, a.segment, pids.join(","), a.allowed, a.denied);
+                println!(
+                    "{:<34} {:<32} {:<16} {:>8} {:>8}",
+                    a.agent_id,
+                    a.segment,
+                    pids.join(","),
+                    a.allowed,
+                    a.denied
+                );
             }
         }
         for (name, n) in &status.fail_closed {
@@ -46,5 +67,9 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             }
         }
     }
-    if status.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if status.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -51,7 +51,8 @@ impl Engine {
         policies: PathBuf,
         agent_root: PathBuf,
     ) -> anyhow::Result<Self> {
-        dp.write_policy(&compiled).context("writing the compiled policy into the kernel")?;
+        dp.write_policy(&compiled)
+            .context("writing the compiled policy into the kernel")?;
         let mut members = Vec::new();
         for (index, seg) in compiled.segments.iter().enumerate() {
             let units = seg.member_units.iter().map(|u| cgroup::unit_cgroup(u));
@@ -68,21 +69,38 @@ impl Engine {
                 // placed there later is enforced from its first connect.
                 cgroup::create(&path)?;
                 let cgroup_id = cgroup::cgroup_id(&path)?;
-                let member = Member { segment_id: seg.id, kind: MEMBER_CGROUP, agent_id: [0; 16] };
+                let member = Member {
+                    segment_id: seg.id,
+                    kind: MEMBER_CGROUP,
+                    agent_id: [0; 16],
+                };
                 dp.set_member(cgroup_id, member)?;
-                members.push(MemberCgroup { segment: index, path, cgroup_id });
+                members.push(MemberCgroup {
+                    segment: index,
+                    path,
+                    cgroup_id,
+                });
             }
         }
         cgroup::create(&agent_root)?;
         for m in &members {
-            dp.attach(&m.path).with_context(|| format!("attaching to {}", m.path.display()))?;
+            dp.attach(&m.path)
+                .with_context(|| format!("attaching to {}", m.path.display()))?;
         }
         dp.attach(&agent_root)
             .with_context(|| format!("attaching to the agent root {}", agent_root.display()))?;
         for (name, insns) in dp.program_sizes() {
             tracing::debug!(program = name, insns, "program loaded");
         }
-        Ok(Self { dp, compiled, cgroup2, policies, agent_root, members, agents: BTreeMap::new() })
+        Ok(Self {
+            dp,
+            compiled,
+            cgroup2,
+            policies,
+            agent_root,
+            members,
+            agents: BTreeMap::new(),
+        })
     }
 
     pub fn segment_count(&self) -> usize {
@@ -93,7 +111,9 @@ impl Engine {
         self.compiled
             .segments
             .iter()
-            .map(|s| s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len())
+            .map(|s| {
+                s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len()
+            })
             .sum()
     }
 
@@ -107,7 +127,9 @@ impl Engine {
     pub fn start_agent(&mut self, segment: &str) -> Reply {
         match self.try_start_agent(segment) {
             Ok(reply) => reply,
-            Err(e) => Reply::Error { message: format!("{e:#}") },
+            Err(e) => Reply::Error {
+                message: format!("{e:#}"),
+            },
         }
     }
 
@@ -117,25 +139,49 @@ impl Engine {
             .segments
             .iter()
             .find(|s| s.name == segment)
-            .ok_or_else(|| anyhow::anyhow!("no segment named {segment:?} in {}", self.policies.display()))?;
-        let id = AgentId::random().context("drawing an agent id from the OS")?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no segment named {segment:?} in {}",
+                    self.policies.display()
+                )
+            })?;
+        let id = AgentId::random()
+            .map_err(|e| anyhow::anyhow!("drawing an agent id from the OS: {e}"))?;
         let cgroup = self.agent_root.join(&seg.name).join(id.to_string());
         cgroup::create(&cgroup)?;
         let cgroup_id = cgroup::cgroup_id(&cgroup)?;
-        let member = Member { segment_id: seg.id, kind: MEMBER_AGENT, agent_id: id.0 };
+        let member = Member {
+            segment_id: seg.id,
+            kind: MEMBER_AGENT,
+            agent_id: id.0,
+        };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {
             let _ = cgroup::remove_tree(&cgroup);
             return Err(e.into());
         }
         info!(agent = %id, segment = %seg.name, cgroup = %cgroup.display(), "agent registered");
-        let reply = Reply::AgentStarted { agent_id: id.to_string(), segment: seg.name.clone(), cgroup: cgroup.clone() };
-        self.agents.insert(id, Agent { segment: seg.name.clone(), cgroup, cgroup_id, exited: false });
+        let reply = Reply::AgentStarted {
+            agent_id: id.to_string(),
+            segment: seg.name.clone(),
+            cgroup: cgroup.clone(),
+        };
+        self.agents.insert(
+            id,
+            Agent {
+                segment: seg.name.clone(),
+                cgroup,
+                cgroup_id,
+                exited: false,
+            },
+        );
         Ok(reply)
     }
 
     pub fn agent_exited(&mut self, agent_id: &str) -> Reply {
         let Ok(id) = agent_id.parse::<AgentId>() else {
-            return Reply::Error { message: format!("{agent_id:?} is not an agent id") };
+            return Reply::Error {
+                message: format!("{agent_id:?} is not an agent id"),
+            };
         };
         match self.agents.get_mut(&id) {
             Some(agent) => {
@@ -143,7 +189,9 @@ impl Engine {
                 self.sweep();
                 Reply::Ok
             }
-            None => Reply::Error { message: format!("no agent {id}") },
+            None => Reply::Error {
+                message: format!("no agent {id}"),
+            },
         }
     }
 
@@ -157,7 +205,9 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            let Some(agent) = self.agents.remove(&id) else { continue };
+            let Some(agent) = self.agents.remove(&id) else {
+                continue;
+            };
             if let Err(e) = cgroup::remove_tree(&agent.cgroup) {
                 warn!(agent = %id, "removing cgroup: {e}");
                 self.agents.insert(id, agent);
@@ -178,9 +228,17 @@ impl Engine {
             .map(|s| SegmentStatus {
                 name: s.name.clone(),
                 id: s.id,
-                mode: if s.mode == MODE_AUDIT { "audit" } else { "enforce" }.into(),
+                mode: if s.mode == MODE_AUDIT {
+                    "audit"
+                } else {
+                    "enforce"
+                }
+                .into(),
                 member_cgroups: Vec::new(),
-                prefixes: s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len(),
+                prefixes: s.egress_v4.len()
+                    + s.egress_v6.len()
+                    + s.ingress_v4.len()
+                    + s.ingress_v6.len(),
                 ..Default::default()
             })
             .collect();
@@ -222,9 +280,18 @@ impl Engine {
             segments,
             agents,
             fail_closed: vec![
-                ("no_member".into(), stats[agentseg_common::STAT_NO_MEMBER as usize]),
-                ("no_segment".into(), stats[agentseg_common::STAT_NO_SEGMENT as usize]),
-                ("no_ruleset".into(), stats[agentseg_common::STAT_NO_RULESET as usize]),
+                (
+                    "no_member".into(),
+                    stats[agentseg_common::STAT_NO_MEMBER as usize],
+                ),
+                (
+                    "no_segment".into(),
+                    stats[agentseg_common::STAT_NO_SEGMENT as usize],
+                ),
+                (
+                    "no_ruleset".into(),
+                    stats[agentseg_common::STAT_NO_RULESET as usize],
+                ),
             ],
         }
     }
@@ -246,5 +313,8 @@ impl Engine {
 }
 
 fn rel(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root).unwrap_or(path).display().to_string()
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }

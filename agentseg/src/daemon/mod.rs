@@ -45,11 +45,11 @@ enum Job {
 
 /// Run the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let set = policy::load_dir(&config.policies).map_err(|errors| {
-        anyhow::anyhow!("refusing to start: the policy has errors:\n{errors}")
+    let set = policy::load_dir(&config.policies)
+        .map_err(|errors| anyhow::anyhow!("refusing to start: the policy has errors:\n{errors}"))?;
+    let compiled = compile::compile(&set).map_err(|errors| {
+        anyhow::anyhow!("refusing to start: the policy does not compile:\n{errors}")
     })?;
-    let compiled = compile::compile(&set)
-        .map_err(|errors| anyhow::anyhow!("refusing to start: the policy does not compile:\n{errors}"))?;
     let cgroup2 = cgroup::cgroup2_mount()?;
     let agent_root = cgroup2.join(cgroup::check_relative(&config.agent_root)?);
     if datapath::ensure_bpffs()? {
@@ -58,7 +58,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     datapath::raise_memlock();
     let listener = bind(&config.socket)?;
     let dp = Datapath::load(Capacities::for_policy(&compiled))?;
-    let engine = Engine::start(dp, compiled, cgroup2.clone(), config.policies.clone(), agent_root)?;
+    let engine = Engine::start(
+        dp,
+        compiled,
+        cgroup2.clone(),
+        config.policies.clone(),
+        agent_root,
+    )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
     let confined = engine.confined_roots();
 
@@ -140,24 +146,29 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
 
 /// Bind the control socket: directory 0700, socket 0600, refusing to steal a live daemon's.
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("chmod 0700 {}", dir.display()))?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another agentseg daemon is already serving {}", path.display());
+            bail!(
+                "another agentseg daemon is already serving {}",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     // Created with a umask that leaves it root-only from the first instant.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener = listener.with_context(|| format!("binding the control socket {}", path.display()))?;
+    let listener =
+        listener.with_context(|| format!("binding the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -176,12 +187,19 @@ async fn serve(
         Ok(()) => {
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-            reader.read_line(&mut line).await.context("reading request")?;
+            reader
+                .read_line(&mut line)
+                .await
+                .context("reading request")?;
             match serde_json::from_str::<Request>(&line) {
-                Err(e) => Reply::Error { message: format!("bad request: {e}") },
+                Err(e) => Reply::Error {
+                    message: format!("bad request: {e}"),
+                },
                 Ok(request) => {
                     let (reply_tx, reply_rx) = oneshot::channel();
-                    tx.send(Job::Request(request, reply_tx)).await.context("engine stopped")?;
+                    tx.send(Job::Request(request, reply_tx))
+                        .await
+                        .context("engine stopped")?;
                     reply_rx.await.context("engine dropped the request")?
                 }
             }
@@ -193,7 +211,12 @@ async fn serve(
     Ok(())
 }
 
-fn check_peer(uid: u32, pid: Option<i32>, cgroup2: &Path, confined: &[PathBuf]) -> Result<(), String> {
+fn check_peer(
+    uid: u32,
+    pid: Option<i32>,
+    cgroup2: &Path,
+    confined: &[PathBuf],
+) -> Result<(), String> {
     if uid != 0 {
         return Err(format!("permission denied: uid {uid} is not root"));
     }

@@ -11,15 +11,21 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 pub fn ensure_bpffs() -> Result<bool, DatapathError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| DatapathError::Bpffs(format!("reading /proc/self/mountinfo: {e}")))?;
-    if mounts_of_type(&mountinfo, "bpf").iter().any(|p| p == Path::new(BPFFS)) {
+    if mounts_of_type(&mountinfo, "bpf")
+        .iter()
+        .any(|p| p == Path::new(BPFFS))
+    {
         return Ok(false);
     }
-    fs::create_dir_all(BPFFS).map_err(|e| DatapathError::Bpffs(format!("creating {BPFFS}: {e}")))?;
+    fs::create_dir_all(BPFFS)
+        .map_err(|e| DatapathError::Bpffs(format!("creating {BPFFS}: {e}")))?;
     nix::mount::mount(
         Some("bpffs"),
         BPFFS,
         Some("bpf"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         Some("mode=0700"),
     )
     .map_err(|e| DatapathError::Bpffs(format!("mounting bpffs at {BPFFS}: {e}")))?;

@@ -11,12 +11,15 @@ use std::{
 };
 
 use agentseg_common::{
-    Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, SEGMENT_PREFIX_BITS,
-    STAT_COUNT, SegmentInfo, map_names, prog_names,
+    Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, SEGMENT_PREFIX_BITS, STAT_COUNT,
+    SegmentInfo, map_names, prog_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
 pub use bpffs::ensure_bpffs;
@@ -40,18 +43,27 @@ pub enum DatapathError {
          rebuild with `cargo xtask build`"
     )]
     NoObject,
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
-    #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("opening cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("opening cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bpffs: {0}")]
     Bpffs(String),
 }
@@ -86,15 +98,27 @@ impl Capacities {
 pub struct Datapath {
     ebpf: Ebpf,
     /// Attached cgroups (absolute paths) → the links of the four programs on it.
-    attached: BTreeMap<PathBuf, Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>>,
+    attached: BTreeMap<
+        PathBuf,
+        Vec<(
+            &'static str,
+            aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+        )>,
+    >,
 }
 
 macro_rules! map_mut {
     ($self:expr, $ty:ident, $name:expr) => {
         $ty::<&mut MapData, _, _>::try_from(
-            $self.ebpf.map_mut($name).ok_or(DatapathError::MissingMap($name))?,
+            $self
+                .ebpf
+                .map_mut($name)
+                .ok_or(DatapathError::MissingMap($name))?,
         )
-        .map_err(|source| DatapathError::Map { name: $name, source })?
+        .map_err(|source| DatapathError::Map {
+            name: $name,
+            source,
+        })?
     };
 }
 
@@ -117,9 +141,13 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(Self { ebpf, attached: BTreeMap::new() })
+        Ok(Self {
+            ebpf,
+            attached: BTreeMap::new(),
+        })
     }
 
     /// Instruction counts of the loaded programs (verifier blow-ups show up here first).
@@ -136,11 +164,22 @@ impl Datapath {
     /// Write segments, rulesets and prefixes. Entries are only added or overwritten here.
     pub fn write_policy(&mut self, compiled: &Compiled) -> Result<(), DatapathError> {
         {
-            let mut rulesets = map_mut!(self, Array, map_names::RULESETS);
+            let map = self
+                .ebpf
+                .map_mut(map_names::RULESETS)
+                .ok_or(DatapathError::MissingMap(map_names::RULESETS))?;
+            let mut rulesets: Array<&mut MapData, agentseg_common::RuleSet> = Array::try_from(map)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::RULESETS,
+                    source,
+                })?;
             for (id, rs) in compiled.rulesets.iter().enumerate() {
                 rulesets
                     .set(id as u32, *rs, 0)
-                    .map_err(|source| DatapathError::Map { name: map_names::RULESETS, source })?;
+                    .map_err(|source| DatapathError::Map {
+                        name: map_names::RULESETS,
+                        source,
+                    })?;
             }
         }
         {
@@ -151,10 +190,22 @@ impl Datapath {
                 for (net, ruleset_id) in &seg.egress_v4 {
                     let key = Key::new(
                         SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV4 { segment_id_be, addr_be: net.network().octets() },
+                        PolicyKeyV4 {
+                            segment_id_be,
+                            addr_be: net.network().octets(),
+                        },
                     );
-                    v4.insert(&key, PolicyValue { ruleset_id: *ruleset_id }, 0)
-                        .map_err(|source| DatapathError::Map { name: map_names::POLICY_V4, source })?;
+                    v4.insert(
+                        &key,
+                        PolicyValue {
+                            ruleset_id: *ruleset_id,
+                        },
+                        0,
+                    )
+                    .map_err(|source| DatapathError::Map {
+                        name: map_names::POLICY_V4,
+                        source,
+                    })?;
                 }
             }
         }
@@ -166,10 +217,22 @@ impl Datapath {
                 for (net, ruleset_id) in &seg.egress_v6 {
                     let key = Key::new(
                         SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV6 { segment_id_be, addr_be: net.network().octets() },
+                        PolicyKeyV6 {
+                            segment_id_be,
+                            addr_be: net.network().octets(),
+                        },
                     );
-                    v6.insert(&key, PolicyValue { ruleset_id: *ruleset_id }, 0)
-                        .map_err(|source| DatapathError::Map { name: map_names::POLICY_V6, source })?;
+                    v6.insert(
+                        &key,
+                        PolicyValue {
+                            ruleset_id: *ruleset_id,
+                        },
+                        0,
+                    )
+                    .map_err(|source| DatapathError::Map {
+                        name: map_names::POLICY_V6,
+                        source,
+                    })?;
                 }
             }
         }
@@ -177,8 +240,18 @@ impl Datapath {
             map_mut!(self, HashMap, map_names::SEGMENTS);
         for seg in &compiled.segments {
             segments
-                .insert(seg.id, SegmentInfo { mode: seg.mode, _pad: 0 }, 0)
-                .map_err(|source| DatapathError::Map { name: map_names::SEGMENTS, source })?;
+                .insert(
+                    seg.id,
+                    SegmentInfo {
+                        mode: seg.mode,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::SEGMENTS,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -188,7 +261,10 @@ impl Datapath {
             map_mut!(self, HashMap, map_names::MEMBERS);
         members
             .insert(cgroup_id, member, 0)
-            .map_err(|source| DatapathError::Map { name: map_names::MEMBERS, source })
+            .map_err(|source| DatapathError::Map {
+                name: map_names::MEMBERS,
+                source,
+            })
     }
 
     pub fn remove_member(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
@@ -196,7 +272,12 @@ impl Datapath {
             map_mut!(self, HashMap, map_names::MEMBERS);
         match members.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(DatapathError::Map { name: map_names::MEMBERS, source }),
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: map_names::MEMBERS,
+                    source,
+                });
+            }
         }
         let mut counters: PerCpuHashMap<&mut MapData, u64, Counters> =
             map_mut!(self, PerCpuHashMap, map_names::COUNTERS);
@@ -209,8 +290,10 @@ impl Datapath {
         if self.attached.contains_key(cgroup_dir) {
             return Ok(());
         }
-        let file = File::open(cgroup_dir)
-            .map_err(|source| DatapathError::Cgroup { path: cgroup_dir.to_owned(), source })?;
+        let file = File::open(cgroup_dir).map_err(|source| DatapathError::Cgroup {
+            path: cgroup_dir.to_owned(),
+            source,
+        })?;
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for name in PROGRAMS {
             let prog: &mut CgroupSockAddr = self
@@ -219,9 +302,11 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            // Multi: coexist with other cgroup programs (systemd's, a mesh's); all must allow.
+            // aya attaches with bpf_link here (kernel >= 5.7): link attachments always coexist
+            // with other programs on the cgroup (all must allow) and the kernel refuses any
+            // flag with them, so the mode is the default.
             let link = prog
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Program { name, source })?;
             links.push((name, link));
         }
@@ -231,7 +316,9 @@ impl Datapath {
 
     /// Detach from a cgroup (a no-op when not attached).
     pub fn detach(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
-        let Some(links) = self.attached.remove(cgroup_dir) else { return Ok(()) };
+        let Some(links) = self.attached.remove(cgroup_dir) else {
+            return Ok(());
+        };
         for (name, link) in links {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
@@ -239,7 +326,8 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.detach(link).map_err(|source| DatapathError::Program { name, source })?;
+            prog.detach(link)
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(())
     }
@@ -250,7 +338,9 @@ impl Datapath {
 
     /// Decision counters of one member cgroup, summed over CPUs.
     pub fn counters(&self, cgroup_id: u64) -> Counters {
-        let Some(map) = self.ebpf.map(map_names::COUNTERS) else { return Counters::default() };
+        let Some(map) = self.ebpf.map(map_names::COUNTERS) else {
+            return Counters::default();
+        };
         let Ok(counters) = PerCpuHashMap::<&MapData, u64, Counters>::try_from(map) else {
             return Counters::default();
         };
@@ -268,8 +358,12 @@ impl Datapath {
     /// Fail-closed statistics (`STAT_*`), summed over CPUs.
     pub fn stats(&self) -> [u64; STAT_COUNT as usize] {
         let mut out = [0u64; STAT_COUNT as usize];
-        let Some(map) = self.ebpf.map(map_names::STATS) else { return out };
-        let Ok(stats) = PerCpuArray::<&MapData, u64>::try_from(map) else { return out };
+        let Some(map) = self.ebpf.map(map_names::STATS) else {
+            return out;
+        };
+        let Ok(stats) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return out;
+        };
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = stats.get(&(i as u32), 0) {
                 *slot = values.iter().sum();
@@ -281,7 +375,10 @@ impl Datapath {
 
 /// Raise RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (before 5.11).
 pub fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid pointer to a stack value.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {

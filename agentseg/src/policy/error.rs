@@ -75,7 +75,11 @@ impl<'a> Source<'a> {
         }
         let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
         let start = self.line_starts.get(line - 1).copied().unwrap_or(0);
-        let column = self.text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(0, |s| s.chars().count())
+            + 1;
         (line, column)
     }
 
@@ -104,7 +108,10 @@ pub(super) fn utf8_error(file: &Path, bytes: &[u8], err: &std::str::Utf8Error) -
     // The prefix is valid UTF-8 by definition; the fallback only avoids a panic path.
     let text = std::str::from_utf8(valid).unwrap_or_default();
     let mut e = Source::new(file, text).error(text.len(), "");
-    e.message = format!("file is not valid UTF-8 (invalid byte at offset {})", text.len());
+    e.message = format!(
+        "file is not valid UTF-8 (invalid byte at offset {})",
+        text.len()
+    );
     e
 }
 

@@ -7,11 +7,12 @@
 
 mod error;
 mod parse;
+mod peers;
 mod raw;
 mod validate;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_errors;
 

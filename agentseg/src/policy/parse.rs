@@ -75,7 +75,9 @@ pub(super) fn cidr_entry(s: &str) -> Result<CidrEntry<'_>, String> {
 /// is almost always a typo, and silently truncating it would widen the rule.
 pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
     let invalid = || {
-        format!("invalid CIDR {s:?}: expected an address or prefix like 10.0.0.0/8 or 2001:db8::/32")
+        format!(
+            "invalid CIDR {s:?}: expected an address or prefix like 10.0.0.0/8 or 2001:db8::/32"
+        )
     };
     let (addr, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),
@@ -206,7 +208,9 @@ pub(super) fn unit_name(s: &str) -> Result<(), String> {
         ));
     }
     if s.len() > 255 {
-        return Err(format!("invalid unit name {s:?}: longer than 255 characters"));
+        return Err(format!(
+            "invalid unit name {s:?}: longer than 255 characters"
+        ));
     }
     let stem_ok = UNIT_SUFFIXES
         .iter()

@@ -70,15 +70,9 @@ impl RawFile {
             || self.members.is_some()
     }
 
-    /// Splits the file into its segments (top-level form or `[[segment]]` tables) and its peer
-    /// groups. `top_level` is true when the segment came from top-level keys.
-    pub fn into_parts(
-        self,
-    ) -> (
-        Option<RawSegment>,
-        Vec<Spanned<RawSegment>>,
-        BTreeMap<Spanned<String>, Spanned<RawPeer>>,
-    ) {
+    /// Splits the file into its top-level segment (if any single-segment key is present), its
+    /// `[[segment]]` tables and its peer groups.
+    pub fn into_parts(self) -> FileParts {
         let top = self.has_top_level_segment().then_some(RawSegment {
             name: self.name,
             description: self.description,
@@ -87,12 +81,18 @@ impl RawFile {
             ingress: self.ingress,
             members: self.members,
         });
-        (
+        FileParts {
             top,
-            self.segment.unwrap_or_default(),
-            self.peers.unwrap_or_default(),
-        )
+            multi: self.segment.unwrap_or_default(),
+            peers: self.peers.unwrap_or_default(),
+        }
     }
+}
+
+pub(super) struct FileParts {
+    pub top: Option<RawSegment>,
+    pub multi: Vec<Spanned<RawSegment>>,
+    pub peers: BTreeMap<Spanned<String>, Spanned<RawPeer>>,
 }
 
 impl RawSegment {

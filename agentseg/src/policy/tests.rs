@@ -1,0 +1,232 @@
+//! Loading good policy: the model, both file forms, directories, examples.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+pub(super) fn files(list: &[(&str, &str)]) -> Vec<(PathBuf, Vec<u8>)> {
+    list.iter()
+        .map(|(p, t)| (PathBuf::from(p), t.as_bytes().to_vec()))
+        .collect()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("test CIDR")
+}
+
+fn origin(file: &str, line: usize) -> Origin {
+    Origin {
+        file: PathBuf::from(file),
+        line,
+    }
+}
+
+const SPEC_EXAMPLE: &str = r#"name = "summarizer.prod.web-egress"
+description = "LLM summarizer: HTTPS out through the egress proxy only"
+mode = "enforce"            # or "audit"; default "enforce"
+
+[[egress]]
+cidrs = ["0.0.0.0/0", "::/0", "@proxies"]
+except = ["10.0.0.0/8"]
+ports = [443, "8000-8100"]
+protocol = "tcp"            # tcp | udp | icmp | any; default "any"
+
+[[ingress]]
+cidrs = ["@monitoring"]
+ports = [9100]
+protocol = "tcp"
+
+[members]
+cgroups = ["/agents/summarizer"]
+units = ["summarizer.service"]
+
+[peers.proxies]
+cidrs = ["127.0.0.1/32", "::1"]
+"#;
+
+const MONITORING: &str = "[peers.monitoring]\ncidrs = [\"192.0.2.0/28\"]\n";
+
+#[test]
+fn spec_example_loads_to_the_expected_model() {
+    let set =
+        load_files(&files(&[("a.toml", SPEC_EXAMPLE), ("z.toml", MONITORING)])).expect("loads");
+    assert_eq!(set.peers.len(), 2);
+    assert_eq!(
+        set.peers["proxies"],
+        vec![net("127.0.0.1/32"), net("::1/128")]
+    );
+    assert_eq!(set.peers["monitoring"], vec![net("192.0.2.0/28")]);
+    let expected = Segment {
+        name: "summarizer.prod.web-egress".parse().expect("name"),
+        description: "LLM summarizer: HTTPS out through the egress proxy only".into(),
+        mode: Mode::Enforce,
+        egress: vec![Rule {
+            cidrs: vec![
+                net("0.0.0.0/0"),
+                net("::/0"),
+                net("127.0.0.1/32"),
+                net("::1/128"),
+            ],
+            except: vec![net("10.0.0.0/8")],
+            ports: vec![
+                PortRange { lo: 443, hi: 443 },
+                PortRange { lo: 8000, hi: 8100 },
+            ],
+            protocol: Protocol::Tcp,
+            origin: origin("a.toml", 5),
+        }],
+        ingress: vec![Rule {
+            cidrs: vec![net("192.0.2.0/28")],
+            except: vec![],
+            ports: vec![PortRange { lo: 9100, hi: 9100 }],
+            protocol: Protocol::Tcp,
+            origin: origin("a.toml", 11),
+        }],
+        members: Members {
+            cgroups: vec!["agents/summarizer".into()],
+            units: vec!["summarizer.service".into()],
+        },
+        origin: origin("a.toml", 1),
+    };
+    assert_eq!(set.segments, vec![expected]);
+}
+
+#[test]
+fn multi_segment_form_defaults_and_sorting() {
+    let text = r#"
+[[segment]]
+name = "zeta.dev.all"
+mode = "audit"
+
+[[segment.egress]]
+cidrs = ["10.0.0.0/8"]
+
+[segment.members]
+cgroups = ["x/zeta"]
+
+[[segment]]
+name = "alpha.dev.none"
+egress = [{ cidrs = ["2001:db8::/32"], protocol = "udp" }]
+"#;
+    let set = load_files(&files(&[("multi.toml", text)])).expect("loads");
+    let names: Vec<&str> = set.segments.iter().map(|s| s.name.as_ref()).collect();
+    assert_eq!(names, ["alpha.dev.none", "zeta.dev.all"]);
+    let alpha = &set.segments[0];
+    assert_eq!(alpha.origin, origin("multi.toml", 12));
+    assert_eq!(alpha.mode, Mode::Enforce);
+    assert_eq!(alpha.description, "");
+    assert_eq!(alpha.egress[0].protocol, Protocol::Udp);
+    assert_eq!(alpha.egress[0].origin.line, 14);
+    assert_eq!(alpha.members, Members::default());
+    let zeta = &set.segments[1];
+    assert_eq!(zeta.origin, origin("multi.toml", 2));
+    assert_eq!(zeta.mode, Mode::Audit);
+    assert_eq!(zeta.egress[0].protocol, Protocol::Any);
+    assert!(zeta.egress[0].ports.is_empty());
+    assert_eq!(zeta.egress[0].origin.line, 6);
+    assert_eq!(zeta.members.cgroups, ["x/zeta"]);
+}
+
+#[test]
+fn peer_groups_resolve_across_files_in_any_order() {
+    let seg = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"@zz\", \"@zz\"]\n";
+    let set = load_files(&files(&[
+        ("b.toml", seg),
+        ("a.toml", "[peers.zz]\ncidrs = [\"fd00::/8\"]\n"),
+    ]))
+    .expect("loads");
+    // Duplicates from repeated references are dropped.
+    assert_eq!(set.segments[0].egress[0].cidrs, vec![net("fd00::/8")]);
+}
+
+#[test]
+fn segment_name_from_str() {
+    let n: SegmentName = "fn-1.prod.web-egress".parse().expect("valid");
+    assert_eq!(n.to_string(), "fn-1.prod.web-egress");
+    assert_eq!(n.as_ref(), "fn-1.prod.web-egress");
+    let long = format!("a.b.{}", "x".repeat(33));
+    for (bad, word) in [
+        ("a.b", "three"),
+        ("a.b.c.d", "three"),
+        ("A.b.c", "function"),
+        ("a..c", "environment"),
+        ("a.b.c_d", "access"),
+        (long.as_str(), "access"),
+        ("", "three"),
+    ] {
+        let err = bad.parse::<SegmentName>().expect_err(bad);
+        assert!(err.to_string().contains(word), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn load_dir_reads_toml_files_only_sorted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    write("b.toml", "name = \"b.b.b\"\n");
+    write("a.toml", "name = \"a.a.a\"\n");
+    write("notes.md", "not policy");
+    write(".#a.toml", "garbage = ");
+    std::fs::create_dir(dir.path().join("sub.toml")).expect("mkdir");
+    std::fs::write(dir.path().join("sub.toml/c.toml"), "garbage = ").expect("write");
+    let set = load_dir(dir.path()).expect("loads");
+    let names: Vec<&str> = set.segments.iter().map(|s| s.name.as_ref()).collect();
+    assert_eq!(names, ["a.a.a", "b.b.b"]);
+    assert_eq!(set.segments[0].origin.file, dir.path().join("a.toml"));
+}
+
+#[test]
+fn empty_dir_is_one_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("README"), "x").expect("write");
+    let errs = load_dir(dir.path()).expect_err("empty").0;
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].file, dir.path());
+    assert_eq!((errs[0].line, errs[0].column), (1, 1));
+    assert!(errs[0].message.contains("no *.toml"), "{}", errs[0]);
+
+    let missing = dir.path().join("missing");
+    let errs = load_dir(&missing).expect_err("missing").0;
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].file, missing);
+}
+
+pub(crate) fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+#[test]
+fn bundled_examples_load() {
+    let set = load_dir(&examples_dir()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(set.segments.len() >= 4, "{:?}", set.segments.len());
+    assert!(set.segments.iter().any(|s| s.mode == Mode::Audit));
+    for seg in &set.segments {
+        for c in &seg.members.cgroups {
+            assert!(c.starts_with("agentseg-examples/"), "{c}");
+        }
+        assert!(
+            seg.members.units.is_empty(),
+            "examples must not touch host units"
+        );
+    }
+}
+
+#[test]
+fn errors_display_one_per_line() {
+    let errs = PolicyErrors(vec![
+        PolicyError {
+            file: "a.toml".into(),
+            line: 2,
+            column: 3,
+            message: "bad".into(),
+        },
+        PolicyError {
+            file: "b.toml".into(),
+            line: 1,
+            column: 1,
+            message: "worse".into(),
+        },
+    ]);
+    assert_eq!(errs.to_string(), "a.toml:2:3: bad\nb.toml:1:1: worse");
+}

@@ -12,7 +12,8 @@ use toml::Spanned;
 
 use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
 use super::parse::{self, CidrEntry};
-use super::raw::{RawFile, RawMembers, RawPeer, RawRule, RawSegment};
+use super::peers::PeerGroup;
+use super::raw::{FileParts, RawFile, RawMembers, RawRule, RawSegment};
 use super::{Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
 
 pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
@@ -40,7 +41,11 @@ pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErr
     let mut peer_origins = HashMap::new();
     let mut per_file = Vec::new();
     for (src, raw) in parsed {
-        let (top, multi, raw_peers) = raw.into_parts();
+        let FileParts {
+            top,
+            multi,
+            peers: raw_peers,
+        } = raw.into_parts();
         if top.is_none() && multi.is_empty() && raw_peers.is_empty() {
             errors.push(src.error(0, "file defines no segment and no peer group"));
         }
@@ -88,70 +93,19 @@ pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErr
     }
 
     if !ctx.errors.is_empty() {
+        // Passes visit a file more than once; report in reading order.
+        ctx.errors
+            .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
         return Err(PolicyErrors(ctx.errors));
     }
     segments.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(PolicySet { segments, peers })
 }
 
-fn origin(src: &Source<'_>, offset: usize) -> Origin {
+pub(super) fn origin(src: &Source<'_>, offset: usize) -> Origin {
     Origin {
         file: src.file.to_path_buf(),
         line: src.line(offset),
-    }
-}
-
-struct PeerGroup<'s, 'a> {
-    src: &'s Source<'a>,
-    name: Spanned<String>,
-    raw: Spanned<RawPeer>,
-}
-
-impl PeerGroup<'_, '_> {
-    fn check(
-        self,
-        peers: &mut BTreeMap<String, Vec<IpNet>>,
-        origins: &mut HashMap<String, Origin>,
-        errors: &mut Vec<PolicyError>,
-    ) {
-        let src = self.src;
-        let name = self.name.get_ref();
-        if let Err(m) = parse::peer_group_name(name) {
-            errors.push(src.error_at(&self.name, m));
-            return;
-        }
-        if let Some(first) = origins.get(name) {
-            errors.push(src.error_at(
-                &self.name,
-                format!("duplicate peer group {name:?}; first defined at {first}"),
-            ));
-            return;
-        }
-        origins.insert(name.clone(), origin(src, self.name.span().start));
-        let mut nets = Vec::new();
-        match &self.raw.get_ref().cidrs {
-            None => errors.push(src.error_at(&self.raw, "peer group has no `cidrs`")),
-            Some(list) if list.get_ref().is_empty() => {
-                errors.push(src.error_at(list, "`cidrs` of a peer group must not be empty"));
-            }
-            Some(list) => {
-                for c in list.get_ref() {
-                    if c.get_ref().starts_with('@') {
-                        errors.push(src.error_at(
-                            c,
-                            "peer groups cannot reference other groups; list the CIDRs",
-                        ));
-                        continue;
-                    }
-                    match parse::cidr(c.get_ref()) {
-                        Ok(n) => nets.push(n),
-                        Err(m) => errors.push(src.error_at(c, m)),
-                    }
-                }
-            }
-        }
-        // Inserted even when partly invalid so that references to it do not add more errors.
-        peers.insert(name.clone(), nets);
     }
 }
 
@@ -251,7 +205,8 @@ impl Ctx<'_> {
                 "rule has no `cidrs`; use [\"0.0.0.0/0\", \"::/0\"] to mean everywhere",
             )),
             Some(list) if list.get_ref().is_empty() => {
-                self.errors.push(src.error_at(list, "`cidrs` must not be empty"));
+                self.errors
+                    .push(src.error_at(list, "`cidrs` must not be empty"));
             }
             Some(list) => {
                 cidrs_ok = true;
@@ -327,7 +282,14 @@ impl Ctx<'_> {
         for c in raw.cgroups.iter().flatten() {
             match parse::cgroup_path(c.get_ref()) {
                 Ok(path) => {
-                    if claim(&mut self.seen_cgroups, &path, segment, src, c, &mut self.errors) {
+                    if claim(
+                        &mut self.seen_cgroups,
+                        &path,
+                        segment,
+                        src,
+                        c,
+                        &mut self.errors,
+                    ) {
                         members.cgroups.push(path);
                     }
                 }
@@ -338,7 +300,14 @@ impl Ctx<'_> {
             match parse::unit_name(u.get_ref()) {
                 Ok(()) => {
                     let unit = u.get_ref().clone();
-                    if claim(&mut self.seen_units, &unit, segment, src, u, &mut self.errors) {
+                    if claim(
+                        &mut self.seen_units,
+                        &unit,
+                        segment,
+                        src,
+                        u,
+                        &mut self.errors,
+                    ) {
                         members.units.push(unit);
                     }
                 }
@@ -363,7 +332,9 @@ fn claim(
         let msg = if first_seg == segment {
             format!("duplicate member {key:?} (already listed at {first})")
         } else {
-            format!("duplicate member {key:?}: already a member of segment {first_seg:?} at {first}")
+            format!(
+                "duplicate member {key:?}: already a member of segment {first_seg:?} at {first}"
+            )
         };
         errors.push(src.error_at(at, msg));
         return false;

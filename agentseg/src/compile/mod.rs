@@ -1,0 +1,240 @@
+//! [`PolicySet`] → the desired contents of the kernel maps. Pure and deterministic: the same
+//! policy always gives the same ids and the same [`Compiled::to_text`].
+//!
+//! Segment id = index + 1 (0 is never used), ruleset 0 = the empty set (deny), rule id =
+//! index into [`Compiled::rules`] (segments in order, egress then ingress, file order).
+
+mod cover;
+mod ruleset;
+mod text;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_semantics;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use agentseg_common::{MODE_AUDIT, MODE_ENFORCE, PortRule, RULESET_CAPACITY, RuleSet};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::policy::{Mode, Origin, PolicySet, Rule};
+use cover::{FamRule, Net};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// Same order as `PolicySet::segments`; `segments[i].id == i + 1`.
+    pub segments: Vec<CompiledSegment>,
+    /// Ruleset id = index; index 0 is always the empty set (deny).
+    pub rulesets: Vec<RuleSet>,
+    /// Rule id = index.
+    pub rules: Vec<RuleInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledSegment {
+    pub id: u32,
+    pub name: String,
+    /// `agentseg_common::MODE_*`.
+    pub mode: u32,
+    /// (prefix, ruleset id), sorted by (address, prefix length).
+    pub egress_v4: Vec<(Ipv4Net, u32)>,
+    pub egress_v6: Vec<(Ipv6Net, u32)>,
+    pub ingress_v4: Vec<(Ipv4Net, u32)>,
+    pub ingress_v6: Vec<(Ipv6Net, u32)>,
+    pub member_cgroups: Vec<String>,
+    /// Passed through; the daemon resolves them to cgroups.
+    pub member_units: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        })
+    }
+}
+
+/// Where a rule id comes from (for counters, audit logs and `check --show`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub id: u32,
+    pub segment: String,
+    pub direction: Direction,
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+/// A prefix whose covering rules need more port rules than one kernel ruleset holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "segment \"{segment}\" {direction} {prefix}: {count} port rules (after merging) exceed the \
+     ruleset capacity of {RULESET_CAPACITY}; rules involved: {}",
+    origins(.rules)
+)]
+pub struct CompileError {
+    pub segment: String,
+    pub direction: Direction,
+    pub prefix: IpNet,
+    pub count: usize,
+    /// Every rule covering the prefix.
+    pub rules: Vec<Origin>,
+}
+
+fn origins(rules: &[Origin]) -> String {
+    rules
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct CompileErrors(pub Vec<CompileError>);
+
+/// Ids are u32 in the kernel; more than 4 billion of anything is far beyond map limits, so
+/// saturating keeps this panic-free without a dead error path.
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
+    let mut interner = ruleset::Interner::new();
+    let mut rules = Vec::new();
+    let mut errors = Vec::new();
+    let mut segments = Vec::with_capacity(set.segments.len());
+    for (index, seg) in set.segments.iter().enumerate() {
+        let mut out = CompiledSegment {
+            id: to_u32(index + 1),
+            name: seg.name.to_string(),
+            mode: match seg.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Audit => MODE_AUDIT,
+            },
+            egress_v4: Vec::new(),
+            egress_v6: Vec::new(),
+            ingress_v4: Vec::new(),
+            ingress_v6: Vec::new(),
+            member_cgroups: seg.members.cgroups.clone(),
+            member_units: seg.members.units.clone(),
+        };
+        for (direction, dir_rules) in [
+            (Direction::Egress, &seg.egress),
+            (Direction::Ingress, &seg.ingress),
+        ] {
+            let first_id = rules.len();
+            rules.extend(dir_rules.iter().enumerate().map(|(i, r)| RuleInfo {
+                id: to_u32(first_id + i),
+                segment: out.name.clone(),
+                direction,
+                file: r.origin.file.clone(),
+                line: r.origin.line,
+            }));
+            let mut dir = DirCompiler {
+                segment: &out.name,
+                direction,
+                rules: dir_rules,
+                port_rules: dir_rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| ruleset::port_rules(r, to_u32(first_id + i)))
+                    .collect(),
+                interner: &mut interner,
+                errors: &mut errors,
+            };
+            let v4 = dir.family(|n| match n {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            });
+            let v6 = dir.family(|n| match n {
+                IpNet::V6(n) => Some(*n),
+                IpNet::V4(_) => None,
+            });
+            match direction {
+                Direction::Egress => (out.egress_v4, out.egress_v6) = (v4, v6),
+                Direction::Ingress => (out.ingress_v4, out.ingress_v6) = (v4, v6),
+            }
+        }
+        segments.push(out);
+    }
+    if !errors.is_empty() {
+        return Err(CompileErrors(errors));
+    }
+    Ok(Compiled {
+        segments,
+        rulesets: interner.sets,
+        rules,
+    })
+}
+
+/// The rules of one segment and direction.
+struct DirCompiler<'a> {
+    segment: &'a str,
+    direction: Direction,
+    rules: &'a [Rule],
+    /// Per rule, the kernel entries it contributes.
+    port_rules: Vec<Vec<PortRule>>,
+    interner: &'a mut ruleset::Interner,
+    errors: &'a mut Vec<CompileError>,
+}
+
+impl DirCompiler<'_> {
+    fn family<N: Net + Into<IpNet>>(
+        &mut self,
+        pick: impl Fn(&IpNet) -> Option<N>,
+    ) -> Vec<(N, u32)> {
+        let fam: Vec<FamRule<N>> = self
+            .rules
+            .iter()
+            .map(|r| FamRule {
+                cidrs: r.cidrs.iter().filter_map(&pick).collect(),
+                excepts: r.except.iter().filter_map(&pick).collect(),
+            })
+            .collect();
+        let mut entries = Vec::new();
+        for (net, covering) in cover::cover(&fam) {
+            let contents: Vec<PortRule> = covering
+                .iter()
+                .filter_map(|&i| self.port_rules.get(i))
+                .flatten()
+                .copied()
+                .collect();
+            match ruleset::normalize(contents) {
+                Ok(contents) => entries.push((net, self.interner.intern(contents))),
+                Err(count) => self.errors.push(CompileError {
+                    segment: self.segment.to_string(),
+                    direction: self.direction,
+                    prefix: net.into(),
+                    count,
+                    rules: covering
+                        .iter()
+                        .filter_map(|&i| self.rules.get(i))
+                        .map(|r| r.origin.clone())
+                        .collect(),
+                }),
+            }
+        }
+        entries
+    }
+}
+
+impl Compiled {
+    /// Number of LPM (policy) entries over all segments, directions and families.
+    pub fn entry_count(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| {
+                s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len()
+            })
+            .sum()
+    }
+}

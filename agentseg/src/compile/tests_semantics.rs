@@ -1,0 +1,186 @@
+//! What the kernel will decide: overlaps, excepts, families, checked against a naive oracle.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use agentseg_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleSet};
+use ipnet::IpNet;
+
+use super::*;
+use crate::policy::{self, PolicySet};
+
+pub(super) fn set(text: &str) -> PolicySet {
+    let files = vec![(PathBuf::from("t.toml"), text.as_bytes().to_vec())];
+    policy::load_files(&files).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What the kernel does: longest prefix among the segment's entries, then the ruleset.
+pub(super) fn lookup<'c>(c: &'c Compiled, seg: usize, dir: Direction, ip: &str) -> &'c RuleSet {
+    let s = &c.segments[seg];
+    let addr: IpAddr = ip.parse().expect("test address");
+    let entries: Vec<(IpNet, u32)> = match dir {
+        Direction::Egress => s
+            .egress_v4
+            .iter()
+            .map(|(n, r)| ((*n).into(), *r))
+            .chain(s.egress_v6.iter().map(|(n, r)| ((*n).into(), *r)))
+            .collect(),
+        Direction::Ingress => s
+            .ingress_v4
+            .iter()
+            .map(|(n, r)| ((*n).into(), *r))
+            .chain(s.ingress_v6.iter().map(|(n, r)| ((*n).into(), *r)))
+            .collect(),
+    };
+    let id = entries
+        .iter()
+        .filter(|(n, _)| n.contains(&addr))
+        .max_by_key(|(n, _)| n.prefix_len())
+        .map_or(0, |(_, r)| *r);
+    &c.rulesets[id as usize]
+}
+
+pub(super) fn allows(rs: &RuleSet, proto: u8, port: u16) -> bool {
+    rs.rules[..rs.len as usize].iter().any(|r| {
+        r.protocols & proto != 0 && (proto == PROTO_ICMP || (r.port_lo..=r.port_hi).contains(&port))
+    })
+}
+
+fn allowed(c: &Compiled, ip: &str, proto: u8, port: u16) -> bool {
+    allows(lookup(c, 0, Direction::Egress, ip), proto, port)
+}
+
+#[test]
+fn overlap_gives_the_union() {
+    let c = compile(&set("name = \"a.b.c\"\n\
+         [[egress]]\ncidrs = [\"192.0.2.0/24\"]\nports = [80]\nprotocol = \"tcp\"\n\
+         [[egress]]\ncidrs = [\"192.0.2.7\"]\nports = [443]\nprotocol = \"tcp\"\n"))
+    .expect("compiles");
+    assert!(allowed(&c, "192.0.2.7", PROTO_TCP, 80));
+    assert!(allowed(&c, "192.0.2.7", PROTO_TCP, 443));
+    assert!(allowed(&c, "192.0.2.8", PROTO_TCP, 80));
+    assert!(!allowed(&c, "192.0.2.8", PROTO_TCP, 443));
+    assert!(!allowed(&c, "192.0.2.7", PROTO_UDP, 443));
+    assert!(!allowed(&c, "192.0.3.7", PROTO_TCP, 80));
+    let s = &c.segments[0];
+    assert_eq!(s.egress_v4.len(), 2);
+    let host = s
+        .egress_v4
+        .iter()
+        .find(|(n, _)| n.prefix_len() == 32)
+        .expect("/32 entry");
+    assert_eq!(c.rulesets[host.1 as usize].len, 2);
+}
+
+#[test]
+fn except_carves_a_hole_that_other_rules_can_fill() {
+    let text = "name = \"a.b.c\"\n\
+         [[egress]]\ncidrs = [\"10.0.0.0/8\"]\nexcept = [\"10.1.0.0/16\"]\nprotocol = \"tcp\"\n\
+         [[egress]]\ncidrs = [\"10.1.2.0/24\"]\nports = [53]\nprotocol = \"udp\"\n";
+    let c = compile(&set(text)).expect("compiles");
+    assert!(allowed(&c, "10.9.9.9", PROTO_TCP, 22));
+    assert!(!allowed(&c, "10.1.9.9", PROTO_TCP, 22));
+    // The other rule still applies inside the hole, and only with its own ports.
+    assert!(allowed(&c, "10.1.2.3", PROTO_UDP, 53));
+    assert!(!allowed(&c, "10.1.2.3", PROTO_TCP, 22));
+    let hole = c.segments[0]
+        .egress_v4
+        .iter()
+        .find(|(n, _)| n.to_string() == "10.1.0.0/16")
+        .expect("except entry");
+    assert_eq!(hole.1, 0, "the hole uses the empty ruleset");
+}
+
+#[test]
+fn v4_and_v6_are_separate_and_both_work() {
+    let text = "name = \"a.b.c\"\n\
+         [[egress]]\ncidrs = [\"0.0.0.0/0\", \"::/0\"]\nexcept = [\"fc00::/7\"]\nports = [443]\nprotocol = \"tcp\"\n\
+         [[ingress]]\ncidrs = [\"2001:db8::/32\"]\nprotocol = \"icmp\"\n";
+    let c = compile(&set(text)).expect("compiles");
+    let s = &c.segments[0];
+    assert_eq!(s.egress_v4.len(), 1);
+    assert_eq!(s.egress_v6.len(), 2);
+    assert!(s.ingress_v4.is_empty());
+    assert_eq!(s.ingress_v6.len(), 1);
+    assert!(allowed(&c, "203.0.113.1", PROTO_TCP, 443));
+    assert!(allowed(&c, "2001:db8::1", PROTO_TCP, 443));
+    assert!(!allowed(&c, "fd00::1", PROTO_TCP, 443));
+    let ing = lookup(&c, 0, Direction::Ingress, "2001:db8::9");
+    assert!(allows(ing, PROTO_ICMP, 0));
+    assert!(!allows(ing, PROTO_TCP, 22));
+    assert!(!allows(
+        lookup(&c, 0, Direction::Ingress, "192.0.2.1"),
+        PROTO_ICMP,
+        0
+    ));
+}
+
+/// Tiny deterministic PRNG (xorshift) so the oracle test needs no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Random nested rules compared with direct evaluation of the policy on random addresses.
+#[test]
+fn matches_a_naive_oracle() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for round in 0..20 {
+        let mut text = String::from("name = \"a.b.c\"\n");
+        for _ in 0..6 {
+            // Prefixes inside 10.0.0.0/16 at lengths 16..=28 so that they nest often.
+            let pick = |rng: &mut Rng| {
+                let len = 16 + (rng.next() % 13) as u8;
+                let addr = 0x0a00_0000u32 | (rng.next() as u32 & 0xffff);
+                ipnet::Ipv4Net::new(addr.into(), len)
+                    .expect("len ok")
+                    .trunc()
+            };
+            let cidr = pick(&mut rng);
+            let mut except = pick(&mut rng);
+            if except.prefix_len() <= cidr.prefix_len() || !cidr.contains(&except) {
+                except = ipnet::Ipv4Net::new(cidr.network(), (cidr.prefix_len() + 2).min(32))
+                    .expect("len ok");
+            }
+            let port = 1 + rng.next() % 3;
+            let proto = ["tcp", "udp", "any"][(rng.next() % 3) as usize];
+            text.push_str(&format!(
+                "[[egress]]\ncidrs = [\"{cidr}\"]\nexcept = [\"{except}\"]\nports = [{port}]\nprotocol = \"{proto}\"\n"
+            ));
+        }
+        let policy = set(&text);
+        let c = compile(&policy).expect("compiles");
+        let rules = &policy.segments[0].egress;
+        for _ in 0..300 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 | (rng.next() as u32 & 0xffff));
+            for (proto, port) in [
+                (PROTO_TCP, 1),
+                (PROTO_UDP, 2),
+                (PROTO_TCP, 3),
+                (PROTO_UDP, 9),
+            ] {
+                let want = rules.iter().any(|r| {
+                    let ip = IpAddr::V4(ip);
+                    r.cidrs.iter().any(|n| n.contains(&ip))
+                        && !r.except.iter().any(|n| n.contains(&ip))
+                        && r.ports.iter().any(|p| (p.lo..=p.hi).contains(&port))
+                        && match r.protocol {
+                            policy::Protocol::Tcp => proto == PROTO_TCP,
+                            policy::Protocol::Udp => proto == PROTO_UDP,
+                            _ => true,
+                        }
+                });
+                let got = allowed(&c, &ip.to_string(), proto, port);
+                assert_eq!(
+                    got, want,
+                    "round {round} {ip} proto {proto} port {port}\n{text}"
+                );
+            }
+        }
+    }
+}

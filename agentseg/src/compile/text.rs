@@ -1,0 +1,94 @@
+//! Readable, deterministic dump of [`Compiled`] (one line per entry) for tests and
+//! `agentseg check --show`.
+
+use std::fmt::{Display, Write};
+
+use agentseg_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRule, RuleSet};
+
+use super::Compiled;
+
+impl Compiled {
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for s in &self.segments {
+            let mode = if s.mode == agentseg_common::MODE_AUDIT {
+                "audit"
+            } else {
+                "enforce"
+            };
+            line(
+                &mut out,
+                format_args!("segment {} {} mode={mode}", s.id, s.name),
+            );
+            for c in &s.member_cgroups {
+                line(&mut out, format_args!("segment {} member cgroup {c}", s.id));
+            }
+            for u in &s.member_units {
+                line(&mut out, format_args!("segment {} member unit {u}", s.id));
+            }
+            entries(&mut out, s.id, "egress", &s.egress_v4);
+            entries(&mut out, s.id, "egress", &s.egress_v6);
+            entries(&mut out, s.id, "ingress", &s.ingress_v4);
+            entries(&mut out, s.id, "ingress", &s.ingress_v6);
+        }
+        for (id, set) in self.rulesets.iter().enumerate() {
+            line(&mut out, format_args!("ruleset {id} {}", ruleset(set)));
+        }
+        for r in &self.rules {
+            line(
+                &mut out,
+                format_args!(
+                    "rule {} {} {} {}:{}",
+                    r.id,
+                    r.segment,
+                    r.direction,
+                    r.file.display(),
+                    r.line
+                ),
+            );
+        }
+        out
+    }
+}
+
+fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
+    // Writing to a String cannot fail.
+    let _ = out.write_fmt(args);
+    out.push('\n');
+}
+
+fn entries<N: Display>(out: &mut String, id: u32, dir: &str, list: &[(N, u32)]) {
+    for (net, set) in list {
+        line(
+            out,
+            format_args!("segment {id} {dir} {net} -> ruleset {set}"),
+        );
+    }
+}
+
+fn ruleset(set: &RuleSet) -> String {
+    let len = usize::try_from(set.len).unwrap_or(usize::MAX);
+    let rules: Vec<String> = set.rules.iter().take(len).map(port_rule).collect();
+    if rules.is_empty() {
+        "deny".to_string()
+    } else {
+        rules.join("; ")
+    }
+}
+
+fn port_rule(r: &PortRule) -> String {
+    let protos: Vec<&str> = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_ICMP, "icmp")]
+        .into_iter()
+        .filter(|(bit, _)| r.protocols & bit != 0)
+        .map(|(_, name)| name)
+        .collect();
+    let protos = protos.join("|");
+    let ports = if r.protocols & (PROTO_TCP | PROTO_UDP) == 0 {
+        String::new()
+    } else if r.port_lo == r.port_hi {
+        format!(" {}", r.port_lo)
+    } else {
+        format!(" {}-{}", r.port_lo, r.port_hi)
+    };
+    format!("{protos}{ports} rule {}", r.rule_id)
+}
