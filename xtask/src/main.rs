@@ -73,28 +73,81 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             require_root("the kernel tests load eBPF programs and create cgroups and namespaces")?;
             bootstrap::all(true)?;
-            step("checking formatting");
+            step("checking formatting and lints");
             cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            lint_ebpf(&root)?;
             step("building the daemon and the test probe");
             cargo(&["build", "-p", "agentseg", "-p", "agentseg-tests", "--bins"])?;
             let bin = root.join("target/debug/agentseg");
             step("running unit and kernel tests");
-            let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+            let mut args = vec!["test", "--no-fail-fast", "--lib", "--bins", "--tests"];
             if let Some(f) = &filter {
                 args.push(f);
             }
             // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
             args.extend(["--", "--test-threads=1"]);
-            let status = cargo_cmd(&args)
-                .env("AGENTSEG_BIN", &bin)
-                .status()
-                .context("running cargo test")?;
-            if !status.success() {
+            let (passed, failed) = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            // One closing line for the whole suite (cargo prints one per test binary).
+            println!("tests: {passed} passed, {failed} failed");
+            if failed > 0 || passed == 0 {
                 bail!("tests failed");
             }
             Ok(())
         }
     }
+}
+
+/// Run `cargo test`, echoing its output, and add up its `test result:` lines.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && failed == 0 {
+        failed += 1; // a build failure or a crashed test binary
+    }
+    Ok((passed, failed))
+}
+
+/// Clippy on the kernel crate, for the BPF target (it does not build for the host).
+fn lint_ebpf(root: &Path) -> anyhow::Result<()> {
+    // Through rustup's `cargo` proxy: `+nightly` picks the toolchain.
+    let status = Command::new("cargo")
+        .args(["+nightly", "clippy", "--release", "-Z", "build-std=core"])
+        .args(["--target", "bpfel-unknown-none", "--", "-D", "warnings"])
+        .current_dir(root.join("agentseg-ebpf"))
+        .env("PATH", bootstrap::path_with_cargo_bin())
+        .env_remove("RUSTC")
+        .status()
+        .context("running clippy on agentseg-ebpf")?;
+    if !status.success() {
+        bail!("clippy found problems in agentseg-ebpf");
+    }
+    Ok(())
 }
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
