@@ -21,7 +21,18 @@ pub mod map_names {
     pub const COUNTERS: &str = "AS_COUNTERS";
     /// index ([`crate::STAT_*`](crate::STAT_NO_MEMBER)) → per-CPU u64.
     pub const STATS: &str = "AS_STATS";
+    /// index 0 → [`crate::Config`].
+    pub const CONFIG: &str = "AS_CONFIG";
+
+    /// Every map, in the order the loader pins them.
+    pub const ALL: [&str; 8] = [
+        MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG,
+    ];
 }
+
+/// Version of the pinned layout (maps, keys, values). A daemon only adopts pins of its own
+/// version: `/sys/fs/bpf/agentseg/v1/`.
+pub const PIN_LAYOUT: &str = "v1";
 
 /// Program names (the Rust function names in `agentseg-ebpf`).
 pub mod prog_names {
@@ -35,8 +46,20 @@ pub mod prog_names {
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 /// Port rules one ruleset can hold; the compiler merges ranges and refuses more.
 pub const RULESET_CAPACITY: usize = 16;
-/// Ruleset 0 is always the empty set: everything it covers is denied.
+/// Ruleset 0 of each generation is the empty set: everything it covers is denied.
 pub const RULESET_EMPTY: u32 = 0;
+/// Rulesets per generation; generation `g` owns ids `g * RULESETS_PER_GEN ..`.
+pub const RULESETS_PER_GEN: u32 = 4096;
+
+/// Policy is double-buffered: every segment id carries its generation in this bit, and
+/// [`Config::active_gen`] says which half the programs read. A reload writes the other half
+/// completely, then flips `active_gen` with one map write.
+pub const GEN_BIT: u32 = 1 << 31;
+/// [`Member::segment_ids`] value: in this generation the cgroup belongs to no segment (it is
+/// being released): allowed, as any cgroup outside all segments.
+pub const SEGMENT_NONE: u32 = 0;
+/// [`Member::segment_ids`] value: the agent's segment no longer exists: everything is denied.
+pub const SEGMENT_GONE: u32 = 0x7fff_ffff;
 
 /// Protocol bits in [`PortRule::protocols`].
 pub const PROTO_TCP: u8 = 1 << 0;
@@ -53,7 +76,7 @@ pub const MEMBER_CGROUP: u32 = 0;
 /// [`Member::kind`]: an agent started with `agentseg run`.
 pub const MEMBER_AGENT: u32 = 1;
 
-/// Global per-CPU statistics (indices into the STATS array).
+// Global per-CPU statistics (indices into the STATS array).
 /// A program found no member entry on the task's cgroup path although it runs on a member
 /// cgroup's socket: denied (fail closed).
 pub const STAT_NO_MEMBER: u32 = 0;
@@ -61,6 +84,8 @@ pub const STAT_NO_MEMBER: u32 = 0;
 pub const STAT_NO_SEGMENT: u32 = 1;
 /// A ruleset id with no entry: denied (fail closed).
 pub const STAT_NO_RULESET: u32 = 2;
+/// Denied because the daemon's heartbeat is older than the dead-man bound.
+pub const STAT_DEADMAN: u32 = 3;
 pub const STAT_COUNT: u32 = 4;
 
 /// Value of MEMBERS, keyed by the cgroup id (the cgroup directory's inode number, host u64).
@@ -68,14 +93,36 @@ pub const STAT_COUNT: u32 = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {
-    /// Segment this cgroup and all its descendants belong to.
-    pub segment_id: u32,
+    /// Segment this cgroup and all its descendants belong to, per generation (index =
+    /// generation; each id carries its [`GEN_BIT`]), or [`SEGMENT_NONE`]/[`SEGMENT_GONE`].
+    pub segment_ids: [u32; 2],
     /// [`MEMBER_CGROUP`] or [`MEMBER_AGENT`].
     pub kind: u32,
+    pub _pad: u32,
     /// Random 128-bit agent id (all zero for plain member cgroups).
     pub agent_id: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<Member>() == 24);
+const _: () = assert!(core::mem::size_of::<Member>() == 32);
+
+/// The one entry of CONFIG. Written by the daemon; read by every hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Which half of the double-buffered policy is live: 0 or 1.
+    pub active_gen: u32,
+    /// Dead-man bound in seconds: segments flagged [`SEG_DEADMAN_QUARANTINE`] deny everything
+    /// once the heartbeat is older than this. 0 disables the switch.
+    pub deadman_secs: u32,
+    /// Last daemon heartbeat, CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns`).
+    pub heartbeat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// [`SegmentInfo::flags`]: quarantine the segment when the daemon's heartbeat stops.
+pub const SEG_DEADMAN_QUARANTINE: u32 = 1 << 0;
+/// Bytes of a segment name kept in [`SegmentInfo::name`] (names are at most 98 bytes; the
+/// name only serves to re-map members after a restart, and is NUL padded).
+pub const SEGMENT_NAME_LEN: usize = 104;
 
 /// LPM key data for POLICY_V4. The trie matches bits in memory order, so the segment id comes
 /// first and every entry's prefix length is `32 + address prefix length`.
@@ -136,15 +183,18 @@ pub struct RuleSet {
 }
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 4 + 12 * RULESET_CAPACITY);
 
-/// Value of SEGMENTS, keyed by segment id.
+/// Value of SEGMENTS, keyed by segment id (generation bit included).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentInfo {
     /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
     pub mode: u32,
-    pub _pad: u32,
+    /// `SEG_*` flags.
+    pub flags: u32,
+    /// The segment's name, NUL padded: lets a restarted daemon map old ids to names.
+    pub name: [u8; SEGMENT_NAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<SegmentInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<SegmentInfo>() == 8 + SEGMENT_NAME_LEN);
 
 /// Per-CPU decision counters of one member cgroup (agent or member cgroup), summed by user space.
 #[repr(C)]
@@ -173,6 +223,7 @@ mod user {
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for SegmentInfo {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Config {}
 
     impl Default for RuleSet {
         fn default() -> Self {

@@ -1,7 +1,8 @@
-//! Every map the kernel programs use. Capacities here are defaults; the loader sets the real
-//! ones (`EbpfLoader::map_max_entries`) from the compiled policy.
+//! Every map the kernel programs use. All are pinned by the daemon and adopted on restart, so
+//! their capacities are fixed here (LPM tries allocate per entry; the rest are small).
 use agentseg_common::{
-    Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, STAT_COUNT, SegmentInfo,
+    Config, Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RULESETS_PER_GEN, RuleSet,
+    STAT_COUNT, SegmentInfo,
 };
 use aya_ebpf::{
     macros::map,
@@ -20,13 +21,18 @@ pub static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> = LpmTrie::with_max_entr
 #[map(name = "AS_POLICY_V6")]
 pub static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> = LpmTrie::with_max_entries(1 << 20, 0);
 
-/// ruleset id → merged port rules. Written by the daemon; id 0 is the empty (deny) set.
+/// ruleset id → merged port rules. Written by the daemon; the first id of each generation's
+/// half is the empty (deny) set.
 #[map(name = "AS_RULESETS")]
-pub static RULESETS: Array<RuleSet> = Array::with_max_entries(4096, 0);
+pub static RULESETS: Array<RuleSet> = Array::with_max_entries(2 * RULESETS_PER_GEN, 0);
 
-/// segment id → mode. Written by the daemon.
+/// segment id (with generation bit) → mode, flags, name. Written by the daemon.
 #[map(name = "AS_SEGMENTS")]
-pub static SEGMENTS: HashMap<u32, SegmentInfo> = HashMap::with_max_entries(4096, 0);
+pub static SEGMENTS: HashMap<u32, SegmentInfo> = HashMap::with_max_entries(8192, 0);
+
+/// Entry 0: active generation and daemon heartbeat. Written by the daemon.
+#[map(name = "AS_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// member cgroup id → decision counters (per CPU). Written here, read and pruned by the daemon.
 #[map(name = "AS_COUNTERS")]

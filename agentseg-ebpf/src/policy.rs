@@ -5,7 +5,9 @@
 //! | situation                                      | verdict                       |
 //! |------------------------------------------------|-------------------------------|
 //! | no member on the task's cgroup path            | deny (STAT_NO_MEMBER)         |
+//! | member released in the live generation         | allow (in no segment)         |
 //! | member's segment missing from SEGMENTS         | deny (STAT_NO_SEGMENT)        |
+//! | segment has the dead-man flag, heartbeat stale | deny (STAT_DEADMAN)           |
 //! | longest prefix's ruleset has (proto, port)     | allow                         |
 //! | no prefix, empty ruleset, or no matching entry | deny, or allow if mode=audit  |
 //!
@@ -13,11 +15,15 @@
 //! root), so "no member" means the socket is a member's but the calling task is not: deny.
 use agentseg_common::{
     Counters, MAX_CGROUP_DEPTH, MODE_AUDIT, Member, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4,
-    PolicyKeyV6, RULESET_CAPACITY, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
+    PolicyKeyV6, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEGMENT_NONE, STAT_DEADMAN,
+    STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
 };
-use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
+    maps::lpm_trie::Key,
+};
 
-use crate::maps::{COUNTERS, MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, STATS};
+use crate::maps::{CONFIG, COUNTERS, MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, STATS};
 
 /// Return codes of cgroup sock_addr programs.
 pub const SOCK_ALLOW: i32 = 1;
@@ -62,8 +68,9 @@ fn stat(index: u32) {
 fn find_member() -> (u64, Member) {
     let mut found_id: u64 = 0;
     let mut found = Member {
-        segment_id: 0,
+        segment_ids: [0; 2],
         kind: 0,
+        _pad: 0,
         agent_id: [0; 16],
     };
     let mut level: i32 = 1;
@@ -126,12 +133,33 @@ pub fn judge(dest: Dest, protocol: u32, port: u16) -> i32 {
         stat(STAT_NO_MEMBER);
         return SOCK_DENY;
     }
+    let (generation, deadman_secs, heartbeat_ns) = match CONFIG.get(0) {
+        Some(c) => (c.active_gen & 1, c.deadman_secs, c.heartbeat_ns),
+        None => (0, 0, 0),
+    };
+    let segment_id = if generation == 0 {
+        member.segment_ids[0]
+    } else {
+        member.segment_ids[1]
+    };
+    if segment_id == SEGMENT_NONE {
+        return SOCK_ALLOW;
+    }
     // SAFETY: copied out at once; plain integers.
-    let Some(seg) = (unsafe { SEGMENTS.get(member.segment_id) }).copied() else {
+    let Some(seg) = (unsafe { SEGMENTS.get(segment_id) }).copied() else {
         stat(STAT_NO_SEGMENT);
         return SOCK_DENY;
     };
-    let seg_be = member.segment_id.to_be_bytes();
+    if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if now.saturating_sub(heartbeat_ns) > u64::from(deadman_secs) * 1_000_000_000 {
+            stat(STAT_DEADMAN);
+            count(cgroup, |c| c.denied += 1);
+            return SOCK_DENY;
+        }
+    }
+    let seg_be = segment_id.to_be_bytes();
     let ruleset_id = match dest {
         Dest::V4(addr_be) => POLICY_V4
             .get(Key::new(

@@ -14,23 +14,57 @@ use crate::control::DEFAULT_SOCKET;
                   kernel at connect/sendmsg time for every cgroup that belongs to a segment."
 )]
 pub struct Cli {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "AGENTSEG_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// Control socket of the daemon [default: /run/agentseg/agentseg.sock].
+    #[arg(long = "socket", global = true, env = "AGENTSEG_SOCKET")]
+    pub socket_arg: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    /// The control socket: the flag (or `AGENTSEG_SOCKET`), else the default.
+    pub fn socket(&self) -> PathBuf {
+        self.socket_arg
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    /// The socket only when given explicitly (the daemon's config file may set it otherwise).
+    pub fn socket_flag(&self) -> Option<PathBuf> {
+        self.socket_arg.clone()
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the enforcement daemon in the foreground (root).
+    /// Run the enforcement daemon in the foreground (root). Settings come from the config
+    /// file, then these flags.
     Daemon {
-        /// Directory of segment policy files (*.toml).
-        #[arg(long, default_value = "/etc/agentseg/policies")]
-        policies: PathBuf,
-        /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount.
-        #[arg(long, default_value = "agentseg/agents")]
-        agent_root: String,
+        /// Daemon config file (TOML); a missing default file means defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory of segment policy files (*.toml) [default: /etc/agentseg/policies].
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount
+        /// [default: agentseg/agents].
+        #[arg(long)]
+        agent_root: Option<String>,
+        /// Where maps and links are pinned, on a bpffs [default: /sys/fs/bpf/agentseg].
+        #[arg(long)]
+        pin_root: Option<PathBuf>,
+        /// Seconds without a heartbeat before segments with on_daemon_loss = "quarantine" are
+        /// cut off [default: 10].
+        #[arg(long)]
+        deadman_secs: Option<u32>,
+    },
+    /// Re-read the policy directory now (as SIGHUP does); fails, changing nothing, on errors.
+    Reload,
+    /// Detach every program and remove every pin (the daemon must be stopped first).
+    Uninstall {
+        /// Pin root the daemon used.
+        #[arg(long, default_value = crate::datapath::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
     },
     /// Check a policy directory: print every error with file:line:column, exit non-zero on any.
     Check {

@@ -27,6 +27,8 @@ pub enum Request {
     AgentExited {
         agent_id: String,
     },
+    /// Re-read the policy directory (as SIGHUP does); the reply says whether it applied.
+    Reload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,10 +52,28 @@ pub struct Status {
     pub pid: u32,
     pub cgroup2: PathBuf,
     pub policies: PathBuf,
+    /// Live policy generation (0 or 1).
+    pub generation: u32,
+    /// Whether this daemon adopted state pinned by an earlier one.
+    pub adopted: bool,
+    pub reload: ReloadStatus,
     pub segments: Vec<SegmentStatus>,
     pub agents: Vec<AgentStatus>,
     /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset.
     pub fail_closed: Vec<(String, u64)>,
+}
+
+/// Outcome of the last policy load (start or reload).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    /// Whether the last attempt applied; when false, the previous policy is still in force.
+    pub ok: bool,
+    /// Policies applied since the daemon started (the first load included).
+    pub applied: u64,
+    /// When the last attempt finished (Unix seconds).
+    pub at_unix: u64,
+    /// The errors of a refused attempt, one per line (file:line:column: reason).
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

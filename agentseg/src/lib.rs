@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod compile;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

@@ -9,20 +9,37 @@ use clap::Parser as _;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let socket = cli.socket();
+    let socket_flag = cli.socket_flag();
     match cli.command {
         Command::Daemon {
+            config,
             policies,
             agent_root,
-        } => match commands::daemon::daemon(policies, cli.socket, agent_root) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("agentseg: {e:#}");
-                ExitCode::FAILURE
+            pin_root,
+            deadman_secs,
+        } => {
+            let flags = commands::daemon::Overrides {
+                config,
+                socket: socket_flag,
+                policies,
+                agent_root,
+                pin_root,
+                deadman_secs,
+            };
+            match commands::daemon::daemon(flags) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentseg: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
+        Command::Reload => commands::maintenance::reload(&socket),
+        Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
-        Command::Run { segment, command } => commands::run::run(&cli.socket, &segment, &command),
-        Command::Status { json } => commands::status::status(&cli.socket, json),
+        Command::Run { segment, command } => commands::run::run(&socket, &segment, &command),
+        Command::Status { json } => commands::status::status(&socket, json),
     }
 }
 

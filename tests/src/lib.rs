@@ -167,41 +167,84 @@ impl Drop for CgroupTree {
     }
 }
 
-/// A running `agentseg daemon` on a policy directory of the test's own.
+/// An `agentseg daemon` on a policy directory, socket, agent root and pin root of the test's
+/// own. It can be killed and restarted on the same state; on drop it is stopped and every pin
+/// removed (`agentseg uninstall`).
 pub struct Daemon {
-    child: Child,
+    child: Option<Child>,
     pub socket: PathBuf,
+    pub policies: PathBuf,
+    pub pin_root: PathBuf,
+    agent_root: String,
+    extra: Vec<String>,
     pub dir: tempfile::TempDir,
     pub stdout_lines: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Daemon {
     /// Write `files` (name, contents) to a fresh policy dir and start a daemon on it whose agent
     /// cgroups live under `tree`. Panics unless it reports ready within 30 s.
     pub fn start(tree: &CgroupTree, files: &[(&str, &str)]) -> Self {
-        Self::try_start(tree, files).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
+        Self::start_with(tree, files, &[])
+    }
+
+    pub fn start_with(tree: &CgroupTree, files: &[(&str, &str)], extra: &[&str]) -> Self {
+        let mut d = Self::prepare(tree, files, extra);
+        d.launch()
+            .unwrap_or_else(|e| panic!("daemon did not start: {e}"));
+        d
     }
 
     pub fn try_start(tree: &CgroupTree, files: &[(&str, &str)]) -> Result<Self, String> {
+        let mut d = Self::prepare(tree, files, &[]);
+        d.launch()?;
+        Ok(d)
+    }
+
+    fn prepare(tree: &CgroupTree, files: &[(&str, &str)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).expect("mkdir");
         for (name, text) in files {
             std::fs::write(policies.join(name), text).expect("write policy");
         }
-        let socket = dir.path().join("agentseg.sock");
+        Self {
+            child: None,
+            socket: dir.path().join("agentseg.sock"),
+            policies,
+            pin_root: PathBuf::from("/sys/fs/bpf").join(&tree.rel),
+            agent_root: tree.rel("agents"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+            stdout_lines: Vec::new(),
+            stderr: None,
+        }
+    }
+
+    /// Start (again) and wait for the readiness line.
+    pub fn launch(&mut self) -> Result<(), String> {
         let mut child = Command::new(agentseg_bin())
             .args(["daemon", "--policies"])
-            .arg(&policies)
+            .arg(&self.policies)
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--agent-root")
-            .arg(tree.rel("agents"))
+            .arg(&self.agent_root)
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn daemon");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        self.stderr = Some(std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        }));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -211,29 +254,29 @@ impl Daemon {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut lines = Vec::new();
+        self.stdout_lines.clear();
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
                     let ready = line.contains("agentseg: ready");
-                    lines.push(line);
+                    self.stdout_lines.push(line);
                     if ready {
-                        return Ok(Self {
-                            child,
-                            socket,
-                            dir,
-                            stdout_lines: lines,
-                        });
+                        self.child = Some(child);
+                        return Ok(());
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(_) => {
                     let _ = child.kill();
-                    let out = child.wait_with_output().expect("wait daemon");
+                    let status = child.wait().expect("wait daemon");
+                    let err = self
+                        .stderr
+                        .take()
+                        .map(|h| h.join().unwrap_or_default())
+                        .unwrap_or_default();
                     return Err(format!(
-                        "status {}, stdout {lines:?}, stderr:\n{}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr)
+                        "status {status}, stdout {:?}, stderr:\n{err}",
+                        self.stdout_lines
                     ));
                 }
             }
@@ -248,6 +291,17 @@ impl Daemon {
             .args(args)
             .output()
             .expect("run agentseg")
+    }
+
+    /// `agentseg status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
     }
 
     /// `agentseg run --segment SEG -- probe --netns NS PROBE_ARGS`: the probe's one-line result.
@@ -278,37 +332,54 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL: no cleanup of any kind runs in the daemon.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM and wait; returns the daemon's stderr.
-    pub fn stop(mut self) -> String {
-        self.terminate()
-    }
-
-    fn terminate(&mut self) -> String {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+    pub fn stop(&mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        err
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
+        self.stop();
+        let out = Command::new(agentseg_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["uninstall", "--pin-root"])
+            .arg(&self.pin_root)
+            .output();
+        if let Ok(out) = out
+            && !out.status.success()
+        {
+            eprintln!(
+                "warning: uninstall failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -85,7 +85,7 @@ fn status_answers_only_with_a_daemon() {
         return;
     }
     let tree = CgroupTree::create();
-    let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
+    let mut d = Daemon::start(&tree, &[("bot.toml", SEG)]);
     let out = d.cli(&["status"]);
     assert!(
         out.status.success(),

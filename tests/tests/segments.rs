@@ -281,6 +281,8 @@ fn member_cgroups_and_two_segments_are_enforced_at_once() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let _srv = serve_all(&ns);
+    std::fs::create_dir_all(tree.abs("web")).expect("mkdir web");
+    std::fs::create_dir_all(tree.abs("db")).expect("mkdir db");
     let web = format!("{WEB}\n[members]\ncgroups = [\"{}\"]\n", tree.rel("web"));
     let db = format!("{OTHER}\n[members]\ncgroups = [\"{}\"]\n", tree.rel("db"));
     let d = Daemon::start(&tree, &[("web.toml", &web), ("db.toml", &db)]);

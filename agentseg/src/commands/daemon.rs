@@ -3,9 +3,34 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::daemon::{self, Config};
+use crate::{
+    config::{DEFAULT_CONFIG, DaemonConfig},
+    daemon::{self, Config},
+};
 
-pub fn daemon(policies: PathBuf, socket: PathBuf, agent_root: String) -> anyhow::Result<()> {
+/// Flags given on the command line; each one overrides the config file.
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub agent_root: Option<String>,
+    pub pin_root: Option<PathBuf>,
+    pub deadman_secs: Option<u32>,
+}
+
+pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
+    let path = flags
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let file = DaemonConfig::load(&path, flags.config.is_some())?;
+    let config = Config {
+        policies: flags.policies.unwrap_or(file.policies),
+        socket: flags.socket.unwrap_or(file.socket),
+        agent_root: flags.agent_root.unwrap_or(file.agent_root),
+        pin_root: flags.pin_root.unwrap_or(file.pin_root),
+        deadman_secs: flags.deadman_secs.unwrap_or(file.deadman_secs),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -20,14 +45,6 @@ pub fn daemon(policies: PathBuf, socket: PathBuf, agent_root: String) -> anyhow:
                 _ = int.recv() => tracing::info!("SIGINT"),
             }
         };
-        daemon::run(
-            Config {
-                policies,
-                socket,
-                agent_root,
-            },
-            shutdown,
-        )
-        .await
+        daemon::run(config, shutdown).await
     })
 }

@@ -1,5 +1,6 @@
 //! Bodies of the CLI commands; operator-facing errors get their context here (anyhow).
 pub mod check;
 pub mod daemon;
+pub mod maintenance;
 pub mod run;
 pub mod status;

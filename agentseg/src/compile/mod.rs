@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use agentseg_common::{MODE_AUDIT, MODE_ENFORCE, PortRule, RULESET_CAPACITY, RuleSet};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{Mode, Origin, PolicySet, Rule};
+use crate::policy::{DaemonLoss, Mode, Origin, PolicySet, Rule};
 use cover::{FamRule, Net};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,8 @@ pub struct CompiledSegment {
     pub name: String,
     /// `agentseg_common::MODE_*`.
     pub mode: u32,
+    /// `agentseg_common::SEG_*` flags.
+    pub flags: u32,
     /// (prefix, ruleset id), sorted by (address, prefix length).
     pub egress_v4: Vec<(Ipv4Net, u32)>,
     pub egress_v6: Vec<(Ipv6Net, u32)>,
@@ -119,6 +121,10 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
             mode: match seg.mode {
                 Mode::Enforce => MODE_ENFORCE,
                 Mode::Audit => MODE_AUDIT,
+            },
+            flags: match seg.on_daemon_loss {
+                DaemonLoss::Keep => 0,
+                DaemonLoss::Quarantine => agentseg_common::SEG_DEADMAN_QUARANTINE,
             },
             egress_v4: Vec::new(),
             egress_v6: Vec::new(),

@@ -109,6 +109,7 @@ fn segment(egress: Vec<policy::Rule>) -> PolicySet {
             name: "a.b.c".parse().expect("name"),
             description: String::new(),
             mode: policy::Mode::Enforce,
+            on_daemon_loss: policy::DaemonLoss::Keep,
             egress,
             ingress: vec![],
             members: Members::default(),

@@ -1,114 +1,165 @@
 //! The engine owns the loaded datapath and all enforcement state. It runs on one thread and
 //! takes requests over a channel, so no two requests ever race on the kernel maps.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentseg_common::{MEMBER_AGENT, MEMBER_CGROUP, MODE_AUDIT, Member};
+use agentseg_common::{MEMBER_AGENT, MODE_AUDIT, Member, SEGMENT_GONE};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::{
     agent::AgentId,
-    cgroup,
+    cgroup, compile,
     compile::Compiled,
-    control::{AgentStatus, Reply, SegmentStatus, Status},
-    datapath::Datapath,
+    control::{AgentStatus, ReloadStatus, Reply, SegmentStatus, Status},
+    datapath::{Datapath, generation_segment_id as segment_id},
+    policy,
 };
 
-struct Agent {
-    segment: String,
-    cgroup: PathBuf,
-    cgroup_id: u64,
-    /// The launcher reported its main process gone; forget it once the cgroup is empty.
-    exited: bool,
+pub(super) struct Agent {
+    pub segment: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// The launcher reported its main process gone (or the agent was adopted after a
+    /// restart): forget it once its cgroup is empty.
+    pub exited: bool,
 }
 
-struct MemberCgroup {
-    segment: usize,
-    path: PathBuf,
-    cgroup_id: u64,
+pub(super) struct MemberCgroup {
+    /// Index into the live compiled policy's segments.
+    pub segment: usize,
+    pub cgroup_id: u64,
 }
 
 pub struct Engine {
-    dp: Datapath,
-    compiled: Compiled,
-    cgroup2: PathBuf,
-    policies: PathBuf,
-    agent_root: PathBuf,
-    members: Vec<MemberCgroup>,
-    agents: BTreeMap<AgentId, Agent>,
+    pub(super) dp: Datapath,
+    /// The live policy (None only during a switch).
+    pub(super) compiled: Option<Compiled>,
+    /// The live generation (0 or 1).
+    pub(super) generation: u32,
+    pub(super) cgroup2: PathBuf,
+    pub(super) policies: PathBuf,
+    pub(super) agent_root: PathBuf,
+    pub(super) agent_root_id: u64,
+    pub(super) deadman_secs: u32,
+    /// Member cgroups registered now, by path.
+    pub(super) members: BTreeMap<PathBuf, MemberCgroup>,
+    /// Cgroup ids this daemon attached (or adopted and updated).
+    pub(super) attached: BTreeSet<u64>,
+    pub(super) agents: BTreeMap<AgentId, Agent>,
+    reload: ReloadStatus,
+}
+
+pub struct StartOptions {
+    pub cgroup2: PathBuf,
+    pub policies: PathBuf,
+    pub agent_root: PathBuf,
+    pub deadman_secs: u32,
 }
 
 impl Engine {
-    /// Write the policy, register member cgroups, then attach: nothing is judged before the
-    /// maps hold the whole policy.
-    pub fn start(
-        mut dp: Datapath,
-        compiled: Compiled,
-        cgroup2: PathBuf,
-        policies: PathBuf,
-        agent_root: PathBuf,
-    ) -> anyhow::Result<Self> {
-        dp.write_policy(&compiled)
-            .context("writing the compiled policy into the kernel")?;
-        let mut members = Vec::new();
-        for (index, seg) in compiled.segments.iter().enumerate() {
-            let units = seg.member_units.iter().map(|u| cgroup::unit_cgroup(u));
-            let paths = seg
-                .member_cgroups
-                .iter()
-                .map(|c| cgroup::check_relative(c))
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .chain(units);
-            for rel in paths {
-                let path = cgroup2.join(rel);
-                // A member cgroup that does not exist yet is created, so that whatever is
-                // placed there later is enforced from its first connect.
-                cgroup::create(&path)?;
-                let cgroup_id = cgroup::cgroup_id(&path)?;
-                let member = Member {
-                    segment_id: seg.id,
-                    kind: MEMBER_CGROUP,
-                    agent_id: [0; 16],
-                };
-                dp.set_member(cgroup_id, member)?;
-                members.push(MemberCgroup {
-                    segment: index,
-                    path,
-                    cgroup_id,
-                });
-            }
+    /// Adopt what an earlier daemon left (live generation, agents, pinned links), then apply
+    /// `compiled` through a generation switch: enforcement never has a gap.
+    pub fn start(dp: Datapath, compiled: Compiled, opts: StartOptions) -> anyhow::Result<Self> {
+        let generation = dp.config()?.active_gen & 1;
+        cgroup::create(&opts.agent_root)?;
+        let agent_root_id = cgroup::cgroup_id(&opts.agent_root)?;
+        let mut engine = Self {
+            dp,
+            compiled: None,
+            generation,
+            cgroup2: opts.cgroup2,
+            policies: opts.policies,
+            agent_root: opts.agent_root,
+            agent_root_id,
+            deadman_secs: opts.deadman_secs,
+            members: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            agents: BTreeMap::new(),
+            reload: ReloadStatus::default(),
+        };
+        if engine.dp.adopted() {
+            engine.adopt_agents();
         }
-        cgroup::create(&agent_root)?;
-        for m in &members {
-            dp.attach(&m.path)
-                .with_context(|| format!("attaching to {}", m.path.display()))?;
-        }
-        dp.attach(&agent_root)
-            .with_context(|| format!("attaching to the agent root {}", agent_root.display()))?;
-        for (name, insns) in dp.program_sizes() {
+        engine.apply(compiled)?;
+        engine
+            .dp
+            .attach(agent_root_id, &engine.agent_root)
+            .with_context(|| {
+                format!(
+                    "attaching to the agent root {}",
+                    engine.agent_root.display()
+                )
+            })?;
+        engine.attached.insert(agent_root_id);
+        engine.reload = ReloadStatus {
+            ok: true,
+            applied: 1,
+            at_unix: now_unix(),
+            message: String::new(),
+        };
+        for (name, insns) in engine.dp.program_sizes() {
             tracing::debug!(program = name, insns, "program loaded");
         }
-        Ok(Self {
-            dp,
-            compiled,
-            cgroup2,
-            policies,
-            agent_root,
-            members,
-            agents: BTreeMap::new(),
-        })
+        Ok(engine)
+    }
+
+    /// Agents started under an earlier daemon: `<agent root>/<segment>/<agent id>` cgroups
+    /// that the kernel still lists as agents.
+    fn adopt_agents(&mut self) {
+        let members: BTreeMap<u64, Member> =
+            self.dp.members().unwrap_or_default().into_iter().collect();
+        let Ok(segments) = std::fs::read_dir(&self.agent_root) else {
+            return;
+        };
+        for seg_dir in segments
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+        {
+            let segment = seg_dir.file_name().to_string_lossy().into_owned();
+            let Ok(agents) = std::fs::read_dir(seg_dir.path()) else {
+                continue;
+            };
+            for dir in agents.filter_map(Result::ok).filter(|e| e.path().is_dir()) {
+                let Ok(id) = dir.file_name().to_string_lossy().parse::<AgentId>() else {
+                    continue;
+                };
+                let Ok(cgroup_id) = cgroup::cgroup_id(&dir.path()) else {
+                    continue;
+                };
+                if members
+                    .get(&cgroup_id)
+                    .is_some_and(|m| m.kind == MEMBER_AGENT)
+                {
+                    info!(agent = %id, segment = %segment, "adopted agent");
+                    let agent = Agent {
+                        segment: segment.clone(),
+                        cgroup: dir.path(),
+                        cgroup_id,
+                        exited: true,
+                    };
+                    self.agents.insert(id, agent);
+                }
+            }
+        }
+    }
+
+    fn live(&self) -> &Compiled {
+        // Invariant: only `apply`/`sync_members` take it, and they put it back.
+        self.compiled
+            .as_ref()
+            .expect("live policy present outside a switch")
     }
 
     pub fn segment_count(&self) -> usize {
-        self.compiled.segments.len()
+        self.live().segments.len()
     }
 
     pub fn prefix_count(&self) -> usize {
-        self.compiled
+        self.live()
             .segments
             .iter()
             .map(|s| {
@@ -117,11 +168,62 @@ impl Engine {
             .sum()
     }
 
-    /// Every cgroup under a segment (members and agents): its requests are refused.
+    /// Every cgroup that may hold a confined process: requests from under them are refused.
+    /// Computed from the policy, so a member cgroup that does not exist yet is covered too.
     pub fn confined_roots(&self) -> Vec<PathBuf> {
-        let mut roots: Vec<PathBuf> = self.members.iter().map(|m| m.path.clone()).collect();
+        let mut roots: Vec<PathBuf> = self
+            .desired_paths(self.live())
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         roots.push(self.agent_root.clone());
         roots
+    }
+
+    /// Reload the policy directory. A directory with any error changes nothing.
+    pub fn reload(&mut self) -> Reply {
+        let result = policy::load_dir(&self.policies)
+            .map_err(|e| e.to_string())
+            .and_then(|set| compile::compile(&set).map_err(|e| e.to_string()))
+            .and_then(|compiled| self.apply(compiled).map_err(|e| format!("{e:#}")));
+        match result {
+            Ok(()) => {
+                self.reload = ReloadStatus {
+                    ok: true,
+                    applied: self.reload.applied + 1,
+                    at_unix: now_unix(),
+                    message: String::new(),
+                };
+                info!(generation = self.generation, "reload applied");
+                Reply::Ok
+            }
+            Err(message) => {
+                warn!("reload refused, the running policy stays in force:\n{message}");
+                self.reload = ReloadStatus {
+                    ok: false,
+                    applied: self.reload.applied,
+                    at_unix: now_unix(),
+                    message: message.clone(),
+                };
+                Reply::Error {
+                    message: format!(
+                        "reload refused, the running policy stays in force:\n{message}"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Refresh the heartbeat the dead-man switch watches.
+    pub fn heartbeat(&mut self) {
+        let result = self.dp.config().and_then(|mut c| {
+            c.heartbeat_ns = crate::datapath::boottime_ns();
+            c.deadman_secs = self.deadman_secs;
+            self.dp.set_config(c)
+        });
+        if let Err(e) = result {
+            warn!("heartbeat: {e:#}");
+        }
     }
 
     pub fn start_agent(&mut self, segment: &str) -> Reply {
@@ -134,8 +236,9 @@ impl Engine {
     }
 
     fn try_start_agent(&mut self, segment: &str) -> anyhow::Result<Reply> {
+        let generation = self.generation;
         let seg = self
-            .compiled
+            .live()
             .segments
             .iter()
             .find(|s| s.name == segment)
@@ -145,30 +248,34 @@ impl Engine {
                     self.policies.display()
                 )
             })?;
+        let (name, compiled_id) = (seg.name.clone(), seg.id);
         let id = AgentId::random()
             .map_err(|e| anyhow::anyhow!("drawing an agent id from the OS: {e}"))?;
-        let cgroup = self.agent_root.join(&seg.name).join(id.to_string());
+        let cgroup = self.agent_root.join(&name).join(id.to_string());
         cgroup::create(&cgroup)?;
         let cgroup_id = cgroup::cgroup_id(&cgroup)?;
+        let mut segment_ids = [SEGMENT_GONE; 2];
+        segment_ids[generation as usize] = segment_id(generation, compiled_id);
         let member = Member {
-            segment_id: seg.id,
+            segment_ids,
             kind: MEMBER_AGENT,
+            _pad: 0,
             agent_id: id.0,
         };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {
             let _ = cgroup::remove_tree(&cgroup);
             return Err(e.into());
         }
-        info!(agent = %id, segment = %seg.name, cgroup = %cgroup.display(), "agent registered");
+        info!(agent = %id, segment = %name, cgroup = %cgroup.display(), "agent registered");
         let reply = Reply::AgentStarted {
             agent_id: id.to_string(),
-            segment: seg.name.clone(),
+            segment: name.clone(),
             cgroup: cgroup.clone(),
         };
         self.agents.insert(
             id,
             Agent {
-                segment: seg.name.clone(),
+                segment: name,
                 cgroup,
                 cgroup_id,
                 exited: false,
@@ -213,6 +320,10 @@ impl Engine {
                 self.agents.insert(id, agent);
                 continue;
             }
+            // The per-segment directory goes when its last agent does (fails while not empty).
+            if let Some(parent) = agent.cgroup.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
             if let Err(e) = self.dp.remove_member(agent.cgroup_id) {
                 warn!(agent = %id, "removing membership: {e}");
             }
@@ -221,8 +332,8 @@ impl Engine {
     }
 
     pub fn status(&self) -> Status {
-        let mut segments: Vec<SegmentStatus> = self
-            .compiled
+        let live = self.live();
+        let mut segments: Vec<SegmentStatus> = live
             .segments
             .iter()
             .map(|s| SegmentStatus {
@@ -242,10 +353,12 @@ impl Engine {
                 ..Default::default()
             })
             .collect();
-        for m in &self.members {
+        for (path, m) in &self.members {
             let c = self.dp.counters(m.cgroup_id);
-            let s = &mut segments[m.segment];
-            s.member_cgroups.push(rel(&self.cgroup2, &m.path));
+            let Some(s) = segments.get_mut(m.segment) else {
+                continue;
+            };
+            s.member_cgroups.push(rel(&self.cgroup2, path));
             s.allowed += c.allowed;
             s.denied += c.denied;
             s.audit_denied += c.audit_denied;
@@ -277,6 +390,9 @@ impl Engine {
             pid: std::process::id(),
             cgroup2: self.cgroup2.clone(),
             policies: self.policies.clone(),
+            generation: self.generation,
+            adopted: self.dp.adopted(),
+            reload: self.reload.clone(),
             segments,
             agents,
             fail_closed: vec![
@@ -292,23 +408,21 @@ impl Engine {
                     "no_ruleset".into(),
                     stats[agentseg_common::STAT_NO_RULESET as usize],
                 ),
+                (
+                    "deadman".into(),
+                    stats[agentseg_common::STAT_DEADMAN as usize],
+                ),
             ],
         }
     }
 
-    /// Detach everything and remove empty agent cgroups (clean stop).
+    /// A clean stop leaves enforcement pinned in the kernel: stopping the daemon is not
+    /// uninstalling it. Empty agent cgroups are removed.
     pub fn shutdown(mut self) {
-        let attached: Vec<PathBuf> = self.dp.attached().map(Path::to_path_buf).collect();
-        for path in attached {
-            if let Err(e) = self.dp.detach(&path) {
-                warn!(cgroup = %path.display(), "detach: {e}");
-            }
+        for agent in self.agents.values_mut() {
+            agent.exited = true;
         }
-        for agent in self.agents.values() {
-            if !cgroup::populated(&agent.cgroup).unwrap_or(true) {
-                let _ = cgroup::remove_tree(&agent.cgroup);
-            }
-        }
+        self.sweep();
     }
 }
 
@@ -317,4 +431,31 @@ fn rel(root: &Path, path: &Path) -> String {
         .unwrap_or(path)
         .display()
         .to_string()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// The pen cannot be opened from inside: a caller living under any member cgroup or the
+    /// agent root is refused, whatever its uid.
+    pub fn check_peer(&self, pid: Option<i32>) -> Result<(), String> {
+        let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
+            return Err("permission denied: peer pid unknown".into());
+        };
+        let cg = cgroup::of_pid(pid).map_err(|e| format!("permission denied: {e}"))?;
+        let abs = self.cgroup2.join(cg);
+        if self
+            .confined_roots()
+            .iter()
+            .any(|root| abs.starts_with(root))
+        {
+            return Err("permission denied: the caller is inside a segment".into());
+        }
+        Ok(())
+    }
 }

@@ -5,6 +5,7 @@
 //! the tokio side accepts connections, checks credentials and forwards. The shutdown signal is
 //! a parameter so tests and `main` drive it the same way.
 mod engine;
+mod reconcile;
 
 use std::{
     future::Future,
@@ -18,6 +19,7 @@ use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
 };
 use tracing::{info, warn};
@@ -25,23 +27,38 @@ use tracing::{info, warn};
 use crate::{
     cgroup, compile,
     control::{MAX_REQUEST, Reply, Request},
-    datapath::{self, Capacities, Datapath},
+    datapath::{self, Datapath},
     policy,
 };
-use engine::Engine;
+use engine::{Engine, StartOptions};
 
 pub struct Config {
     pub policies: PathBuf,
     pub socket: PathBuf,
     /// Parent of agent cgroups, relative to the cgroup2 mount.
     pub agent_root: String,
+    /// Where maps and links are pinned (a directory on a bpffs).
+    pub pin_root: PathBuf,
+    /// Dead-man bound for segments with `on_daemon_loss = "quarantine"`; 0 disables it.
+    pub deadman_secs: u32,
 }
 
-/// Work for the engine thread: a client's request, or the periodic sweep of exited agents.
+/// Work for the engine thread.
 enum Job {
-    Request(Request, oneshot::Sender<Reply>),
-    Sweep,
+    /// A client's request, with the peer's pid for the "not from inside a segment" check.
+    Request(Request, Option<i32>, oneshot::Sender<Reply>),
+    /// Periodic: membership tracking and the sweep of exited agents.
+    Tick,
+    Heartbeat,
+    /// SIGHUP or a change in the policy directory.
+    Reload,
+    /// Stop: the engine thread returns (other senders, like the watcher, may live on).
+    Shutdown,
 }
+
+/// How often member cgroups are re-scanned (a new member joins within this).
+const TICK: Duration = Duration::from_millis(250);
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Run the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -57,55 +74,53 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     datapath::raise_memlock();
     let listener = bind(&config.socket)?;
-    let dp = Datapath::load(Capacities::for_policy(&compiled))?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let dp = Datapath::open(&config.pin_root)?;
+    if dp.adopted() {
+        info!(pins = %config.pin_root.display(), "adopting pinned state of an earlier daemon");
+    }
     let engine = Engine::start(
         dp,
         compiled,
-        cgroup2.clone(),
-        config.policies.clone(),
-        agent_root,
+        StartOptions {
+            cgroup2: cgroup2.clone(),
+            policies: config.policies.clone(),
+            agent_root,
+            deadman_secs: config.deadman_secs,
+        },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
-    let confined = engine.confined_roots();
 
     let (tx, rx) = mpsc::channel::<Job>(64);
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine_loop(engine, rx))
         .context("starting the engine thread")?;
+    watch_policies(&config.policies, tx.clone());
 
     // Readiness is this line (and the socket answering), never a sleep.
     println!(
-        "agentseg: ready: {segments} segments, {prefixes} prefixes, cgroup2 at {}, socket {}",
-        cgroup2.display(),
+        "agentseg: ready: {segments} segments, {prefixes} prefixes, socket {}",
         config.socket.display()
     );
     let _ = std::io::stdout().flush();
+    notify_systemd("READY=1");
 
-    let sweeper = {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tick.tick().await;
-                if tx.send(Job::Sweep).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
-
+    let ticker = spawn_ticker(tx.clone(), TICK, || Job::Tick);
+    let heart = spawn_ticker(tx.clone(), HEARTBEAT, || Job::Heartbeat);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading the policy");
+                let _ = tx.send(Job::Reload).await;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let tx = tx.clone();
-                    let confined = confined.clone();
-                    let cgroup2 = cgroup2.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, tx, &cgroup2, &confined).await {
+                        if let Err(e) = serve(stream, tx).await {
                             warn!("control connection: {e:#}");
                         }
                     });
@@ -114,8 +129,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             },
         }
     }
-    info!("shutting down");
-    sweeper.abort();
+    info!("shutting down; enforcement stays pinned in the kernel");
+    notify_systemd("STOPPING=1");
+    ticker.abort();
+    heart.abort();
+    let _ = tx.send(Job::Shutdown).await;
     drop(tx);
     let _ = std::fs::remove_file(&config.socket);
     tokio::task::spawn_blocking(move || engine_thread.join())
@@ -125,23 +143,122 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+fn spawn_ticker(
+    tx: mpsc::Sender<Job>,
+    every: Duration,
+    job: fn() -> Job,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if tx.send(job()).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
 fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
     while let Some(job) = rx.blocking_recv() {
-        let (request, reply) = match job {
-            Job::Sweep => {
+        match job {
+            Job::Shutdown => break,
+            Job::Tick => {
+                engine.sync_members();
                 engine.sweep();
-                continue;
             }
-            Job::Request(request, reply) => (request, reply),
-        };
-        let answer = match request {
-            Request::Status => Reply::Status(engine.status()),
-            Request::StartAgent { segment } => engine.start_agent(&segment),
-            Request::AgentExited { agent_id } => engine.agent_exited(&agent_id),
-        };
-        let _ = reply.send(answer);
+            Job::Heartbeat => engine.heartbeat(),
+            Job::Reload => {
+                engine.reload();
+            }
+            Job::Request(request, pid, reply) => {
+                let answer = match engine.check_peer(pid) {
+                    Err(message) => Reply::Error { message },
+                    Ok(()) => match request {
+                        Request::Status => Reply::Status(engine.status()),
+                        Request::StartAgent { segment } => engine.start_agent(&segment),
+                        Request::AgentExited { agent_id } => engine.agent_exited(&agent_id),
+                        Request::Reload => engine.reload(),
+                    },
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
     engine.shutdown();
+}
+
+/// Reload when a file in the policy directory changes (inotify), debounced so an editor's
+/// write-rename dance triggers one reload.
+fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("inotify unavailable ({e}); reload with SIGHUP or `agentseg reload`");
+            return;
+        }
+    };
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_ATTRIB;
+    if let Err(e) = inotify.add_watch(dir, flags) {
+        warn!(dir = %dir.display(), "cannot watch the policy directory ({e}); reload with SIGHUP");
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("policy-watch".into())
+        .spawn(move || {
+            loop {
+                if inotify.read_events().is_err() {
+                    return;
+                }
+                // Let the burst of events from one save settle, then drain it.
+                std::thread::sleep(Duration::from_millis(150));
+                let _ = nix::fcntl::fcntl(
+                    &inotify,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                );
+                while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+                let _ = nix::fcntl::fcntl(
+                    &inotify,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+                );
+                info!("policy directory changed: reloading");
+                if tx.blocking_send(Job::Reload).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("starting the policy watcher: {e}");
+    }
+}
+
+/// `sd_notify` for `Type=notify` units: one datagram to `$NOTIFY_SOCKET`, if set.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return warn!("sd_notify: {e}"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = result {
+        warn!("sd_notify: {e}");
+    }
 }
 
 /// Bind the control socket: directory 0700, socket 0600, refusing to steal a live daemon's.
@@ -173,60 +290,37 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// One request, one reply. The caller must be root and must not be inside any segment.
-async fn serve(
-    stream: UnixStream,
-    tx: mpsc::Sender<Job>,
-    cgroup2: &Path,
-    confined: &[PathBuf],
-) -> anyhow::Result<()> {
+/// One request, one reply. Non-root callers are refused here; whether the caller lives
+/// inside a segment is checked by the engine against the live policy.
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Job>) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("reading peer credentials")?;
     let (read, mut write) = stream.into_split();
-    let reply = match check_peer(cred.uid(), cred.pid(), cgroup2, confined) {
-        Err(message) => Reply::Error { message },
-        Ok(()) => {
-            let mut line = String::new();
-            let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-            reader
-                .read_line(&mut line)
-                .await
-                .context("reading request")?;
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Reply::Error {
-                    message: format!("bad request: {e}"),
-                },
-                Ok(request) => {
-                    let (reply_tx, reply_rx) = oneshot::channel();
-                    tx.send(Job::Request(request, reply_tx))
-                        .await
-                        .context("engine stopped")?;
-                    reply_rx.await.context("engine dropped the request")?
-                }
+    let reply = if cred.uid() != 0 {
+        Reply::Error {
+            message: format!("permission denied: uid {} is not root", cred.uid()),
+        }
+    } else {
+        let mut line = String::new();
+        let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+        reader
+            .read_line(&mut line)
+            .await
+            .context("reading request")?;
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Reply::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(request) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                tx.send(Job::Request(request, cred.pid(), reply_tx))
+                    .await
+                    .context("engine stopped")?;
+                reply_rx.await.context("engine dropped the request")?
             }
         }
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
     write.write_all(&out).await?;
-    Ok(())
-}
-
-fn check_peer(
-    uid: u32,
-    pid: Option<i32>,
-    cgroup2: &Path,
-    confined: &[PathBuf],
-) -> Result<(), String> {
-    if uid != 0 {
-        return Err(format!("permission denied: uid {uid} is not root"));
-    }
-    let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
-        return Err("permission denied: peer pid unknown".into());
-    };
-    let cg = cgroup::of_pid(pid).map_err(|e| format!("permission denied: {e}"))?;
-    let abs = cgroup2.join(cg);
-    if confined.iter().any(|root| abs.starts_with(root)) {
-        return Err("permission denied: the caller is inside a segment".into());
-    }
     Ok(())
 }

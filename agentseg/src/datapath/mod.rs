@@ -1,30 +1,29 @@
-//! The only module that names aya: loads the kernel object, writes maps, attaches programs.
+//! The only module that names aya: loads the kernel object with every map pinned (adopting
+//! pins left by an earlier daemon), writes policy generations, attaches and pins links.
 //!
-//! Callers hand it compiled, validated state; it turns that into syscalls, map by map, with
-//! policy written *before* any program is attached so no connection is judged half-configured.
+//! Layout under the pin root (default `/sys/fs/bpf/agentseg`, 0700):
+//! `v1/maps/<MAP>` and `v1/links/<cgroup id>_<program>`. Pins outlive the daemon: a crash or a
+//! restart never opens a gap; `agentseg uninstall` removes them.
 mod bpffs;
+mod generation;
+mod links;
+mod sys;
 
 use std::{
-    collections::BTreeMap,
-    fs::File,
+    fs,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
-use agentseg_common::{
-    Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, SEGMENT_PREFIX_BITS, STAT_COUNT,
-    SegmentInfo, map_names, prog_names,
-};
+use agentseg_common::{Config, Counters, Member, PIN_LAYOUT, STAT_COUNT, map_names, prog_names};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap,
-        lpm_trie::{Key, LpmTrie},
-    },
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    programs::CgroupSockAddr,
 };
 pub use bpffs::ensure_bpffs;
-
-use crate::compile::Compiled;
+pub use generation::{SegmentEntry, segment_id as generation_segment_id};
+pub use links::uninstall;
 
 /// The kernel object built by `build.rs` (empty when the eBPF build was skipped).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg"));
@@ -35,6 +34,9 @@ const PROGRAMS: [&str; 4] = [
     prog_names::SENDMSG4,
     prog_names::SENDMSG6,
 ];
+
+/// Default pin root.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/agentseg";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -59,57 +61,81 @@ pub enum DatapathError {
     MissingMap(&'static str),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("opening cgroup {path}")]
-    Cgroup {
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("pinning link {path}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("pinned link {path}")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
     #[error("bpffs: {0}")]
     Bpffs(String),
+    #[error("{0}")]
+    Capacity(String),
 }
 
-/// Map capacities, chosen from the compiled policy at load time.
-#[derive(Debug, Clone, Copy)]
-pub struct Capacities {
-    pub policy_v4: u32,
-    pub policy_v6: u32,
-    pub rulesets: u32,
-    pub members: u32,
+/// Where this daemon's pins live.
+#[derive(Debug, Clone)]
+pub struct PinDirs {
+    pub root: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
 }
 
-impl Capacities {
-    /// Room for the compiled policy plus growth (hot reload writes a second copy).
-    pub fn for_policy(compiled: &Compiled) -> Self {
-        let (mut v4, mut v6) = (0usize, 0usize);
-        for s in &compiled.segments {
-            v4 += s.egress_v4.len() + s.ingress_v4.len();
-            v6 += s.egress_v6.len() + s.ingress_v6.len();
-        }
-        let room = |n: usize, min: u32| (n.saturating_mul(2) as u32).max(min);
+impl PinDirs {
+    pub fn new(root: &Path) -> Self {
+        let layout = root.join(PIN_LAYOUT);
         Self {
-            policy_v4: room(v4, 1 << 16),
-            policy_v6: room(v6, 1 << 16),
-            rulesets: room(compiled.rulesets.len(), 4096),
-            members: 1 << 16,
+            root: root.to_owned(),
+            maps: layout.join("maps"),
+            links: layout.join("links"),
         }
+    }
+
+    /// Create the directories root-only: bpffs permissions are the only gate on a pin.
+    fn create(&self) -> Result<(), DatapathError> {
+        for dir in [
+            &self.root,
+            &self.maps.parent().unwrap_or(&self.root).to_path_buf(),
+            &self.maps,
+            &self.links,
+        ] {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+                DatapathError::Io {
+                    what: "chmod 0700",
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
     }
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Attached cgroups (absolute paths) → the links of the four programs on it.
-    attached: BTreeMap<
-        PathBuf,
-        Vec<(
-            &'static str,
-            aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-        )>,
-    >,
+    pins: PinDirs,
+    /// Whether the maps existed before this daemon (state adopted from a predecessor).
+    adopted: bool,
 }
 
 macro_rules! map_mut {
     ($self:expr, $ty:ident, $name:expr) => {
-        $ty::<&mut MapData, _, _>::try_from(
+        $ty::try_from(
             $self
                 .ebpf
                 .map_mut($name)
@@ -121,33 +147,62 @@ macro_rules! map_mut {
         })?
     };
 }
+macro_rules! map_ref {
+    ($self:expr, $ty:ident, $name:expr) => {
+        $ty::try_from(
+            $self
+                .ebpf
+                .map($name)
+                .ok_or(DatapathError::MissingMap($name))?,
+        )
+        .map_err(|source| DatapathError::Map {
+            name: $name,
+            source,
+        })?
+    };
+}
+pub(crate) use {map_mut, map_ref};
 
 impl Datapath {
-    /// Load (not attach) the programs with maps sized by `caps`.
-    pub fn load(caps: Capacities) -> Result<Self, DatapathError> {
+    /// Load the programs; every map is opened from its pin when one exists (adoption) and
+    /// created and pinned otherwise.
+    pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::POLICY_V4, caps.policy_v4)
-            .map_max_entries(map_names::POLICY_V6, caps.policy_v6)
-            .map_max_entries(map_names::RULESETS, caps.rulesets)
-            .map_max_entries(map_names::MEMBERS, caps.members)
-            .map_max_entries(map_names::COUNTERS, caps.members)
-            .load(EBPF_OBJECT)?;
+        let pins = PinDirs::new(pin_root);
+        pins.create()?;
+        let adopted = pins.maps.join(map_names::CONFIG).exists();
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|&name| (name, pins.maps.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
+            program(&mut ebpf, name)?
+                .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        for (_, path) in &paths {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
         Ok(Self {
             ebpf,
-            attached: BTreeMap::new(),
+            pins,
+            adopted,
         })
+    }
+
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pins(&self) -> &PinDirs {
+        &self.pins
     }
 
     /// Instruction counts of the loaded programs (verifier blow-ups show up here first).
@@ -161,99 +216,34 @@ impl Datapath {
             .collect()
     }
 
-    /// Write segments, rulesets and prefixes. Entries are only added or overwritten here.
-    pub fn write_policy(&mut self, compiled: &Compiled) -> Result<(), DatapathError> {
-        {
-            let map = self
-                .ebpf
-                .map_mut(map_names::RULESETS)
-                .ok_or(DatapathError::MissingMap(map_names::RULESETS))?;
-            let mut rulesets: Array<&mut MapData, agentseg_common::RuleSet> = Array::try_from(map)
-                .map_err(|source| DatapathError::Map {
-                    name: map_names::RULESETS,
-                    source,
-                })?;
-            for (id, rs) in compiled.rulesets.iter().enumerate() {
-                rulesets
-                    .set(id as u32, *rs, 0)
-                    .map_err(|source| DatapathError::Map {
-                        name: map_names::RULESETS,
-                        source,
-                    })?;
-            }
-        }
-        {
-            let mut v4: LpmTrie<&mut MapData, PolicyKeyV4, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V4);
-            for seg in &compiled.segments {
-                let segment_id_be = seg.id.to_be_bytes();
-                for (net, ruleset_id) in &seg.egress_v4 {
-                    let key = Key::new(
-                        SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV4 {
-                            segment_id_be,
-                            addr_be: net.network().octets(),
-                        },
-                    );
-                    v4.insert(
-                        &key,
-                        PolicyValue {
-                            ruleset_id: *ruleset_id,
-                        },
-                        0,
-                    )
-                    .map_err(|source| DatapathError::Map {
-                        name: map_names::POLICY_V4,
-                        source,
-                    })?;
-                }
-            }
-        }
-        {
-            let mut v6: LpmTrie<&mut MapData, PolicyKeyV6, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V6);
-            for seg in &compiled.segments {
-                let segment_id_be = seg.id.to_be_bytes();
-                for (net, ruleset_id) in &seg.egress_v6 {
-                    let key = Key::new(
-                        SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV6 {
-                            segment_id_be,
-                            addr_be: net.network().octets(),
-                        },
-                    );
-                    v6.insert(
-                        &key,
-                        PolicyValue {
-                            ruleset_id: *ruleset_id,
-                        },
-                        0,
-                    )
-                    .map_err(|source| DatapathError::Map {
-                        name: map_names::POLICY_V6,
-                        source,
-                    })?;
-                }
-            }
-        }
-        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
-            map_mut!(self, HashMap, map_names::SEGMENTS);
-        for seg in &compiled.segments {
-            segments
-                .insert(
-                    seg.id,
-                    SegmentInfo {
-                        mode: seg.mode,
-                        _pad: 0,
-                    },
-                    0,
-                )
-                .map_err(|source| DatapathError::Map {
-                    name: map_names::SEGMENTS,
-                    source,
-                })?;
-        }
-        Ok(())
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        let config: Array<&MapData, Config> = map_ref!(self, Array, map_names::CONFIG);
+        config.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    pub fn set_config(&mut self, value: Config) -> Result<(), DatapathError> {
+        let mut config: Array<&mut MapData, Config> = map_mut!(self, Array, map_names::CONFIG);
+        config
+            .set(0, value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::CONFIG,
+                source,
+            })
+    }
+
+    /// Every membership entry the kernel holds.
+    pub fn members(&self) -> Result<Vec<(u64, Member)>, DatapathError> {
+        let members: HashMap<&MapData, u64, Member> = map_ref!(self, HashMap, map_names::MEMBERS);
+        members
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::MEMBERS,
+                source,
+            })
     }
 
     pub fn set_member(&mut self, cgroup_id: u64, member: Member) -> Result<(), DatapathError> {
@@ -283,57 +273,6 @@ impl Datapath {
             map_mut!(self, PerCpuHashMap, map_names::COUNTERS);
         let _ = counters.remove(&cgroup_id);
         Ok(())
-    }
-
-    /// Attach all four programs to a cgroup directory (idempotent).
-    pub fn attach(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
-        if self.attached.contains_key(cgroup_dir) {
-            return Ok(());
-        }
-        let file = File::open(cgroup_dir).map_err(|source| DatapathError::Cgroup {
-            path: cgroup_dir.to_owned(),
-            source,
-        })?;
-        let mut links = Vec::with_capacity(PROGRAMS.len());
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            // aya attaches with bpf_link here (kernel >= 5.7): link attachments always coexist
-            // with other programs on the cgroup (all must allow) and the kernel refuses any
-            // flag with them, so the mode is the default.
-            let link = prog
-                .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            links.push((name, link));
-        }
-        self.attached.insert(cgroup_dir.to_owned(), links);
-        Ok(())
-    }
-
-    /// Detach from a cgroup (a no-op when not attached).
-    pub fn detach(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
-        let Some(links) = self.attached.remove(cgroup_dir) else {
-            return Ok(());
-        };
-        for (name, link) in links {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.detach(link)
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(())
-    }
-
-    pub fn attached(&self) -> impl Iterator<Item = &Path> {
-        self.attached.keys().map(PathBuf::as_path)
     }
 
     /// Decision counters of one member cgroup, summed over CPUs.
@@ -373,6 +312,16 @@ impl Datapath {
     }
 }
 
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
 /// Raise RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (before 5.11).
 pub fn raise_memlock() {
     let rlim = libc::rlimit {
@@ -384,4 +333,17 @@ pub fn raise_memlock() {
     if ret != 0 {
         tracing::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels with memcg accounting");
     }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }

@@ -39,6 +39,8 @@ pub struct Segment {
     pub name: SegmentName,
     pub description: String,
     pub mode: Mode,
+    /// What the kernel does with this segment when the daemon's heartbeat stops.
+    pub on_daemon_loss: DaemonLoss,
     pub egress: Vec<Rule>,
     pub ingress: Vec<Rule>,
     pub members: Members,
@@ -90,6 +92,15 @@ impl fmt::Display for Mode {
             Mode::Audit => "audit",
         })
     }
+}
+
+/// `on_daemon_loss`: keep enforcing the last policy (default), or cut the segment off once the
+/// daemon's heartbeat is older than the configured bound (dead-man switch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DaemonLoss {
+    #[default]
+    Keep,
+    Quarantine,
 }
 
 /// One `[[egress]]`/`[[ingress]]` rule: traffic to (egress) or from (ingress) `cidrs` minus

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Mode, PortRange, Protocol};
+use super::{DaemonLoss, Mode, PortRange, Protocol};
 
 const NAME_PARTS: [&str; 3] = ["function", "environment", "access"];
 const NAME_PART_MAX: usize = 32;
@@ -165,6 +165,16 @@ pub(super) fn mode(s: &str) -> Result<Mode, String> {
         "audit" => Ok(Mode::Audit),
         _ => Err(format!(
             "unknown mode {s:?}; valid modes are \"enforce\" and \"audit\""
+        )),
+    }
+}
+
+pub(super) fn daemon_loss(s: &str) -> Result<DaemonLoss, String> {
+    match s {
+        "keep" => Ok(DaemonLoss::Keep),
+        "quarantine" => Ok(DaemonLoss::Quarantine),
+        _ => Err(format!(
+            "unknown on_daemon_loss {s:?}; valid values are \"keep\" and \"quarantine\""
         )),
     }
 }

@@ -15,6 +15,7 @@ pub(super) struct RawFile {
     pub name: Option<Spanned<String>>,
     pub description: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
+    pub on_daemon_loss: Option<Spanned<String>>,
     pub egress: Option<Vec<Spanned<RawRule>>>,
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
@@ -29,6 +30,7 @@ pub(super) struct RawSegment {
     pub name: Option<Spanned<String>>,
     pub description: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
+    pub on_daemon_loss: Option<Spanned<String>>,
     pub egress: Option<Vec<Spanned<RawRule>>>,
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
@@ -65,6 +67,7 @@ impl RawFile {
         self.name.is_some()
             || self.description.is_some()
             || self.mode.is_some()
+            || self.on_daemon_loss.is_some()
             || self.egress.is_some()
             || self.ingress.is_some()
             || self.members.is_some()
@@ -77,6 +80,7 @@ impl RawFile {
             name: self.name,
             description: self.description,
             mode: self.mode,
+            on_daemon_loss: self.on_daemon_loss,
             egress: self.egress,
             ingress: self.ingress,
             members: self.members,
@@ -102,6 +106,7 @@ impl RawSegment {
             self.name.as_ref().map(|s| s.span().start),
             self.description.as_ref().map(|s| s.span().start),
             self.mode.as_ref().map(|s| s.span().start),
+            self.on_daemon_loss.as_ref().map(|s| s.span().start),
             self.egress
                 .as_ref()
                 .and_then(|r| r.first())

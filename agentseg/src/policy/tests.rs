@@ -60,6 +60,7 @@ fn spec_example_loads_to_the_expected_model() {
         name: "summarizer.prod.web-egress".parse().expect("name"),
         description: "LLM summarizer: HTTPS out through the egress proxy only".into(),
         mode: Mode::Enforce,
+        on_daemon_loss: super::DaemonLoss::Keep,
         egress: vec![Rule {
             cidrs: vec![
                 net("0.0.0.0/0"),

@@ -14,7 +14,7 @@ use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
 use super::parse::{self, CidrEntry};
 use super::peers::PeerGroup;
 use super::raw::{FileParts, RawFile, RawMembers, RawRule, RawSegment};
-use super::{Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
+use super::{DaemonLoss, Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
 
 pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
@@ -134,6 +134,13 @@ impl Ctx<'_> {
                 Mode::Enforce
             }),
         };
+        let on_daemon_loss = match &raw.on_daemon_loss {
+            None => DaemonLoss::Keep,
+            Some(v) => parse::daemon_loss(v.get_ref()).unwrap_or_else(|e| {
+                self.errors.push(src.error_at(v, e));
+                DaemonLoss::Keep
+            }),
+        };
         let egress = self.rules(src, raw.egress);
         let ingress = self.rules(src, raw.ingress);
         let members = match raw.members {
@@ -144,6 +151,7 @@ impl Ctx<'_> {
             name: name?,
             description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
             mode,
+            on_daemon_loss,
             egress,
             ingress,
             members,

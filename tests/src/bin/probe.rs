@@ -50,6 +50,31 @@ fn act(action: &[String]) -> String {
             let sock = UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
             sock.send_to(b"x", a).map(drop)
         })()),
+        // Connect over and over until STOPFILE exists; report how many succeeded and failed.
+        Some("loop") => {
+            let a = addr(1);
+            let stop = action
+                .get(2)
+                .cloned()
+                .unwrap_or_else(|| die("loop ADDR STOPFILE [MS]"));
+            let every = action.get(3).and_then(|m| m.parse().ok()).unwrap_or(10);
+            let (mut ok, mut err, mut last) = (0u64, 0u64, String::from("none"));
+            // Bounded: at most 10 minutes whatever happens to the stop file.
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while !std::path::Path::new(&stop).exists() && std::time::Instant::now() < deadline {
+                match outcome(TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop))
+                    .as_str()
+                {
+                    "ok" => ok += 1,
+                    other => {
+                        err += 1;
+                        last = other.to_owned();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(every));
+            }
+            format!("ok={ok} err={err} last={last}")
+        }
         Some("env") => std::env::var("AGENTSEG_AGENT_ID").unwrap_or_else(|_| "unset".into()),
         Some("cgroup") => std::fs::read_to_string("/proc/self/cgroup")
             .ok()

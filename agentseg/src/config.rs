@@ -1,0 +1,113 @@
+//! The daemon's own configuration: `/etc/agentseg/agentseg.toml`, every key optional, command
+//! line flags win. Defaults work with no file at all.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/agentseg/agentseg.toml";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Directory of segment policy files.
+    pub policies: PathBuf,
+    /// Control socket (its directory is created 0700).
+    pub socket: PathBuf,
+    /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount.
+    pub agent_root: String,
+    /// Pin root on a bpffs; maps and links live under `<pin_root>/v1/`.
+    pub pin_root: PathBuf,
+    /// Dead-man bound in seconds for segments with `on_daemon_loss = "quarantine"`.
+    pub deadman_secs: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            policies: PathBuf::from("/etc/agentseg/policies"),
+            socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            agent_root: "agentseg/agents".into(),
+            pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),
+            deadman_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl DaemonConfig {
+    /// Load `path`; a missing file at the default location means all defaults, a missing file
+    /// named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default());
+            }
+            Err(err) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    err,
+                });
+            }
+        };
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start).min(text.len());
+            let before = &text[..at];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            let message = e.message().lines().next().unwrap_or("invalid").to_owned();
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults_and_keys_override() {
+        let p = Path::new("agentseg.toml");
+        assert_eq!(DaemonConfig::parse(p, "").unwrap(), DaemonConfig::default());
+        let c = DaemonConfig::parse(p, "policies = \"/srv/pol\"\ndeadman_secs = 3\n").unwrap();
+        assert_eq!(c.policies, PathBuf::from("/srv/pol"));
+        assert_eq!(c.deadman_secs, 3);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let e = DaemonConfig::parse(Path::new("a.toml"), "policies = \"/x\"\npolicy = 1\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("a.toml:2:1:"), "{s}");
+        assert!(s.contains("policy"), "{s}");
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_missing_explicit_file_is_not() {
+        let p = Path::new("/nonexistent/agentseg.toml");
+        assert!(DaemonConfig::load(p, false).is_ok());
+        assert!(DaemonConfig::load(p, true).is_err());
+    }
+}

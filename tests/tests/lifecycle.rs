@@ -1,0 +1,340 @@
+//! Enforcement that outlives the daemon: pins, adoption, hot reload, membership tracking and
+//! the dead-man switch, against the real kernel.
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentseg_tests::{
+    CgroupTree, Daemon, Netns, Server, agentseg_bin, kernel_ready, probe, probe_bin,
+};
+
+fn seg(name: &str, ports: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\n{extra}\n[[egress]]\ncidrs = [\"127.0.0.1\", \"::1\"]\nports = [{ports}]\nprotocol = \"tcp\"\n"
+    )
+}
+
+/// A connect loop running as an agent (or in a member cgroup) until `stop` is created.
+struct Looper {
+    child: Child,
+    stop: std::path::PathBuf,
+}
+
+impl Looper {
+    fn agent(d: &Daemon, segment: &str, ns: &Netns, addr: &str, tag: &str) -> Self {
+        let stop = d.dir.path().join(format!("stop-{tag}"));
+        let child = Command::new(agentseg_bin())
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["run", "--segment", segment, "--"])
+            .arg(probe_bin())
+            .args(["--netns", &ns.name, "loop", addr])
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn loop");
+        Self { child, stop }
+    }
+
+    /// Stop the loop; (successes, failures, last failure).
+    fn finish(mut self) -> (u64, u64, String) {
+        std::fs::write(&self.stop, b"").expect("stop file");
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().expect("true"))
+            .wait_with_output()
+            .expect("loop output");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|f| f.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {text:?}"))
+                .to_owned()
+        };
+        (
+            field("ok=").parse().expect("ok"),
+            field("err=").parse().expect("err"),
+            field("last="),
+        )
+    }
+}
+
+impl Drop for Looper {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn attachments(cgroup: &std::path::Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Array(vec![]));
+    v.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("agentseg_"))
+            })
+            .count()
+    })
+}
+
+#[test]
+fn sigkill_leaves_enforcement_in_force_and_restart_adopts_it() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    let mut d = Daemon::start(&tree, &[("a.toml", &seg("svc.test.kill", "8080", ""))]);
+    let allowed = Looper::agent(&d, "svc.test.kill", &ns, "127.0.0.1:8080", "allowed");
+    let denied = Looper::agent(&d, "svc.test.kill", &ns, "127.0.0.1:8081", "denied");
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    // Downtime: the loops keep connecting with no daemon at all.
+    std::thread::sleep(Duration::from_millis(1500));
+    d.launch().expect("restart");
+    // The restarted daemon adopted the pins and the two running agents.
+    let status = d.status_json();
+    assert_eq!(status["adopted"], true);
+    assert_eq!(
+        status["agents"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, err, last) = allowed.finish();
+    assert!(ok > 50, "allowed loop made too few connects: {ok}");
+    assert_eq!(
+        err, 0,
+        "an allowed connect failed ({last}) across kill -9 and restart"
+    );
+    let (ok, err, last) = denied.finish();
+    assert_eq!(
+        ok, 0,
+        "a denied connect got through across kill -9 and restart"
+    );
+    assert!(
+        err > 50 && last == "EPERM",
+        "denied loop: {err} failures, last {last}"
+    );
+    // One set of attachments, not two.
+    assert_eq!(attachments(&tree.abs("agents")), 4);
+}
+
+#[test]
+fn hot_reload_is_atomic_and_removed_rules_are_denied_when_done() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    let v1 = seg("svc.test.reload", "8080, 8081", "");
+    let v2 = seg("svc.test.reload", "8080", "");
+    let d = Daemon::start(&tree, &[("a.toml", &v1)]);
+    let file = d.policies.join("a.toml");
+    let looper = Looper::agent(&d, "svc.test.reload", &ns, "127.0.0.1:8080", "reload");
+    for i in 0..100 {
+        std::fs::write(&file, if i % 2 == 0 { &v2 } else { &v1 }).expect("write");
+        let out = d.cli(&["reload"]);
+        assert!(
+            out.status.success(),
+            "reload {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if i % 10 == 0 {
+            // v2 (even i) removed 8081: denied as soon as the reload is reported done.
+            let expect = if i % 2 == 0 { "EPERM" } else { "ok" };
+            assert_eq!(
+                d.run_probe(
+                    "svc.test.reload",
+                    &ns,
+                    &["connect", "tcp", "127.0.0.1:8081"]
+                ),
+                expect,
+                "after reload {i}"
+            );
+        }
+    }
+    let (ok, err, last) = looper.finish();
+    assert!(ok > 20, "too few connects during the reloads: {ok}");
+    assert_eq!(
+        err, 0,
+        "a connect allowed by both versions failed during a reload: {last}"
+    );
+    assert!(d.status_json()["reload"]["applied"].as_u64().unwrap_or(0) >= 101);
+}
+
+#[test]
+fn a_bad_edit_keeps_the_old_policy_and_a_fix_applies() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    let d = Daemon::start(&tree, &[("a.toml", &seg("svc.test.edit", "8080", ""))]);
+    let file = d.policies.join("a.toml");
+    // A broken edit, picked up through inotify.
+    std::fs::write(&file, seg("svc.test.edit", "8081, 0", "")).expect("write");
+    let status = wait_for(&d, |s| s["reload"]["ok"] == false);
+    let message = status["reload"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("a.toml:5:"),
+        "error names file and line: {message}"
+    );
+    assert_eq!(
+        d.run_probe("svc.test.edit", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+    assert_eq!(
+        d.run_probe("svc.test.edit", &ns, &["connect", "tcp", "127.0.0.1:8081"]),
+        "EPERM"
+    );
+    // Fixed: applied without a restart.
+    std::fs::write(&file, seg("svc.test.edit", "8081", "")).expect("write");
+    wait_for(&d, |s| s["reload"]["ok"] == true);
+    assert_eq!(
+        d.run_probe("svc.test.edit", &ns, &["connect", "tcp", "127.0.0.1:8081"]),
+        "ok"
+    );
+    assert_eq!(
+        d.run_probe("svc.test.edit", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        "EPERM"
+    );
+}
+
+fn wait_for(d: &Daemon, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = d.status_json();
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn dead_man_switch_cuts_off_and_restart_restores() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080"]);
+    std::fs::create_dir_all(tree.abs("bot")).expect("mkdir");
+    let policy = format!(
+        "{}\n[members]\ncgroups = [\"{}\"]\n",
+        seg(
+            "bot.test.deadman",
+            "8080",
+            "on_daemon_loss = \"quarantine\""
+        ),
+        tree.rel("bot")
+    );
+    let mut d = Daemon::start_with(&tree, &[("a.toml", &policy)], &["--deadman-secs", "1"]);
+    let bot = tree.abs("bot");
+    assert_eq!(
+        probe(&ns, Some(&bot), &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        probe(&ns, Some(&bot), &["connect", "tcp", "127.0.0.1:8080"]),
+        "EPERM",
+        "not cut off"
+    );
+    d.launch().expect("restart");
+    assert_eq!(
+        probe(&ns, Some(&bot), &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok",
+        "not restored"
+    );
+    assert_eq!(attachments(&bot), 4, "the restart duplicated attachments");
+}
+
+#[test]
+fn keep_is_the_default_on_daemon_loss() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080"]);
+    std::fs::create_dir_all(tree.abs("bot")).expect("mkdir");
+    let policy = format!(
+        "{}\n[members]\ncgroups = [\"{}\"]\n",
+        seg("bot.test.keep", "8080", ""),
+        tree.rel("bot")
+    );
+    let mut d = Daemon::start_with(&tree, &[("a.toml", &policy)], &["--deadman-secs", "1"]);
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    let bot = tree.abs("bot");
+    assert_eq!(
+        probe(&ns, Some(&bot), &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+    assert_eq!(
+        probe(&ns, Some(&bot), &["connect", "tcp", "127.0.0.1:8081"]),
+        "EPERM"
+    );
+}
+
+#[test]
+fn a_member_cgroup_created_after_start_is_enforced_within_a_second() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    let policy = format!(
+        "{}\n[members]\ncgroups = [\"{}\"]\n",
+        seg("late.test.join", "8080", ""),
+        tree.rel("late")
+    );
+    let d = Daemon::start(&tree, &[("a.toml", &policy)]);
+    let late = tree.abs("late");
+    std::fs::create_dir_all(&late).expect("mkdir");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        probe(&ns, Some(&late), &["connect", "tcp", "127.0.0.1:8081"]),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&ns, Some(&late), &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+    // Removed and created again (a unit restart): a new cgroup id, enforced again.
+    let _ = std::fs::remove_dir(&late);
+    std::fs::create_dir_all(&late).expect("mkdir again");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        probe(&ns, Some(&late), &["connect", "tcp", "127.0.0.1:8081"]),
+        "EPERM"
+    );
+    assert_eq!(
+        d.status_json()["segments"][0]["member_cgroups"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
