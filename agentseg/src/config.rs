@@ -111,3 +111,33 @@ mod tests {
         assert!(DaemonConfig::load(p, true).is_err());
     }
 }
+
+#[cfg(test)]
+mod packaging_tests {
+    use super::*;
+
+    /// The documented example in packaging/ parses and states exactly the defaults.
+    #[test]
+    fn packaged_example_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.toml");
+        let text = std::fs::read_to_string(&path).expect("packaging/agentseg.toml");
+        assert_eq!(
+            DaemonConfig::parse(&path, &text).expect("parses"),
+            DaemonConfig::default()
+        );
+    }
+
+    /// The unit file starts the daemon with that config and is a notify service.
+    #[test]
+    fn packaged_unit_runs_the_daemon_as_a_notify_service() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.service");
+        let text = std::fs::read_to_string(&path).expect("packaging/agentseg.service");
+        for line in [
+            "Type=notify",
+            "Restart=on-failure",
+            "ExecStart=/usr/local/bin/agentseg daemon --config /etc/agentseg/agentseg.toml",
+        ] {
+            assert!(text.lines().any(|l| l.trim() == line), "missing {line:?}");
+        }
+    }
+}
