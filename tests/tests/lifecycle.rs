@@ -338,3 +338,70 @@ fn a_member_cgroup_created_after_start_is_enforced_within_a_second() {
         Some(1)
     );
 }
+
+#[test]
+fn sighup_reloads_and_uninstall_removes_every_attachment_and_pin() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
+    let member = |ports: &str| {
+        format!(
+            "{}\n[members]\ncgroups = [\"{}\"]\n",
+            seg("svc.test.hup", ports, ""),
+            tree.rel("m")
+        )
+    };
+    let mut d = Daemon::start(&tree, &[("a.toml", &member("8080"))]);
+    let m = tree.abs("m");
+    assert_eq!(
+        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8081"]),
+        "EPERM"
+    );
+    // SIGHUP with nothing changed: one more reload, applied.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    wait_for(&d, |s| s["reload"]["applied"].as_u64() == Some(2));
+    // A saved file: the watcher reloads by itself.
+    std::fs::write(d.policies.join("a.toml"), member("8081")).expect("write");
+    wait_for(&d, |s| s["reload"]["applied"].as_u64().unwrap_or(0) >= 3);
+    assert_eq!(
+        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8081"]),
+        "ok"
+    );
+    // Refused while the daemon runs.
+    let out = d.cli(&[
+        "uninstall",
+        "--pin-root",
+        d.pin_root.to_str().expect("utf8"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "uninstall must refuse while a daemon answers"
+    );
+    d.stop();
+    assert_eq!(
+        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
+        "EPERM",
+        "a clean stop keeps enforcing"
+    );
+    let out = d.cli(&[
+        "uninstall",
+        "--pin-root",
+        d.pin_root.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(attachments(&m), 0);
+    assert_eq!(attachments(&tree.abs("agents")), 0);
+    assert!(!d.pin_root.exists(), "pins left behind");
+    assert_eq!(
+        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+}
