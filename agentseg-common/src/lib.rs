@@ -40,6 +40,10 @@ pub mod prog_names {
     pub const CONNECT6: &str = "agentseg_connect6";
     pub const SENDMSG4: &str = "agentseg_sendmsg4";
     pub const SENDMSG6: &str = "agentseg_sendmsg6";
+    /// cgroup_skb egress: ICMP, raw sockets, quarantine.
+    pub const SKB_EGRESS: &str = "agentseg_skb_egress";
+    /// cgroup_skb ingress: `[[ingress]]` rules, quarantine.
+    pub const SKB_INGRESS: &str = "agentseg_skb_ingress";
 }
 
 /// Deepest cgroup level the kernel programs walk when looking for a member ancestor.
@@ -55,6 +59,12 @@ pub const RULESETS_PER_GEN: u32 = 4096;
 /// [`Config::active_gen`] says which half the programs read. A reload writes the other half
 /// completely, then flips `active_gen` with one map write.
 pub const GEN_BIT: u32 = 1 << 31;
+/// LPM key segment-id bit: the entry belongs to the segment's `[quarantine] allow` list.
+pub const QUARANTINE_BIT: u32 = 1 << 30;
+/// LPM key segment-id bit: the entry is an `[[ingress]]` rule (keyed by source address).
+pub const INGRESS_BIT: u32 = 1 << 29;
+/// Compiled segment ids stay below this (the bits above select generation and table).
+pub const MAX_SEGMENT_ID: u32 = INGRESS_BIT - 1;
 /// [`Member::segment_ids`] value: in this generation the cgroup belongs to no segment (it is
 /// being released): allowed, as any cgroup outside all segments.
 pub const SEGMENT_NONE: u32 = 0;
@@ -98,7 +108,8 @@ pub struct Member {
     pub segment_ids: [u32; 2],
     /// [`MEMBER_CGROUP`] or [`MEMBER_AGENT`].
     pub kind: u32,
-    pub _pad: u32,
+    /// `MEMBER_*` flags ([`MEMBER_QUARANTINED`]).
+    pub flags: u32,
     /// Random 128-bit agent id (all zero for plain member cgroups).
     pub agent_id: [u8; 16],
 }
@@ -120,6 +131,11 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// [`SegmentInfo::flags`]: quarantine the segment when the daemon's heartbeat stops.
 pub const SEG_DEADMAN_QUARANTINE: u32 = 1 << 0;
+/// [`SegmentInfo::flags`]: the whole segment is quarantined: only its `[quarantine] allow`
+/// peers are reachable, packets of established flows included.
+pub const SEG_QUARANTINED: u32 = 1 << 1;
+/// [`Member::flags`]: this agent (or member cgroup) is quarantined.
+pub const MEMBER_QUARANTINED: u32 = 1 << 0;
 /// Bytes of a segment name kept in [`SegmentInfo::name`] (names are at most 98 bytes; the
 /// name only serves to re-map members after a restart, and is NUL padded).
 pub const SEGMENT_NAME_LEN: usize = 104;

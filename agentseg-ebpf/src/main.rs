@@ -4,6 +4,7 @@
 
 mod maps;
 mod policy;
+mod skb;
 mod sock_addr;
 
 #[cfg(not(test))]

@@ -1,42 +1,42 @@
-//! The decision: which segment a task belongs to and whether its segment allows a destination.
+//! The decision shared by every hook: who is asking (the deepest member on a cgroup path) and
+//! whether its segment allows a peer.
 //!
 //! Precedence, first row that applies wins:
 //!
-//! | situation                                      | verdict                       |
-//! |------------------------------------------------|-------------------------------|
-//! | no member on the task's cgroup path            | deny (STAT_NO_MEMBER)         |
-//! | member released in the live generation         | allow (in no segment)         |
-//! | member's segment missing from SEGMENTS         | deny (STAT_NO_SEGMENT)        |
-//! | segment has the dead-man flag, heartbeat stale | deny (STAT_DEADMAN)           |
-//! | longest prefix's ruleset has (proto, port)     | allow                         |
-//! | no prefix, empty ruleset, or no matching entry | deny, or allow if mode=audit  |
+//! | situation                                          | verdict                       |
+//! |----------------------------------------------------|-------------------------------|
+//! | no member on the cgroup path                       | deny (STAT_NO_MEMBER)         |
+//! | member released in the live generation             | allow (in no segment)         |
+//! | member's segment missing from SEGMENTS             | deny (STAT_NO_SEGMENT)        |
+//! | segment has the dead-man flag, heartbeat stale     | deny (STAT_DEADMAN)           |
+//! | agent or segment quarantined                       | allow only `[quarantine] allow` peers, in any mode |
+//! | longest prefix's ruleset has (proto, port)         | allow                         |
+//! | no prefix, empty ruleset, or no matching entry     | deny, or allow if mode=audit  |
 //!
 //! A program only runs for sockets of cgroups it is attached to (member cgroups and the agent
-//! root), so "no member" means the socket is a member's but the calling task is not: deny.
+//! root), so "no member" means the socket is a member's but the path walked is not: deny.
 use agentseg_common::{
-    Counters, MAX_CGROUP_DEPTH, MODE_AUDIT, Member, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4,
-    PolicyKeyV6, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEGMENT_NONE, STAT_DEADMAN,
-    STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
+    Counters, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, Member, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULESET_CAPACITY,
+    SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_NONE, STAT_DEADMAN, STAT_NO_MEMBER,
+    STAT_NO_RULESET, STAT_NO_SEGMENT,
 };
-use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
-    maps::lpm_trie::Key,
-};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 
 use crate::maps::{CONFIG, COUNTERS, MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, STATS};
 
-/// Return codes of cgroup sock_addr programs.
-pub const SOCK_ALLOW: i32 = 1;
-pub const SOCK_DENY: i32 = 0;
+/// Return codes of cgroup sock_addr and cgroup_skb programs alike.
+pub const ALLOW: i32 = 1;
+pub const DENY: i32 = 0;
 
-const IPPROTO_ICMP: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
-const IPPROTO_ICMPV6: u32 = 58;
-const IPPROTO_UDPLITE: u32 = 136;
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_ICMPV6: u32 = 58;
+pub const IPPROTO_UDPLITE: u32 = 136;
 const IPPROTO_MPTCP: u32 = 262;
 
-/// Protocol bit for a socket's protocol; 0 (matches no rule) for anything else.
+/// Protocol bit for a protocol number; 0 (matches no rule) for anything else.
 #[inline(always)]
 pub fn proto_bit(protocol: u32) -> u8 {
     match protocol {
@@ -47,10 +47,29 @@ pub fn proto_bit(protocol: u32) -> u8 {
     }
 }
 
-/// A destination as the hooks see it.
-pub enum Dest {
-    V4([u8; 4]),
-    V6([u8; 16]),
+/// A peer address as the hooks see it (network byte order). A plain struct, always fully
+/// initialised: an enum with a 4- and a 16-byte variant leaves bytes the verifier calls
+/// uninitialised ("!read_ok") when the value is copied.
+#[derive(Clone, Copy)]
+pub struct Peer {
+    pub v6: bool,
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+impl Peer {
+    #[inline(always)]
+    pub fn v4(a: [u8; 4]) -> Self {
+        Self {
+            v6: false,
+            addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[inline(always)]
+    pub fn v6(addr: [u8; 16]) -> Self {
+        Self { v6: true, addr }
+    }
 }
 
 #[inline(always)]
@@ -61,37 +80,8 @@ fn stat(index: u32) {
     }
 }
 
-/// Deepest member entry on the current task's cgroup path: (cgroup id, member), with cgroup id
-/// 0 when there is none. Plain values, not `Option`: LLVM leaves an `Option` payload
-/// uninitialised and the verifier rejects the read ("R8 !read_ok").
 #[inline(always)]
-fn find_member() -> (u64, Member) {
-    let mut found_id: u64 = 0;
-    let mut found = Member {
-        segment_ids: [0; 2],
-        kind: 0,
-        _pad: 0,
-        agent_id: [0; 16],
-    };
-    let mut level: i32 = 1;
-    while level < MAX_CGROUP_DEPTH as i32 {
-        // SAFETY: plain helper call; returns 0 past the task's own level.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            break;
-        }
-        // SAFETY: the value is copied out at once; MEMBERS values are plain integers.
-        if let Some(m) = unsafe { MEMBERS.get(id) } {
-            found_id = id;
-            found = *m;
-        }
-        level += 1;
-    }
-    (found_id, found)
-}
-
-#[inline(always)]
-fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
+pub fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
     match COUNTERS.get_ptr_mut(cgroup) {
         // SAFETY: per-CPU value, only this CPU writes it.
         Some(p) => f(unsafe { &mut *p }),
@@ -104,9 +94,130 @@ fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
     }
 }
 
+/// The member a decision is about.
+#[derive(Clone, Copy)]
+pub struct Subject {
+    /// Member cgroup id (the counters' key).
+    pub cgroup: u64,
+    /// Live segment id (generation bit included).
+    pub segment_id: u32,
+    pub audit: bool,
+    pub quarantined: bool,
+}
+
+pub enum Resolved {
+    /// Not (or no longer) in a segment: untouched.
+    Untouched,
+    /// Fail closed.
+    Deny,
+    Subject(Subject),
+}
+
+/// Resolve the deepest member on a cgroup path. `ancestor(level)` returns the path's cgroup
+/// id at `level` or 0 past its end. Plain values, not `Option`, in the walk: LLVM leaves an
+/// `Option` payload uninitialised and the verifier rejects the read.
 #[inline(always)]
-fn ruleset_allows(ruleset_id: u32, proto: u8, port: u16) -> Option<bool> {
-    let rs = RULESETS.get(ruleset_id)?;
+pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
+    let mut found_id: u64 = 0;
+    let mut found = Member {
+        segment_ids: [0; 2],
+        kind: 0,
+        flags: 0,
+        agent_id: [0; 16],
+    };
+    let mut level: i32 = 1;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: the value is copied out at once; MEMBERS values are plain integers.
+        if let Some(m) = unsafe { MEMBERS.get(id) } {
+            found_id = id;
+            found = *m;
+        }
+        level += 1;
+    }
+    if found_id == 0 {
+        stat(STAT_NO_MEMBER);
+        return Resolved::Deny;
+    }
+    let (generation, deadman_secs, heartbeat_ns) = match CONFIG.get(0) {
+        Some(c) => (c.active_gen & 1, c.deadman_secs, c.heartbeat_ns),
+        None => (0, 0, 0),
+    };
+    let segment_id = if generation == 0 {
+        found.segment_ids[0]
+    } else {
+        found.segment_ids[1]
+    };
+    if segment_id == SEGMENT_NONE {
+        return Resolved::Untouched;
+    }
+    // SAFETY: copied out at once; plain integers.
+    let Some(seg) = (unsafe { SEGMENTS.get(segment_id) }).copied() else {
+        stat(STAT_NO_SEGMENT);
+        return Resolved::Deny;
+    };
+    if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if now.saturating_sub(heartbeat_ns) > u64::from(deadman_secs) * 1_000_000_000 {
+            stat(STAT_DEADMAN);
+            count(found_id, |c| c.denied += 1);
+            return Resolved::Deny;
+        }
+    }
+    Resolved::Subject(Subject {
+        cgroup: found_id,
+        segment_id,
+        audit: seg.mode == MODE_AUDIT,
+        quarantined: found.flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
+    })
+}
+
+/// Which table of the segment to consult.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Egress,
+    Ingress,
+    QuarantineAllow,
+}
+
+/// Whether `table` of the subject's segment allows (peer, protocol bit, port).
+#[inline(always)]
+pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> bool {
+    let key_id = match table {
+        Table::Egress => s.segment_id,
+        Table::Ingress => s.segment_id | INGRESS_BIT,
+        Table::QuarantineAllow => s.segment_id | QUARANTINE_BIT,
+    };
+    let seg_be = key_id.to_be_bytes();
+    let a = peer.addr;
+    let found = if peer.v6 {
+        POLICY_V6.get(Key::new(
+            160,
+            PolicyKeyV6 {
+                segment_id_be: seg_be,
+                addr_be: a,
+            },
+        ))
+    } else {
+        let addr_be = [a[0], a[1], a[2], a[3]];
+        POLICY_V4.get(Key::new(
+            64,
+            PolicyKeyV4 {
+                segment_id_be: seg_be,
+                addr_be,
+            },
+        ))
+    };
+    let Some(value) = found else { return false };
+    let ruleset_id = value.ruleset_id;
+    let Some(rs) = RULESETS.get(ruleset_id) else {
+        stat(STAT_NO_RULESET);
+        return false;
+    };
     let len = if (rs.len as usize) < RULESET_CAPACITY {
         rs.len as usize
     } else {
@@ -118,84 +229,25 @@ fn ruleset_allows(ruleset_id: u32, proto: u8, port: u16) -> Option<bool> {
         if r.protocols & proto != 0
             && (proto == PROTO_ICMP || (port >= r.port_lo && port <= r.port_hi))
         {
-            return Some(true);
+            return true;
         }
         i += 1;
     }
-    Some(false)
+    false
 }
 
-/// Judge one connect or send. `port` is in host byte order.
+/// Turn a rule lookup into a verdict, counting it. Quarantine is enforced in every mode; a
+/// segment in audit mode lets rule denials through and counts them.
 #[inline(always)]
-pub fn judge(dest: Dest, protocol: u32, port: u16) -> i32 {
-    let (cgroup, member) = find_member();
-    if cgroup == 0 {
-        stat(STAT_NO_MEMBER);
-        return SOCK_DENY;
-    }
-    let (generation, deadman_secs, heartbeat_ns) = match CONFIG.get(0) {
-        Some(c) => (c.active_gen & 1, c.deadman_secs, c.heartbeat_ns),
-        None => (0, 0, 0),
-    };
-    let segment_id = if generation == 0 {
-        member.segment_ids[0]
-    } else {
-        member.segment_ids[1]
-    };
-    if segment_id == SEGMENT_NONE {
-        return SOCK_ALLOW;
-    }
-    // SAFETY: copied out at once; plain integers.
-    let Some(seg) = (unsafe { SEGMENTS.get(segment_id) }).copied() else {
-        stat(STAT_NO_SEGMENT);
-        return SOCK_DENY;
-    };
-    if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
-        // SAFETY: plain helper call.
-        let now = unsafe { bpf_ktime_get_boot_ns() };
-        if now.saturating_sub(heartbeat_ns) > u64::from(deadman_secs) * 1_000_000_000 {
-            stat(STAT_DEADMAN);
-            count(cgroup, |c| c.denied += 1);
-            return SOCK_DENY;
-        }
-    }
-    let seg_be = segment_id.to_be_bytes();
-    let ruleset_id = match dest {
-        Dest::V4(addr_be) => POLICY_V4
-            .get(Key::new(
-                64,
-                PolicyKeyV4 {
-                    segment_id_be: seg_be,
-                    addr_be,
-                },
-            ))
-            .map(|v| v.ruleset_id),
-        Dest::V6(addr_be) => POLICY_V6
-            .get(Key::new(
-                160,
-                PolicyKeyV6 {
-                    segment_id_be: seg_be,
-                    addr_be,
-                },
-            ))
-            .map(|v| v.ruleset_id),
-    }
-    .unwrap_or(agentseg_common::RULESET_EMPTY);
-    let allowed = match ruleset_allows(ruleset_id, proto_bit(protocol), port) {
-        Some(a) => a,
-        None => {
-            stat(STAT_NO_RULESET);
-            false
-        }
-    };
+pub fn finish(s: &Subject, allowed: bool) -> i32 {
     if allowed {
-        count(cgroup, |c| c.allowed += 1);
-        SOCK_ALLOW
-    } else if seg.mode == MODE_AUDIT {
-        count(cgroup, |c| c.audit_denied += 1);
-        SOCK_ALLOW
+        count(s.cgroup, |c| c.allowed += 1);
+        ALLOW
+    } else if s.audit && !s.quarantined {
+        count(s.cgroup, |c| c.audit_denied += 1);
+        ALLOW
     } else {
-        count(cgroup, |c| c.denied += 1);
-        SOCK_DENY
+        count(s.cgroup, |c| c.denied += 1);
+        DENY
     }
 }

@@ -1,11 +1,30 @@
 //! `cgroup/connect4|6` and `cgroup/sendmsg4|6`: judged once per connect and once per
-//! unconnected UDP message.
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+//! unconnected UDP message, against the calling task's membership.
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 
-use crate::policy::{Dest, judge};
+use crate::policy::{ALLOW, DENY, Peer, Resolved, Table, allows, finish, proto_bit, resolve};
 
 /// `user_ip6[2]` of an IPv4-mapped address (`::ffff:0:0/96`), as read from the context.
 const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+
+#[inline(always)]
+fn judge(peer: Peer, protocol: u32, port: u16) -> i32 {
+    // SAFETY: plain helper call; returns 0 past the task's own level.
+    let s = match resolve(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) {
+        Resolved::Untouched => return ALLOW,
+        Resolved::Deny => return DENY,
+        Resolved::Subject(s) => s,
+    };
+    let table = if s.quarantined {
+        Table::QuarantineAllow
+    } else {
+        Table::Egress
+    };
+    finish(&s, allows(&s, table, peer, proto_bit(protocol), port))
+}
 
 #[inline(always)]
 fn port(ctx: &SockAddrContext) -> u16 {
@@ -25,7 +44,7 @@ fn protocol(ctx: &SockAddrContext) -> u32 {
 fn judge4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: context read checked by the verifier; user_ip4 is in network byte order.
     let ip = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) };
-    judge(Dest::V4(ip.to_ne_bytes()), protocol(ctx), port(ctx))
+    judge(Peer::v4(ip.to_ne_bytes()), protocol(ctx), port(ctx))
 }
 
 #[inline(always)]
@@ -42,8 +61,13 @@ fn judge6(ctx: &SockAddrContext) -> i32 {
     };
     // v4-mapped destinations are judged by the IPv4 rules: a v6-only check is a bypass.
     if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-        return judge(Dest::V4(w[3].to_ne_bytes()), protocol(ctx), port(ctx));
+        return judge(Peer::v4(w[3].to_ne_bytes()), protocol(ctx), port(ctx));
     }
+    judge(Peer::v6(words_to_bytes(w)), protocol(ctx), port(ctx))
+}
+
+#[inline(always)]
+pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -54,7 +78,7 @@ fn judge6(ctx: &SockAddrContext) -> i32 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    judge(Dest::V6(addr), protocol(ctx), port(ctx))
+    addr
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -21,6 +21,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--agent ID` or `--segment NAME`, exactly one.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct TargetArgs {
+    /// An agent, by the id `agentseg run` printed.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Every member and agent of a segment.
+    #[arg(long)]
+    pub segment: Option<String>,
+}
+
+impl TargetArgs {
+    pub fn target(&self) -> crate::control::Target {
+        match (&self.agent, &self.segment) {
+            (Some(id), _) => crate::control::Target::Agent(id.clone()),
+            (None, Some(name)) => crate::control::Target::Segment(name.clone()),
+            // clap's group guarantees one of the two.
+            (None, None) => crate::control::Target::Segment(String::new()),
+        }
+    }
+}
+
 impl Cli {
     /// The control socket: the flag (or `AGENTSEG_SOCKET`), else the default.
     pub fn socket(&self) -> PathBuf {
@@ -57,6 +80,26 @@ pub enum Command {
         /// cut off [default: 10].
         #[arg(long)]
         deadman_secs: Option<u32>,
+        /// Directory for quarantine state and history [default: /var/lib/agentseg].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Cut an agent or a whole segment off: new connects and sends fail, established flows
+    /// stop passing packets; only the segment's `[quarantine] allow` peers stay reachable.
+    Quarantine {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Why (recorded with your uid and the time).
+        #[arg(long)]
+        reason: String,
+        /// Lift by itself after this long (e.g. 90s, 15m, 2h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Lift a quarantine: the segment's rules apply again.
+    Release {
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Re-read the policy directory now (as SIGHUP does); fails, changing nothing, on errors.
     Reload,

@@ -19,6 +19,8 @@ pub struct DaemonConfig {
     pub pin_root: PathBuf,
     /// Dead-man bound in seconds for segments with `on_daemon_loss = "quarantine"`.
     pub deadman_secs: u32,
+    /// Quarantine state and history.
+    pub state_dir: PathBuf,
 }
 
 impl Default for DaemonConfig {
@@ -29,6 +31,7 @@ impl Default for DaemonConfig {
             agent_root: "agentseg/agents".into(),
             pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),
             deadman_secs: 10,
+            state_dir: PathBuf::from("/var/lib/agentseg"),
         }
     }
 }

@@ -29,6 +29,50 @@ pub enum Request {
     },
     /// Re-read the policy directory (as SIGHUP does); the reply says whether it applied.
     Reload,
+    /// Cut an agent or a whole segment off (new connects, sends and established flows).
+    Quarantine {
+        target: Target,
+        reason: String,
+        /// Lift by itself after this many seconds.
+        ttl_secs: Option<u64>,
+    },
+    /// Lift a quarantine; the segment's rules apply again.
+    Release {
+        target: Target,
+    },
+}
+
+/// What a quarantine applies to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// An agent, by its 32-hex-digit id.
+    Agent(String),
+    /// Every member and agent of a segment, by name.
+    Segment(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Agent(id) => write!(f, "agent {id}"),
+            Target::Segment(name) => write!(f, "segment {name}"),
+        }
+    }
+}
+
+/// A quarantine in force: what, why, who, since when, until when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantineInfo {
+    pub target: Target,
+    pub reason: String,
+    /// Uid of the caller (from the socket's peer credentials); `None` for the daemon itself.
+    pub by_uid: Option<u32>,
+    /// Who set it: "operator", "ttl", a detector's name, or "recovered".
+    pub by: String,
+    pub since_unix: u64,
+    /// When a TTL quarantine lifts itself.
+    pub until_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,6 +102,8 @@ pub struct Status {
     pub adopted: bool,
     pub reload: ReloadStatus,
     pub segments: Vec<SegmentStatus>,
+    /// Every quarantine in force.
+    pub quarantines: Vec<QuarantineInfo>,
     pub agents: Vec<AgentStatus>,
     /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset.
     pub fail_closed: Vec<(String, u64)>,
@@ -86,6 +132,7 @@ pub struct SegmentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
+    pub quarantine: Option<QuarantineInfo>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -97,6 +144,7 @@ pub struct AgentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
+    pub quarantine: Option<QuarantineInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +154,8 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("permission denied: the control socket {path} is root-only")]
+    Denied { path: PathBuf },
     #[error("talking to the daemon at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -123,9 +173,17 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
         path: socket.to_owned(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_owned(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::Denied {
+                path: socket.to_owned(),
+            }
+        } else {
+            ClientError::Connect {
+                path: socket.to_owned(),
+                source,
+            }
+        }
     })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             agent_root,
             pin_root,
             deadman_secs,
+            state_dir,
         } => {
             let flags = commands::daemon::Overrides {
                 config,
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
                 agent_root,
                 pin_root,
                 deadman_secs,
+                state_dir,
             };
             match commands::daemon::daemon(flags) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +38,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload => commands::maintenance::reload(&socket),
+        Command::Quarantine {
+            target,
+            reason,
+            ttl,
+        } => commands::maintenance::quarantine(&socket, target.target(), reason, ttl),
+        Command::Release { target } => commands::maintenance::release(&socket, target.target()),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
         Command::Run { segment, command } => commands::run::run(&socket, &segment, &command),

@@ -233,6 +233,8 @@ impl Daemon {
             .arg(&self.agent_root)
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -425,4 +427,32 @@ pub fn probe(ns: &Netns, join: Option<&Path>, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Programs agentseg attaches to each member cgroup and the agent root.
+pub const PROGRAMS: usize = 6;
+
+/// How many agentseg programs are attached to a cgroup (`bpftool cgroup show`).
+pub fn attachments(cgroup: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Array(vec![]));
+    v.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("agentseg_"))
+            })
+            .count()
+    })
 }

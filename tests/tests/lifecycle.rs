@@ -6,7 +6,8 @@ use std::{
 };
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Netns, Server, agentseg_bin, kernel_ready, probe, probe_bin,
+    CgroupTree, Daemon, Netns, PROGRAMS, Server, agentseg_bin, attachments, kernel_ready, probe,
+    probe_bin,
 };
 
 fn seg(name: &str, ports: &str, extra: &str) -> String {
@@ -67,30 +68,6 @@ impl Drop for Looper {
     }
 }
 
-fn attachments(cgroup: &std::path::Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Array(vec![]));
-    v.as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|p| {
-                p["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("agentseg_"))
-            })
-            .count()
-    })
-}
-
 #[test]
 fn sigkill_leaves_enforcement_in_force_and_restart_adopts_it() {
     if !kernel_ready() {
@@ -132,7 +109,7 @@ fn sigkill_leaves_enforcement_in_force_and_restart_adopts_it() {
         "denied loop: {err} failures, last {last}"
     );
     // One set of attachments, not two.
-    assert_eq!(attachments(&tree.abs("agents")), 4);
+    assert_eq!(attachments(&tree.abs("agents")), PROGRAMS);
 }
 
 #[test]
@@ -267,7 +244,11 @@ fn dead_man_switch_cuts_off_and_restart_restores() {
         "ok",
         "not restored"
     );
-    assert_eq!(attachments(&bot), 4, "the restart duplicated attachments");
+    assert_eq!(
+        attachments(&bot),
+        PROGRAMS,
+        "the restart duplicated attachments"
+    );
 }
 
 #[test]

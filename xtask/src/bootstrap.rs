@@ -11,8 +11,9 @@ use crate::step;
 
 /// bpf-linker version known to build with the machine's nightly (shared/notes/toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the kernel tests use: `ip` for network namespaces.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+/// Debian packages the kernel tests use: `ip` for network namespaces, `bpftool` to count
+/// attachments independently of agentseg.
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 
 pub fn all(for_tests: bool) -> anyhow::Result<()> {
     rust_src()?;

@@ -16,6 +16,7 @@ pub struct Overrides {
     pub agent_root: Option<String>,
     pub pin_root: Option<PathBuf>,
     pub deadman_secs: Option<u32>,
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
@@ -30,6 +31,7 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         agent_root: flags.agent_root.unwrap_or(file.agent_root),
         pin_root: flags.pin_root.unwrap_or(file.pin_root),
         deadman_secs: flags.deadman_secs.unwrap_or(file.deadman_secs),
+        state_dir: flags.state_dir.unwrap_or(file.state_dir),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,15 +1,44 @@
-//! `agentseg reload` and `agentseg uninstall`.
-use std::{path::Path, process::ExitCode};
+//! `agentseg reload`, `quarantine`, `release` and `uninstall`.
+use std::{path::Path, process::ExitCode, time::Duration};
 
 use crate::{
-    control::{self, Reply, Request},
+    control::{self, Reply, Request, Target},
     datapath,
 };
 
 pub fn reload(socket: &Path) -> ExitCode {
-    match control::call(socket, &Request::Reload) {
+    simple(socket, &Request::Reload, "policy reloaded")
+}
+
+pub fn quarantine(
+    socket: &Path,
+    target: Target,
+    reason: String,
+    ttl: Option<Duration>,
+) -> ExitCode {
+    let done = format!("{target} quarantined");
+    let ttl_secs = ttl.map(|d| d.as_secs().max(1));
+    simple(
+        socket,
+        &Request::Quarantine {
+            target,
+            reason,
+            ttl_secs,
+        },
+        &done,
+    )
+}
+
+pub fn release(socket: &Path, target: Target) -> ExitCode {
+    let done = format!("{target} released");
+    simple(socket, &Request::Release { target }, &done)
+}
+
+/// A request whose reply is Ok or an error.
+fn simple(socket: &Path, request: &Request, done: &str) -> ExitCode {
+    match control::call(socket, request) {
         Ok(Reply::Ok) => {
-            println!("agentseg: policy reloaded");
+            println!("agentseg: {done}");
             ExitCode::SUCCESS
         }
         Ok(Reply::Error { message }) => {

@@ -2,7 +2,8 @@
 //! policy always gives the same ids and the same [`Compiled::to_text`].
 //!
 //! Segment id = index + 1 (0 is never used), ruleset 0 = the empty set (deny), rule id =
-//! index into [`Compiled::rules`] (segments in order, egress then ingress, file order).
+//! index into [`Compiled::rules`] (segments in order, egress then ingress in file order, then
+//! the segment's quarantine allow list if it has one).
 
 mod cover;
 mod ruleset;
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 use agentseg_common::{MODE_AUDIT, MODE_ENFORCE, PortRule, RULESET_CAPACITY, RuleSet};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{DaemonLoss, Mode, Origin, PolicySet, Rule};
+use crate::policy::{DaemonLoss, Mode, Origin, PolicySet, Protocol, Rule, Segment};
 use cover::{FamRule, Net};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,12 @@ pub struct CompiledSegment {
     pub egress_v6: Vec<(Ipv6Net, u32)>,
     pub ingress_v4: Vec<(Ipv4Net, u32)>,
     pub ingress_v6: Vec<(Ipv6Net, u32)>,
+    /// `[quarantine] allow`: every prefix maps to one ruleset that allows every protocol and
+    /// port (its rule id is the quarantine list's [`RuleInfo`]). Applies to both directions
+    /// while the segment or one of its agents is quarantined. Sorted like the others; empty
+    /// when the segment has no allow list.
+    pub quarantine_v4: Vec<(Ipv4Net, u32)>,
+    pub quarantine_v6: Vec<(Ipv6Net, u32)>,
     pub member_cgroups: Vec<String>,
     /// Passed through; the daemon resolves them to cgroups.
     pub member_units: Vec<String>,
@@ -54,6 +61,8 @@ pub struct CompiledSegment {
 pub enum Direction {
     Egress,
     Ingress,
+    /// A segment's `[quarantine] allow` list (both directions, during quarantine only).
+    Quarantine,
 }
 
 impl fmt::Display for Direction {
@@ -61,6 +70,7 @@ impl fmt::Display for Direction {
         f.write_str(match self {
             Direction::Egress => "egress",
             Direction::Ingress => "ingress",
+            Direction::Quarantine => "quarantine",
         })
     }
 }
@@ -130,12 +140,16 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
             egress_v6: Vec::new(),
             ingress_v4: Vec::new(),
             ingress_v6: Vec::new(),
+            quarantine_v4: Vec::new(),
+            quarantine_v6: Vec::new(),
             member_cgroups: seg.members.cgroups.clone(),
             member_units: seg.members.units.clone(),
         };
+        let quarantine = quarantine_rule(seg);
         for (direction, dir_rules) in [
-            (Direction::Egress, &seg.egress),
-            (Direction::Ingress, &seg.ingress),
+            (Direction::Egress, seg.egress.as_slice()),
+            (Direction::Ingress, seg.ingress.as_slice()),
+            (Direction::Quarantine, quarantine.as_slice()),
         ] {
             let first_id = rules.len();
             rules.extend(dir_rules.iter().enumerate().map(|(i, r)| RuleInfo {
@@ -168,6 +182,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
             match direction {
                 Direction::Egress => (out.egress_v4, out.egress_v6) = (v4, v6),
                 Direction::Ingress => (out.ingress_v4, out.ingress_v6) = (v4, v6),
+                Direction::Quarantine => (out.quarantine_v4, out.quarantine_v6) = (v4, v6),
             }
         }
         segments.push(out);
@@ -180,6 +195,25 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
         rulesets: interner.sets,
         rules,
     })
+}
+
+/// The quarantine allow list as one rule (all protocols, all ports, no excepts), so that it
+/// goes through the same cover/normalize/intern path as the other rules; none when the list
+/// is empty. Its origin is the `[quarantine]` table.
+fn quarantine_rule(seg: &Segment) -> Vec<Rule> {
+    if seg.quarantine_allow.is_empty() {
+        return Vec::new();
+    }
+    vec![Rule {
+        cidrs: seg.quarantine_allow.clone(),
+        except: Vec::new(),
+        ports: Vec::new(),
+        protocol: Protocol::Any,
+        origin: seg
+            .quarantine_origin
+            .clone()
+            .unwrap_or_else(|| seg.origin.clone()),
+    }]
 }
 
 /// The rules of one segment and direction.
@@ -234,12 +268,18 @@ impl DirCompiler<'_> {
 }
 
 impl Compiled {
-    /// Number of LPM (policy) entries over all segments, directions and families.
+    /// Number of LPM (policy) entries over all segments, directions (quarantine included) and
+    /// families.
     pub fn entry_count(&self) -> usize {
         self.segments
             .iter()
             .map(|s| {
-                s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len()
+                s.egress_v4.len()
+                    + s.egress_v6.len()
+                    + s.ingress_v4.len()
+                    + s.ingress_v6.len()
+                    + s.quarantine_v4.len()
+                    + s.quarantine_v6.len()
             })
             .sum()
     }

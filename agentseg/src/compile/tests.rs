@@ -113,6 +113,8 @@ fn segment(egress: Vec<policy::Rule>) -> PolicySet {
             egress,
             ingress: vec![],
             members: Members::default(),
+            quarantine_allow: vec![],
+            quarantine_origin: None,
             origin: Origin {
                 file: PathBuf::from("big.toml"),
                 line: 1,
@@ -231,4 +233,121 @@ fn hundred_thousand_prefixes() {
     // Contents: empty, {80}, {80, 443}, and {443} for the /28s inside the except.
     assert!(c.rulesets.len() <= 4, "{}", c.rulesets.len());
     assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn quarantine_allow_list_compiles_to_an_allow_all_ruleset() {
+    let text = "[[segment]]\nname = \"b.b.b\"\n\
+        [[segment.egress]]\ncidrs = [\"10.0.0.0/8\"]\nports = [443]\nprotocol = \"tcp\"\n\
+        [segment.quarantine]\n\
+        allow = [\"@logs\", \"::1\", \"10.1.0.0/16\", \"127.0.0.1\", \"10.0.0.0/8\"]\n\
+        [[segment.ingress]]\ncidrs = [\"192.0.2.0/24\"]\n\
+        [[segment]]\nname = \"a.a.a\"\nquarantine = { allow = [\"127.0.0.1\"] }\n\
+        [[segment]]\nname = \"c.c.c\"\n[[segment.egress]]\ncidrs = [\"::/0\"]\n\
+        [peers.logs]\ncidrs = [\"192.0.2.50\", \"2001:db8::50\"]\n";
+    let c = compile(&set(text)).expect("compiles");
+    let all = PROTO_TCP | PROTO_UDP | PROTO_ICMP;
+
+    // Rule ids: segments in order; egress, ingress, then the quarantine list.
+    let infos: Vec<(u32, &str, Direction, usize)> = c
+        .rules
+        .iter()
+        .map(|r| (r.id, r.segment.as_str(), r.direction, r.line))
+        .collect();
+    assert_eq!(
+        infos,
+        [
+            (0, "a.a.a", Direction::Quarantine, 13),
+            (1, "b.b.b", Direction::Egress, 3),
+            (2, "b.b.b", Direction::Ingress, 9),
+            (3, "b.b.b", Direction::Quarantine, 7),
+            (4, "c.c.c", Direction::Egress, 16),
+        ]
+    );
+    assert_eq!(c.rules[3].file, PathBuf::from("t.toml"));
+
+    let a = &c.segments[0];
+    assert_eq!(a.quarantine_v4.len(), 1);
+    assert!(a.quarantine_v6.is_empty());
+    assert_eq!(contents(&c, a.quarantine_v4[0].1), [(0, 65535, all, 0)]);
+
+    let b = &c.segments[1];
+    let v4: Vec<String> = b.quarantine_v4.iter().map(|e| e.0.to_string()).collect();
+    assert_eq!(
+        v4,
+        ["10.0.0.0/8", "10.1.0.0/16", "127.0.0.1/32", "192.0.2.50/32"]
+    );
+    let v6: Vec<String> = b.quarantine_v6.iter().map(|e| e.0.to_string()).collect();
+    assert_eq!(v6, ["::1/128", "2001:db8::50/128"]);
+    // One interned ruleset for every prefix of the segment, both families.
+    let q = b.quarantine_v4[0].1;
+    assert!(b.quarantine_v4.iter().all(|e| e.1 == q));
+    assert!(b.quarantine_v6.iter().all(|e| e.1 == q));
+    assert_eq!(contents(&c, q), [(0, 65535, all, 3)]);
+    // Different rule ids: the two segments' quarantine rulesets are distinct.
+    assert_ne!(q, a.quarantine_v4[0].1);
+    // The allow list adds nothing to egress/ingress.
+    assert_eq!(b.egress_v4.len(), 1);
+    assert_eq!(b.ingress_v4.len(), 1);
+    assert_eq!(b.ingress_v6.len(), 0);
+    let c_seg = &c.segments[2];
+    assert!(c_seg.quarantine_v4.is_empty() && c_seg.quarantine_v6.is_empty());
+    // deny + a's quarantine + b's egress, ingress, quarantine + c's egress.
+    assert_eq!(c.rulesets.len(), 6);
+    assert_eq!(c.entry_count(), 1 + (1 + 1 + 4 + 2) + 1);
+}
+
+#[test]
+fn quarantine_lookup_allows_everything_to_listed_peers_only() {
+    use super::tests_semantics::{allows, lookup};
+    let text = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"0.0.0.0/0\"]\nports = [443]\n\
+        protocol = \"tcp\"\n[quarantine]\nallow = [\"10.0.0.0/8\", \"fd00::1\"]\n";
+    let c = compile(&set(text)).expect("compiles");
+    for (ip, proto, port) in [
+        ("10.2.3.4", PROTO_UDP, 514),
+        ("10.2.3.4", PROTO_TCP, 1),
+        ("10.2.3.4", PROTO_ICMP, 0),
+        ("fd00::1", PROTO_TCP, 65535),
+    ] {
+        assert!(
+            allows(lookup(&c, 0, Direction::Quarantine, ip), proto, port),
+            "{ip} {proto} {port}"
+        );
+    }
+    assert!(!allows(
+        lookup(&c, 0, Direction::Quarantine, "11.0.0.1"),
+        PROTO_TCP,
+        443
+    ));
+    assert!(!allows(
+        lookup(&c, 0, Direction::Quarantine, "fd00::2"),
+        PROTO_UDP,
+        53
+    ));
+    // Outside quarantine the rules are unchanged.
+    assert!(!allows(
+        lookup(&c, 0, Direction::Egress, "10.2.3.4"),
+        PROTO_UDP,
+        514
+    ));
+    assert_eq!(Direction::Quarantine.to_string(), "quarantine");
+}
+
+#[test]
+fn to_text_includes_quarantine_entries() {
+    let text = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"10.0.0.0/8\"]\nprotocol = \"tcp\"\n\
+        [quarantine]\nallow = [\"::1\", \"127.0.0.1\"]\n";
+    let c = compile(&set(text)).expect("compiles");
+    assert_eq!(
+        c.to_text(),
+        "segment 1 a.b.c mode=enforce\n\
+         segment 1 egress 10.0.0.0/8 -> ruleset 1\n\
+         segment 1 quarantine 127.0.0.1/32 -> ruleset 2\n\
+         segment 1 quarantine ::1/128 -> ruleset 2\n\
+         ruleset 0 deny\n\
+         ruleset 1 tcp 0-65535 rule 0\n\
+         ruleset 2 tcp|udp|icmp 0-65535 rule 1\n\
+         rule 0 a.b.c egress t.toml:2\n\
+         rule 1 a.b.c quarantine t.toml:5\n"
+    );
 }

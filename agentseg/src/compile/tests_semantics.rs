@@ -31,6 +31,12 @@ pub(super) fn lookup<'c>(c: &'c Compiled, seg: usize, dir: Direction, ip: &str) 
             .map(|(n, r)| ((*n).into(), *r))
             .chain(s.ingress_v6.iter().map(|(n, r)| ((*n).into(), *r)))
             .collect(),
+        Direction::Quarantine => s
+            .quarantine_v4
+            .iter()
+            .map(|(n, r)| ((*n).into(), *r))
+            .chain(s.quarantine_v6.iter().map(|(n, r)| ((*n).into(), *r)))
+            .collect(),
     };
     let id = entries
         .iter()

@@ -30,6 +30,8 @@ impl Compiled {
             entries(&mut out, s.id, "egress", &s.egress_v6);
             entries(&mut out, s.id, "ingress", &s.ingress_v4);
             entries(&mut out, s.id, "ingress", &s.ingress_v6);
+            entries(&mut out, s.id, "quarantine", &s.quarantine_v4);
+            entries(&mut out, s.id, "quarantine", &s.quarantine_v6);
         }
         for (id, set) in self.rulesets.iter().enumerate() {
             line(&mut out, format_args!("ruleset {id} {}", ruleset(set)));

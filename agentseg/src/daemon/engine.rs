@@ -2,19 +2,20 @@
 //! takes requests over a channel, so no two requests ever race on the kernel maps.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentseg_common::{MEMBER_AGENT, MODE_AUDIT, Member, SEGMENT_GONE};
+use agentseg_common::{MEMBER_AGENT, Member, SEGMENT_GONE};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
+use super::quarantine::Store;
 use crate::{
     agent::AgentId,
     cgroup, compile,
     compile::Compiled,
-    control::{AgentStatus, ReloadStatus, Reply, SegmentStatus, Status},
+    control::{ReloadStatus, Reply, Target},
     datapath::{Datapath, generation_segment_id as segment_id},
     policy,
 };
@@ -50,11 +51,14 @@ pub struct Engine {
     /// Cgroup ids this daemon attached (or adopted and updated).
     pub(super) attached: BTreeSet<u64>,
     pub(super) agents: BTreeMap<AgentId, Agent>,
-    reload: ReloadStatus,
+    pub(super) reload: ReloadStatus,
+    pub(super) store: Store,
 }
 
 pub struct StartOptions {
     pub cgroup2: PathBuf,
+    /// Quarantine state and history.
+    pub state_dir: PathBuf,
     pub policies: PathBuf,
     pub agent_root: PathBuf,
     pub deadman_secs: u32,
@@ -67,6 +71,7 @@ impl Engine {
         let generation = dp.config()?.active_gen & 1;
         cgroup::create(&opts.agent_root)?;
         let agent_root_id = cgroup::cgroup_id(&opts.agent_root)?;
+        let store = Store::open(&opts.state_dir)?;
         let mut engine = Self {
             dp,
             compiled: None,
@@ -80,11 +85,13 @@ impl Engine {
             attached: BTreeSet::new(),
             agents: BTreeMap::new(),
             reload: ReloadStatus::default(),
+            store,
         };
         if engine.dp.adopted() {
             engine.adopt_agents();
         }
         engine.apply(compiled)?;
+        engine.recover_quarantines();
         engine
             .dp
             .attach(agent_root_id, &engine.agent_root)
@@ -147,7 +154,7 @@ impl Engine {
         }
     }
 
-    fn live(&self) -> &Compiled {
+    pub(super) fn live(&self) -> &Compiled {
         // Invariant: only `apply`/`sync_members` take it, and they put it back.
         self.compiled
             .as_ref()
@@ -159,13 +166,7 @@ impl Engine {
     }
 
     pub fn prefix_count(&self) -> usize {
-        self.live()
-            .segments
-            .iter()
-            .map(|s| {
-                s.egress_v4.len() + s.egress_v6.len() + s.ingress_v4.len() + s.ingress_v6.len()
-            })
-            .sum()
+        self.live().entry_count()
     }
 
     /// Every cgroup that may hold a confined process: requests from under them are refused.
@@ -259,7 +260,7 @@ impl Engine {
         let member = Member {
             segment_ids,
             kind: MEMBER_AGENT,
-            _pad: 0,
+            flags: 0,
             agent_id: id.0,
         };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {
@@ -327,92 +328,11 @@ impl Engine {
             if let Err(e) = self.dp.remove_member(agent.cgroup_id) {
                 warn!(agent = %id, "removing membership: {e}");
             }
+            let target = Target::Agent(id.to_string());
+            if self.store.records.contains_key(&target) {
+                self.release(&target, None, "agent-gone");
+            }
             info!(agent = %id, segment = %agent.segment, "agent gone");
-        }
-    }
-
-    pub fn status(&self) -> Status {
-        let live = self.live();
-        let mut segments: Vec<SegmentStatus> = live
-            .segments
-            .iter()
-            .map(|s| SegmentStatus {
-                name: s.name.clone(),
-                id: s.id,
-                mode: if s.mode == MODE_AUDIT {
-                    "audit"
-                } else {
-                    "enforce"
-                }
-                .into(),
-                member_cgroups: Vec::new(),
-                prefixes: s.egress_v4.len()
-                    + s.egress_v6.len()
-                    + s.ingress_v4.len()
-                    + s.ingress_v6.len(),
-                ..Default::default()
-            })
-            .collect();
-        for (path, m) in &self.members {
-            let c = self.dp.counters(m.cgroup_id);
-            let Some(s) = segments.get_mut(m.segment) else {
-                continue;
-            };
-            s.member_cgroups.push(rel(&self.cgroup2, path));
-            s.allowed += c.allowed;
-            s.denied += c.denied;
-            s.audit_denied += c.audit_denied;
-        }
-        let agents = self
-            .agents
-            .iter()
-            .map(|(id, a)| {
-                let c = self.dp.counters(a.cgroup_id);
-                if let Some(s) = segments.iter_mut().find(|s| s.name == a.segment) {
-                    s.allowed += c.allowed;
-                    s.denied += c.denied;
-                    s.audit_denied += c.audit_denied;
-                }
-                AgentStatus {
-                    agent_id: id.to_string(),
-                    segment: a.segment.clone(),
-                    cgroup: a.cgroup.clone(),
-                    pids: cgroup::procs(&a.cgroup).unwrap_or_default(),
-                    allowed: c.allowed,
-                    denied: c.denied,
-                    audit_denied: c.audit_denied,
-                }
-            })
-            .collect();
-        let stats = self.dp.stats();
-        Status {
-            ready: true,
-            pid: std::process::id(),
-            cgroup2: self.cgroup2.clone(),
-            policies: self.policies.clone(),
-            generation: self.generation,
-            adopted: self.dp.adopted(),
-            reload: self.reload.clone(),
-            segments,
-            agents,
-            fail_closed: vec![
-                (
-                    "no_member".into(),
-                    stats[agentseg_common::STAT_NO_MEMBER as usize],
-                ),
-                (
-                    "no_segment".into(),
-                    stats[agentseg_common::STAT_NO_SEGMENT as usize],
-                ),
-                (
-                    "no_ruleset".into(),
-                    stats[agentseg_common::STAT_NO_RULESET as usize],
-                ),
-                (
-                    "deadman".into(),
-                    stats[agentseg_common::STAT_DEADMAN as usize],
-                ),
-            ],
         }
     }
 
@@ -426,14 +346,7 @@ impl Engine {
     }
 }
 
-fn rel(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
-}
-
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

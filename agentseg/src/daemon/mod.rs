@@ -5,7 +5,10 @@
 //! the tokio side accepts connections, checks credentials and forwards. The shutdown signal is
 //! a parameter so tests and `main` drive it the same way.
 mod engine;
+mod quarantine;
 mod reconcile;
+mod revoke;
+mod status;
 
 use std::{
     future::Future,
@@ -41,12 +44,15 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// Dead-man bound for segments with `on_daemon_loss = "quarantine"`; 0 disables it.
     pub deadman_secs: u32,
+    /// Quarantine state and history (created 0700).
+    pub state_dir: PathBuf,
 }
 
 /// Work for the engine thread.
 enum Job {
-    /// A client's request, with the peer's pid for the "not from inside a segment" check.
-    Request(Request, Option<i32>, oneshot::Sender<Reply>),
+    /// A client's request, with the peer's pid (for the "not from inside a segment" check)
+    /// and uid (recorded with quarantines).
+    Request(Request, Option<i32>, u32, oneshot::Sender<Reply>),
     /// Periodic: membership tracking and the sweep of exited agents.
     Tick,
     Heartbeat,
@@ -87,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             policies: config.policies.clone(),
             agent_root,
             deadman_secs: config.deadman_secs,
+            state_dir: config.state_dir.clone(),
         },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
@@ -167,12 +174,13 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
             Job::Tick => {
                 engine.sync_members();
                 engine.sweep();
+                engine.expire_quarantines();
             }
             Job::Heartbeat => engine.heartbeat(),
             Job::Reload => {
                 engine.reload();
             }
-            Job::Request(request, pid, reply) => {
+            Job::Request(request, pid, uid, reply) => {
                 let answer = match engine.check_peer(pid) {
                     Err(message) => Reply::Error { message },
                     Ok(()) => match request {
@@ -180,6 +188,14 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                         Request::StartAgent { segment } => engine.start_agent(&segment),
                         Request::AgentExited { agent_id } => engine.agent_exited(&agent_id),
                         Request::Reload => engine.reload(),
+                        Request::Quarantine {
+                            target,
+                            reason,
+                            ttl_secs,
+                        } => engine.quarantine(target, reason, ttl_secs, Some(uid), "operator"),
+                        Request::Release { target } => {
+                            engine.release(&target, Some(uid), "operator")
+                        }
                     },
                 };
                 let _ = reply.send(answer);
@@ -312,7 +328,7 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Job>) -> anyhow::Result<()> 
             },
             Ok(request) => {
                 let (reply_tx, reply_rx) = oneshot::channel();
-                tx.send(Job::Request(request, cred.pid(), reply_tx))
+                tx.send(Job::Request(request, cred.pid(), cred.uid(), reply_tx))
                     .await
                     .context("engine stopped")?;
                 reply_rx.await.context("engine dropped the request")?

@@ -46,7 +46,7 @@ impl Engine {
             .clear_generation(next)
             .context("clearing the inactive policy generation")?;
         self.dp
-            .write_generation(next, &compiled)
+            .write_generation(next, &compiled, &self.quarantined_segments())
             .context("writing the new policy generation")?;
 
         let new_ids: BTreeMap<&str, u32> = compiled
@@ -106,7 +106,7 @@ impl Engine {
                 let member = Member {
                     segment_ids,
                     kind: MEMBER_CGROUP,
-                    _pad: 0,
+                    flags: 0,
                     agent_id: [0; 16],
                 };
                 self.dp.set_member(*id, member)?;
@@ -194,7 +194,7 @@ impl Engine {
             let member = Member {
                 segment_ids,
                 kind: MEMBER_CGROUP,
-                _pad: 0,
+                flags: 0,
                 agent_id: [0; 16],
             };
             // Membership before attachment: the first judged connect already finds it.

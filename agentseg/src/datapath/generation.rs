@@ -2,9 +2,12 @@
 //! `g * RULESETS_PER_GEN ..`. The daemon writes the inactive generation completely, flips
 //! `Config::active_gen` (one map write), then clears the old one. Rules in both versions never
 //! blink; no connection sees a mix.
+use std::collections::BTreeSet;
+
 use agentseg_common::{
-    GEN_BIT, PolicyKeyV4, PolicyKeyV6, PolicyValue, RULESETS_PER_GEN, RuleSet, SEGMENT_NAME_LEN,
-    SEGMENT_PREFIX_BITS, SegmentInfo, map_names,
+    GEN_BIT, INGRESS_BIT, MAX_SEGMENT_ID, PolicyKeyV4, PolicyKeyV6, PolicyValue, QUARANTINE_BIT,
+    RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED, SEGMENT_NAME_LEN, SEGMENT_PREFIX_BITS, SegmentInfo,
+    map_names,
 };
 use aya::maps::{
     Array, HashMap, MapData,
@@ -69,17 +72,25 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Write a compiled policy into `generation` (which must not be live).
+    /// Write a compiled policy into `generation` (which must not be live). Segments named in
+    /// `quarantined` get their quarantine flag set in it.
     pub fn write_generation(
         &mut self,
         generation: u32,
         compiled: &Compiled,
+        quarantined: &BTreeSet<String>,
     ) -> Result<(), DatapathError> {
         let generation = generation & 1;
         if compiled.rulesets.len() > RULESETS_PER_GEN as usize {
             return Err(DatapathError::Capacity(format!(
                 "the policy needs {} distinct rulesets; the kernel holds {RULESETS_PER_GEN}",
                 compiled.rulesets.len()
+            )));
+        }
+        if let Some(seg) = compiled.segments.iter().find(|s| s.id > MAX_SEGMENT_ID) {
+            return Err(DatapathError::Capacity(format!(
+                "too many segments ({})",
+                seg.id
             )));
         }
         let base = generation * RULESETS_PER_GEN;
@@ -96,23 +107,29 @@ impl Datapath {
             let mut v4: LpmTrie<&mut MapData, PolicyKeyV4, PolicyValue> =
                 map_mut!(self, LpmTrie, map_names::POLICY_V4);
             for seg in &compiled.segments {
-                let segment_id_be = segment_id(generation, seg.id).to_be_bytes();
-                for (net, ruleset) in &seg.egress_v4 {
-                    let key = Key::new(
-                        SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV4 {
-                            segment_id_be,
-                            addr_be: net.network().octets(),
-                        },
-                    );
-                    v4.insert(
-                        &key,
-                        PolicyValue {
-                            ruleset_id: base + ruleset,
-                        },
-                        0,
-                    )
-                    .map_err(map_err(map_names::POLICY_V4))?;
+                let id = segment_id(generation, seg.id);
+                for (table, entries) in [
+                    (id, &seg.egress_v4),
+                    (id | INGRESS_BIT, &seg.ingress_v4),
+                    (id | QUARANTINE_BIT, &seg.quarantine_v4),
+                ] {
+                    for (net, ruleset) in entries {
+                        let key = Key::new(
+                            SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
+                            PolicyKeyV4 {
+                                segment_id_be: table.to_be_bytes(),
+                                addr_be: net.network().octets(),
+                            },
+                        );
+                        v4.insert(
+                            &key,
+                            PolicyValue {
+                                ruleset_id: base + ruleset,
+                            },
+                            0,
+                        )
+                        .map_err(map_err(map_names::POLICY_V4))?;
+                    }
                 }
             }
         }
@@ -120,23 +137,29 @@ impl Datapath {
             let mut v6: LpmTrie<&mut MapData, PolicyKeyV6, PolicyValue> =
                 map_mut!(self, LpmTrie, map_names::POLICY_V6);
             for seg in &compiled.segments {
-                let segment_id_be = segment_id(generation, seg.id).to_be_bytes();
-                for (net, ruleset) in &seg.egress_v6 {
-                    let key = Key::new(
-                        SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                        PolicyKeyV6 {
-                            segment_id_be,
-                            addr_be: net.network().octets(),
-                        },
-                    );
-                    v6.insert(
-                        &key,
-                        PolicyValue {
-                            ruleset_id: base + ruleset,
-                        },
-                        0,
-                    )
-                    .map_err(map_err(map_names::POLICY_V6))?;
+                let id = segment_id(generation, seg.id);
+                for (table, entries) in [
+                    (id, &seg.egress_v6),
+                    (id | INGRESS_BIT, &seg.ingress_v6),
+                    (id | QUARANTINE_BIT, &seg.quarantine_v6),
+                ] {
+                    for (net, ruleset) in entries {
+                        let key = Key::new(
+                            SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
+                            PolicyKeyV6 {
+                                segment_id_be: table.to_be_bytes(),
+                                addr_be: net.network().octets(),
+                            },
+                        );
+                        v6.insert(
+                            &key,
+                            PolicyValue {
+                                ruleset_id: base + ruleset,
+                            },
+                            0,
+                        )
+                        .map_err(map_err(map_names::POLICY_V6))?;
+                    }
                 }
             }
         }
@@ -147,9 +170,15 @@ impl Datapath {
             let bytes = seg.name.as_bytes();
             let n = bytes.len().min(SEGMENT_NAME_LEN);
             name[..n].copy_from_slice(&bytes[..n]);
+            let flags = seg.flags
+                | if quarantined.contains(&seg.name) {
+                    SEG_QUARANTINED
+                } else {
+                    0
+                };
             let info = SegmentInfo {
                 mode: seg.mode,
-                flags: seg.flags,
+                flags,
                 name,
             };
             segments
@@ -157,6 +186,21 @@ impl Datapath {
                 .map_err(map_err(map_names::SEGMENTS))?;
         }
         Ok(())
+    }
+
+    /// Set or clear a live segment's quarantine flag: one map write, seen by the next packet.
+    pub fn set_segment_quarantine(&mut self, id: u32, on: bool) -> Result<(), DatapathError> {
+        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
+            map_mut!(self, HashMap, map_names::SEGMENTS);
+        let mut info = segments.get(&id, 0).map_err(map_err(map_names::SEGMENTS))?;
+        if on {
+            info.flags |= SEG_QUARANTINED;
+        } else {
+            info.flags &= !SEG_QUARANTINED;
+        }
+        segments
+            .insert(id, info, 0)
+            .map_err(map_err(map_names::SEGMENTS))
     }
 
     /// Delete every prefix and segment of `generation` (never the live one).

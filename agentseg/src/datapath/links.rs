@@ -14,7 +14,7 @@ use aya::programs::{
 };
 use tracing::{debug, warn};
 
-use super::{Datapath, DatapathError, PROGRAMS, PinDirs, program, sys};
+use super::{Datapath, DatapathError, PROGRAMS, PinDirs, Prog, program, sys};
 
 fn link_pin(pins: &PinDirs, cgroup_id: u64, prog: &str) -> PathBuf {
     pins.links.join(format!("{cgroup_id}_{prog}"))
@@ -59,19 +59,24 @@ impl Datapath {
                 path: dir.to_owned(),
                 source,
             })?;
-            let prog = program(&mut self.ebpf, name)?;
-            // aya uses bpf_link (kernel >= 5.7): link attachments always coexist with other
-            // programs on the cgroup (all must allow), and the kernel refuses flags with them.
-            let id = prog
-                .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            let err = |source| DatapathError::Program { name, source };
+            let link_err = |source| DatapathError::Link {
                 path: pin.clone(),
                 source,
-            })?;
+            };
+            // aya uses bpf_link (kernel >= 5.7): link attachments always coexist with other
+            // programs on the cgroup (all must allow), and the kernel refuses flags with them.
+            let mode = CgroupAttachMode::Single;
+            let link = match program(&mut self.ebpf, name)? {
+                Prog::SockAddr(p) => {
+                    let id = p.attach(&file, mode).map_err(err)?;
+                    FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)?
+                }
+                Prog::Skb(p, attach_type) => {
+                    let id = p.attach(&file, attach_type, mode).map_err(err)?;
+                    FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)?
+                }
+            };
             link.pin(&pin).map_err(|source| DatapathError::Pin {
                 path: pin.clone(),
                 source,
@@ -87,11 +92,12 @@ impl Datapath {
             path: pin.to_owned(),
             source,
         })?;
-        let prog = program(&mut self.ebpf, name)?;
-        let fd = prog
-            .fd()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        sys::link_update(link.as_fd(), fd.as_fd()).map_err(|source| DatapathError::Io {
+        let err = |source| DatapathError::Program { name, source };
+        let fd = match program(&mut self.ebpf, name)? {
+            Prog::SockAddr(p) => p.fd().map_err(err)?.as_fd(),
+            Prog::Skb(p, _) => p.fd().map_err(err)?.as_fd(),
+        };
+        sys::link_update(link.as_fd(), fd).map_err(|source| DatapathError::Io {
             what: "updating pinned link",
             path: pin.to_owned(),
             source,

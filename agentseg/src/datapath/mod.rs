@@ -19,7 +19,7 @@ use agentseg_common::{Config, Counters, Member, PIN_LAYOUT, STAT_COUNT, map_name
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::CgroupSockAddr,
+    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
 };
 pub use bpffs::ensure_bpffs;
 pub use generation::{SegmentEntry, segment_id as generation_segment_id};
@@ -28,11 +28,14 @@ pub use links::uninstall;
 /// The kernel object built by `build.rs` (empty when the eBPF build was skipped).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg"));
 
-const PROGRAMS: [&str; 4] = [
+/// Every program, attached to every member cgroup and the agent root.
+const PROGRAMS: [&str; 6] = [
     prog_names::CONNECT4,
     prog_names::CONNECT6,
     prog_names::SENDMSG4,
     prog_names::SENDMSG6,
+    prog_names::SKB_EGRESS,
+    prog_names::SKB_INGRESS,
 ];
 
 /// Default pin root.
@@ -183,9 +186,11 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGRAMS {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let result = match program(&mut ebpf, name)? {
+                Prog::SockAddr(p) => p.load(),
+                Prog::Skb(p, _) => p.load(),
+            };
+            result.map_err(|source| DatapathError::Program { name, source })?;
         }
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
@@ -312,14 +317,26 @@ impl Datapath {
     }
 }
 
-fn program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+/// One of our programs, by kind.
+enum Prog<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    Skb(&'a mut CgroupSkb, CgroupSkbAttachType),
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, DatapathError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    let err = |source| DatapathError::Program { name, source };
+    Ok(match name {
+        prog_names::SKB_EGRESS => {
+            Prog::Skb(prog.try_into().map_err(err)?, CgroupSkbAttachType::Egress)
+        }
+        prog_names::SKB_INGRESS => {
+            Prog::Skb(prog.try_into().map_err(err)?, CgroupSkbAttachType::Ingress)
+        }
+        _ => Prog::SockAddr(prog.try_into().map_err(err)?),
+    })
 }
 
 /// Raise RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (before 5.11).

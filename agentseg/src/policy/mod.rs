@@ -30,7 +30,7 @@ pub use error::{PolicyError, PolicyErrors};
 pub struct PolicySet {
     /// Sorted by name.
     pub segments: Vec<Segment>,
-    /// Peer groups by name (`@NAME` in `cidrs`), already validated.
+    /// Peer groups by name (`@NAME` in `cidrs` and `[quarantine] allow`), already validated.
     pub peers: BTreeMap<String, Vec<IpNet>>,
 }
 
@@ -44,6 +44,13 @@ pub struct Segment {
     pub egress: Vec<Rule>,
     pub ingress: Vec<Rule>,
     pub members: Members,
+    /// `[quarantine] allow`: peers that stay reachable, on every protocol and port in both
+    /// directions, while the segment or one of its agents is quarantined. `@group` references
+    /// already expanded, duplicates dropped; empty when the table or key is absent.
+    pub quarantine_allow: Vec<IpNet>,
+    /// Where `[quarantine]` is defined (its table header, or for an inline table the start of
+    /// its value); `None` when absent.
+    pub quarantine_origin: Option<Origin>,
     pub origin: Origin,
 }
 

@@ -19,6 +19,7 @@ pub(super) struct RawFile {
     pub egress: Option<Vec<Spanned<RawRule>>>,
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
+    pub quarantine: Option<Spanned<RawQuarantine>>,
     pub segment: Option<Vec<Spanned<RawSegment>>>,
     pub peers: Option<BTreeMap<Spanned<String>, Spanned<RawPeer>>>,
 }
@@ -34,6 +35,7 @@ pub(super) struct RawSegment {
     pub egress: Option<Vec<Spanned<RawRule>>>,
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
+    pub quarantine: Option<Spanned<RawQuarantine>>,
 }
 
 /// One `[[egress]]` / `[[ingress]]` rule.
@@ -54,6 +56,15 @@ pub(super) struct RawMembers {
     pub units: Option<Vec<Spanned<String>>>,
 }
 
+/// `[quarantine]` / `[segment.quarantine]`: peers that stay reachable (every protocol and
+/// port, both directions) while the segment or one of its agents is quarantined.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuarantine {
+    /// Same syntax as a rule's `cidrs`. Spanned as a whole so that `allow = []` can be reported.
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
 /// `[peers.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +82,7 @@ impl RawFile {
             || self.egress.is_some()
             || self.ingress.is_some()
             || self.members.is_some()
+            || self.quarantine.is_some()
     }
 
     /// Splits the file into its top-level segment (if any single-segment key is present), its
@@ -84,6 +96,7 @@ impl RawFile {
             egress: self.egress,
             ingress: self.ingress,
             members: self.members,
+            quarantine: self.quarantine,
         });
         FileParts {
             top,
@@ -116,6 +129,7 @@ impl RawSegment {
                 .and_then(|r| r.first())
                 .map(|s| s.span().start),
             self.members.as_ref().map(|s| s.span().start),
+            self.quarantine.as_ref().map(|s| s.span().start),
         ];
         spans.into_iter().flatten().min()
     }

@@ -87,6 +87,8 @@ fn spec_example_loads_to_the_expected_model() {
             cgroups: vec!["agents/summarizer".into()],
             units: vec!["summarizer.service".into()],
         },
+        quarantine_allow: vec![],
+        quarantine_origin: None,
         origin: origin("a.toml", 1),
     };
     assert_eq!(set.segments, vec![expected]);
@@ -202,6 +204,12 @@ fn bundled_examples_load() {
     let set = load_dir(&examples_dir()).unwrap_or_else(|e| panic!("{e}"));
     assert!(set.segments.len() >= 4, "{:?}", set.segments.len());
     assert!(set.segments.iter().any(|s| s.mode == Mode::Audit));
+    // summarizer.toml documents [quarantine] with the log-collectors group from peers.toml.
+    assert!(
+        set.segments
+            .iter()
+            .any(|s| s.quarantine_allow.contains(&net("192.0.2.50/32")))
+    );
     for seg in &set.segments {
         for c in &seg.members.cgroups {
             assert!(c.starts_with("agentseg-examples/"), "{c}");
@@ -230,4 +238,83 @@ fn errors_display_one_per_line() {
         },
     ]);
     assert_eq!(errs.to_string(), "a.toml:2:3: bad\nb.toml:1:1: worse");
+}
+
+#[test]
+fn quarantine_allow_top_level_form() {
+    let text = r#"name = "a.b.c"
+
+[quarantine]
+allow = ["@log-collectors", "127.0.0.1/32", "::1", "127.0.0.1", "192.0.2.50", "10.0.0.0/8"]
+
+[peers.log-collectors]
+cidrs = ["192.0.2.50/32", "2001:db8::50"]
+"#;
+    let set = load_files(&files(&[("q.toml", text)])).expect("loads");
+    let seg = &set.segments[0];
+    // Group expanded in place; bare addresses become /32 and /128; duplicates (also ones
+    // coming from the group) dropped keeping the first.
+    assert_eq!(
+        seg.quarantine_allow,
+        vec![
+            net("192.0.2.50/32"),
+            net("2001:db8::50/128"),
+            net("127.0.0.1/32"),
+            net("::1/128"),
+            net("10.0.0.0/8"),
+        ]
+    );
+    assert_eq!(seg.quarantine_origin, Some(origin("q.toml", 3)));
+    // The table alone is a top-level segment key: no rules needed.
+    assert!(seg.egress.is_empty() && seg.ingress.is_empty());
+}
+
+#[test]
+fn quarantine_allow_multi_form_and_defaults() {
+    let text = r#"
+[[segment]]
+name = "a.a.a"
+
+[segment.quarantine]
+allow = ["@logs"]
+
+[[segment.egress]]
+cidrs = ["10.0.0.0/8"]
+
+[[segment]]
+name = "b.b.b"
+quarantine = { allow = ["fd00::/8"] }
+
+[[segment]]
+name = "c.c.c"
+
+[[segment]]
+name = "d.d.d"
+[segment.quarantine]
+"#;
+    let set = load_files(&files(&[
+        ("m.toml", text),
+        ("p.toml", "[peers.logs]\ncidrs = [\"198.51.100.0/24\"]\n"),
+    ]))
+    .expect("loads");
+    let by_name = |n: &str| {
+        set.segments
+            .iter()
+            .find(|s| s.name.as_ref() == n)
+            .expect("segment")
+    };
+    let a = by_name("a.a.a");
+    assert_eq!(a.quarantine_allow, vec![net("198.51.100.0/24")]);
+    assert_eq!(a.quarantine_origin, Some(origin("m.toml", 5)));
+    assert_eq!(a.egress[0].origin.line, 8);
+    let b = by_name("b.b.b");
+    assert_eq!(b.quarantine_allow, vec![net("fd00::/8")]);
+    assert_eq!(b.quarantine_origin.as_ref().map(|o| o.line), Some(13));
+    let c = by_name("c.c.c");
+    assert!(c.quarantine_allow.is_empty());
+    assert_eq!(c.quarantine_origin, None);
+    // A table without `allow` allows nothing.
+    let d = by_name("d.d.d");
+    assert!(d.quarantine_allow.is_empty());
+    assert_eq!(d.quarantine_origin, Some(origin("m.toml", 20)));
 }

@@ -247,3 +247,54 @@ fn column_counts_characters_not_bytes() {
         &[(2, 8, "function")],
     );
 }
+
+#[test]
+fn quarantine_allow() {
+    check_one(
+        "name = \"a.b.c\"\n[quarantine]\n\
+         allow = [\"10.0.0.300\", \"@nope\", \"10.0.0.1/8\", \"::1\", \"1.2.3.4/x\"]\n",
+        &[
+            (3, 10, "invalid CIDR"),
+            (3, 24, "unknown peer group \"@nope\""),
+            (
+                3,
+                33,
+                "host bits set in 10.0.0.1/8; did you mean 10.0.0.0/8?",
+            ),
+            (3, 54, "invalid CIDR"),
+        ],
+    );
+    check_one(
+        "name = \"a.b.c\"\n[quarantine]\nallow = []\n",
+        &[(3, 9, "omit [quarantine] to allow nothing during quarantine")],
+    );
+    check_one(
+        "[[segment]]\nname = \"a.b.c\"\n[segment.quarantine]\nallow = []\n\
+         [[segment]]\nname = \"d.e.f\"\n[segment.quarantine]\nallow = [\"@x\"]\n",
+        &[
+            (4, 9, "`allow` must not be empty"),
+            (8, 10, "unknown peer group \"@x\""),
+        ],
+    );
+}
+
+#[test]
+fn quarantine_unknown_keys_types_and_mixed_forms() {
+    check_one(
+        "name = \"a.b.c\"\n[quarantine]\nallow = [\"::1\"]\ndeny = [\"::2\"]\n",
+        &[(4, 1, "`deny`")],
+    );
+    check_one(
+        "[[segment]]\nname = \"a.b.c\"\n[segment.quarantine]\nallows = [\"::1\"]\n",
+        &[(4, 1, "`allows`")],
+    );
+    check_one(
+        "name = \"a.b.c\"\n[quarantine]\nallow = \"::1\"\n",
+        &[(3, 9, "sequence")],
+    );
+    check_one(
+        "[quarantine]\nallow = [\"::1\"]\n\n[[segment]]\nname = \"d.e.f\"\n",
+        &[(4, 1, "mixed")],
+    );
+    check_one("[quarantine]\nallow = [\"::1\"]\n", &[(1, 1, "no `name`")]);
+}

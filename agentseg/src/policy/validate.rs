@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
 use super::parse::{self, CidrEntry};
 use super::peers::PeerGroup;
-use super::raw::{FileParts, RawFile, RawMembers, RawRule, RawSegment};
+use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawRule, RawSegment};
 use super::{DaemonLoss, Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
 
 pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
@@ -147,6 +147,13 @@ impl Ctx<'_> {
             Some(m) => self.members(src, m.into_inner(), &label),
             None => Members::default(),
         };
+        let (quarantine_allow, quarantine_origin) = match raw.quarantine {
+            Some(q) => {
+                let at = origin(src, q.span().start);
+                (self.quarantine(src, q.into_inner()), Some(at))
+            }
+            None => (Vec::new(), None),
+        };
         Some(Segment {
             name: name?,
             description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
@@ -155,6 +162,8 @@ impl Ctx<'_> {
             egress,
             ingress,
             members,
+            quarantine_allow,
+            quarantine_origin,
             origin: seg_origin,
         })
     }
@@ -216,28 +225,8 @@ impl Ctx<'_> {
                 self.errors
                     .push(src.error_at(list, "`cidrs` must not be empty"));
             }
-            Some(list) => {
-                cidrs_ok = true;
-                for c in list.get_ref() {
-                    match parse::cidr_entry(c.get_ref()) {
-                        Ok(CidrEntry::Net(n)) => cidrs.push(n),
-                        Ok(CidrEntry::Group(g)) => match self.peers.get(g) {
-                            Some(nets) => cidrs.extend(nets),
-                            None => {
-                                cidrs_ok = false;
-                                let msg = format!("unknown peer group \"@{g}\"");
-                                self.errors.push(src.error_at(c, msg));
-                            }
-                        },
-                        Err(m) => {
-                            cidrs_ok = false;
-                            self.errors.push(src.error_at(c, m));
-                        }
-                    }
-                }
-            }
+            Some(list) => (cidrs, cidrs_ok) = self.cidr_list(src, list.get_ref()),
         }
-        dedup_in_order(&mut cidrs);
 
         let mut except = Vec::new();
         for e in raw.except.iter().flatten() {
@@ -282,6 +271,46 @@ impl Ctx<'_> {
             ports,
             protocol: protocol.unwrap_or_default(),
             origin: origin(src, start),
+        }
+    }
+
+    /// Entries of `cidrs` or `[quarantine] allow`: prefixes, bare addresses and `@group`
+    /// references (expanded), duplicates dropped keeping the first. The flag is false when any
+    /// entry was rejected.
+    fn cidr_list(&mut self, src: &Source<'_>, list: &[Spanned<String>]) -> (Vec<IpNet>, bool) {
+        let mut nets = Vec::new();
+        let mut ok = true;
+        for c in list {
+            match parse::cidr_entry(c.get_ref()) {
+                Ok(CidrEntry::Net(n)) => nets.push(n),
+                Ok(CidrEntry::Group(g)) => match self.peers.get(g) {
+                    Some(group) => nets.extend(group),
+                    None => {
+                        ok = false;
+                        let msg = format!("unknown peer group \"@{g}\"");
+                        self.errors.push(src.error_at(c, msg));
+                    }
+                },
+                Err(m) => {
+                    ok = false;
+                    self.errors.push(src.error_at(c, m));
+                }
+            }
+        }
+        dedup_in_order(&mut nets);
+        (nets, ok)
+    }
+
+    fn quarantine(&mut self, src: &Source<'_>, raw: RawQuarantine) -> Vec<IpNet> {
+        match &raw.allow {
+            None => Vec::new(),
+            Some(list) if list.get_ref().is_empty() => {
+                let msg = "`allow` must not be empty; omit [quarantine] to allow nothing \
+                           during quarantine";
+                self.errors.push(src.error_at(list, msg));
+                Vec::new()
+            }
+            Some(list) => self.cidr_list(src, list.get_ref()).0,
         }
     }
 

@@ -75,6 +75,16 @@ fn act(action: &[String]) -> String {
             }
             format!("ok={ok} err={err} last={last}")
         }
+        // TCP connect from a given source address (an "outside peer" on the netns loopback).
+        Some("connect-from") => {
+            let (src, dst) = (addr(1), addr(2));
+            outcome((|| {
+                let sock = socket2_tcp(src)?;
+                connect_timeout(sock, dst)
+            })())
+        }
+        Some("ping") => ping(addr(1), false),
+        Some("rawping") => ping(addr(1), true),
         Some("env") => std::env::var("AGENTSEG_AGENT_ID").unwrap_or_else(|_| "unset".into()),
         Some("cgroup") => std::fs::read_to_string("/proc/self/cgroup")
             .ok()
@@ -179,6 +189,12 @@ fn main() {
     if args.first().map(String::as_str) == Some("serve") {
         serve(&args[1..]);
     }
+    if let (Some("stream" | "stream-serve"), Some(a), Some(log)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        let a: SocketAddr = a.parse().unwrap_or_else(|_| die("bad address"));
+        stream(args[0] == "stream-serve", a, log);
+    }
     let result = if fork {
         let out = Command::new(std::env::current_exe().unwrap_or_else(|e| die(&e.to_string())))
             .args(&args)
@@ -205,4 +221,224 @@ fn cgroup2_mount() -> String {
                 .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
         })
         .unwrap_or_else(|| die("no cgroup2 mount"))
+}
+
+/// A TCP socket bound to `src` (port 0), not yet connected.
+fn socket2_tcp(src: SocketAddr) -> io::Result<i32> {
+    let family = if src.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (storage, len) = sockaddr(src);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd, (&raw const storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// connect(2) with a 1 s send timeout (a dropped SYN shows up as ETIMEDOUT).
+fn connect_timeout(fd: i32, dst: SocketAddr) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let (storage, len) = sockaddr(dst);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
+    let result = if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(fd) };
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
+        }
+        other => other,
+    }
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// One ICMP echo to an IPv4 address through a ping socket (SOCK_DGRAM) or a raw socket; "ok"
+/// when the reply comes within a second.
+fn ping(dst: SocketAddr, raw: bool) -> String {
+    let SocketAddr::V4(dst) = dst else {
+        die("ping takes an IPv4 address")
+    };
+    // Ping sockets need the group in range; this only touches the test's own namespace.
+    let _ = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
+    let ty = if raw {
+        libc::SOCK_RAW
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return outcome(Err(io::Error::last_os_error()));
+    }
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    // Echo request: type 8, code 0, checksum, id, seq, payload.
+    let mut pkt = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'g', b's', b'g'];
+    let sum = checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    let (storage, len) = sockaddr(SocketAddr::V4(dst));
+    // SAFETY: valid buffer and sockaddr.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    let result = if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: valid buffer.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                break Err(io::Error::last_os_error());
+            }
+            // Raw sockets see the IP header and every ICMP message, our request included.
+            let icmp = if raw {
+                &buf[usize::from(buf[0] & 0x0f) * 4..n as usize]
+            } else {
+                &buf[..n as usize]
+            };
+            if icmp.first() == Some(&0) {
+                break Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                break Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+        }
+    };
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(fd) };
+    outcome(result)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Both ends of a long-lived TCP flow: write a byte every 10 ms, log "rx <unix ms>" for every
+/// read. Ends after 60 s at most.
+fn stream(server: bool, a: SocketAddr, log: &str) -> ! {
+    let s = if server {
+        let l = TcpListener::bind(a).unwrap_or_else(|e| die(&format!("bind {a}: {e}")));
+        println!("ready");
+        io::stdout().flush().ok();
+        l.accept()
+            .map(|(s, _)| s)
+            .unwrap_or_else(|e| die(&format!("accept: {e}")))
+    } else {
+        TcpStream::connect_timeout(&a, Duration::from_secs(3))
+            .unwrap_or_else(|e| die(&format!("connect {a}: {e}")))
+    };
+    if !server {
+        println!("connected");
+        io::stdout().flush().ok();
+    }
+    s.set_nonblocking(true).ok();
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| die(&format!("{log}: {e}")));
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let mut s = s;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < end {
+        let _ = s.write(b"x");
+        if let Ok(n) = s.read(&mut buf)
+            && n > 0
+        {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            let _ = writeln!(out, "rx {ms}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::process::exit(0)
 }

@@ -1,0 +1,109 @@
+//! `agentseg status`: the engine's view of segments, agents, quarantines and counters.
+use std::path::Path;
+
+use agentseg_common::MODE_AUDIT;
+
+use super::engine::Engine;
+use crate::{
+    cgroup,
+    control::{AgentStatus, SegmentStatus, Status, Target},
+};
+
+impl Engine {
+    pub fn status(&self) -> Status {
+        let live = self.live();
+        let mut segments: Vec<SegmentStatus> = live
+            .segments
+            .iter()
+            .map(|s| SegmentStatus {
+                name: s.name.clone(),
+                id: s.id,
+                mode: if s.mode == MODE_AUDIT {
+                    "audit"
+                } else {
+                    "enforce"
+                }
+                .into(),
+                member_cgroups: Vec::new(),
+                prefixes: s.egress_v4.len()
+                    + s.egress_v6.len()
+                    + s.ingress_v4.len()
+                    + s.ingress_v6.len()
+                    + s.quarantine_v4.len()
+                    + s.quarantine_v6.len(),
+                quarantine: self.quarantine_of(&Target::Segment(s.name.clone())),
+                ..Default::default()
+            })
+            .collect();
+        for (path, m) in &self.members {
+            let c = self.dp.counters(m.cgroup_id);
+            let Some(s) = segments.get_mut(m.segment) else {
+                continue;
+            };
+            s.member_cgroups.push(rel(&self.cgroup2, path));
+            s.allowed += c.allowed;
+            s.denied += c.denied;
+            s.audit_denied += c.audit_denied;
+        }
+        let agents = self
+            .agents
+            .iter()
+            .map(|(id, a)| {
+                let c = self.dp.counters(a.cgroup_id);
+                if let Some(s) = segments.iter_mut().find(|s| s.name == a.segment) {
+                    s.allowed += c.allowed;
+                    s.denied += c.denied;
+                    s.audit_denied += c.audit_denied;
+                }
+                AgentStatus {
+                    agent_id: id.to_string(),
+                    segment: a.segment.clone(),
+                    cgroup: a.cgroup.clone(),
+                    pids: cgroup::procs(&a.cgroup).unwrap_or_default(),
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    audit_denied: c.audit_denied,
+                    quarantine: self.quarantine_of(&Target::Agent(id.to_string())),
+                }
+            })
+            .collect();
+        let stats = self.dp.stats();
+        Status {
+            ready: true,
+            pid: std::process::id(),
+            cgroup2: self.cgroup2.clone(),
+            policies: self.policies.clone(),
+            generation: self.generation,
+            adopted: self.dp.adopted(),
+            reload: self.reload.clone(),
+            quarantines: self.store.records.values().cloned().collect(),
+            segments,
+            agents,
+            fail_closed: vec![
+                (
+                    "no_member".into(),
+                    stats[agentseg_common::STAT_NO_MEMBER as usize],
+                ),
+                (
+                    "no_segment".into(),
+                    stats[agentseg_common::STAT_NO_SEGMENT as usize],
+                ),
+                (
+                    "no_ruleset".into(),
+                    stats[agentseg_common::STAT_NO_RULESET as usize],
+                ),
+                (
+                    "deadman".into(),
+                    stats[agentseg_common::STAT_DEADMAN as usize],
+                ),
+            ],
+        }
+    }
+}
+
+fn rel(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
