@@ -23,10 +23,15 @@ pub mod map_names {
     pub const STATS: &str = "AS_STATS";
     /// index 0 → [`crate::Config`].
     pub const CONFIG: &str = "AS_CONFIG";
+    /// Ring buffer of [`crate::Event`]s: every deny and would-be deny.
+    pub const EVENTS: &str = "AS_EVENTS";
+    /// rule id (generation offset included) → per-CPU count of connects/sends/packets it allowed.
+    pub const RULE_HITS: &str = "AS_RULE_HITS";
 
     /// Every map, in the order the loader pins them.
-    pub const ALL: [&str; 8] = [
-        MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG,
+    pub const ALL: [&str; 10] = [
+        MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG, EVENTS,
+        RULE_HITS,
     ];
 }
 
@@ -96,7 +101,70 @@ pub const STAT_NO_SEGMENT: u32 = 1;
 pub const STAT_NO_RULESET: u32 = 2;
 /// Denied because the daemon's heartbeat is older than the dead-man bound.
 pub const STAT_DEADMAN: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// An event could not be reserved in the ring buffer (full): the verdict stood, the record
+/// was lost.
+pub const STAT_EVENTS_LOST: u32 = 4;
+pub const STAT_COUNT: u32 = 8;
+
+/// Size of the event ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
+/// Rule ids per generation in RULE_HITS; generation `g` owns `g * RULES_PER_GEN ..`.
+pub const RULES_PER_GEN: u32 = 32768;
+
+/// [`Event::rule_id`] when no rule matched (default deny, or an `except` carve-out).
+pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+/// [`Event::rule_id`] for a denial by quarantine.
+pub const RULE_QUARANTINE: u32 = u32::MAX - 1;
+/// [`Event::rule_id`] for a denial by the dead-man switch.
+pub const RULE_DEADMAN: u32 = u32::MAX - 2;
+
+/// [`Event::hook`] values.
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+pub const HOOK_SKB_EGRESS: u8 = 5;
+pub const HOOK_SKB_INGRESS: u8 = 6;
+
+/// [`Event::verdict`] values.
+pub const VERDICT_DENY: u8 = 0;
+/// Would have been denied; let through because the segment is in audit mode.
+pub const VERDICT_AUDIT: u8 = 1;
+pub const VERDICT_ALLOW: u8 = 2;
+
+/// One decision, as the kernel reports it through the EVENTS ring buffer. Written by the
+/// hooks; read (and enriched with names) by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub ts_ns: u64,
+    /// The member cgroup (agent or member cgroup) the decision was about.
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid` (tgid in the high half); 0 in packet hooks.
+    pub pid_tgid: u64,
+    /// Task name, NUL padded; empty in packet hooks.
+    pub comm: [u8; 16],
+    /// Live segment id (generation bit included).
+    pub segment_id: u32,
+    /// Rule that decided (generation offset included), or a `RULE_*` sentinel.
+    pub rule_id: u32,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Host byte order; 0 when unknown (sock_addr hooks do not know the source).
+    pub sport: u16,
+    pub dport: u16,
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
 /// Value of MEMBERS, keyed by the cgroup id (the cgroup directory's inode number, host u64).
 /// Written by the daemon when it applies policy or starts an agent; read by every hook.
@@ -240,6 +308,7 @@ mod user {
     unsafe impl aya::Pod for SegmentInfo {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Event {}
 
     impl Default for RuleSet {
         fn default() -> Self {

@@ -1,12 +1,12 @@
 //! Every map the kernel programs use. All are pinned by the daemon and adopted on restart, so
 //! their capacities are fixed here (LPM tries allocate per entry; the rest are small).
 use agentseg_common::{
-    Config, Counters, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RULESETS_PER_GEN, RuleSet,
-    STAT_COUNT, SegmentInfo,
+    Config, Counters, EVENTS_RING_BYTES, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+    RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, STAT_COUNT, SegmentInfo,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// cgroup id → membership. Written by the daemon, read by every hook (ancestor walk).
@@ -41,3 +41,12 @@ pub static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::with_max_entr
 /// Fail-closed events that point at a daemon bug or a race (per CPU), by `STAT_*` index.
 #[map(name = "AS_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Every deny and would-be deny, for the daemon's audit log and detectors. A full ring never
+/// blocks a hook: the loss is counted in STATS and the verdict stands.
+#[map(name = "AS_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// rule id → allows it decided (per CPU). Written here; read by the daemon for `audit`.
+#[map(name = "AS_RULE_HITS")]
+pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * RULES_PER_GEN, 0);

@@ -16,14 +16,20 @@
 //! A program only runs for sockets of cgroups it is attached to (member cgroups and the agent
 //! root), so "no member" means the socket is a member's but the path walked is not: deny.
 use agentseg_common::{
-    Counters, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, Member, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULESET_CAPACITY,
-    SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_NONE, STAT_DEADMAN, STAT_NO_MEMBER,
-    STAT_NO_RULESET, STAT_NO_SEGMENT,
+    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, Member,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
+    RULE_DEFAULT_DENY, RULE_QUARANTINE, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
+    SEGMENT_NONE, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
+    VERDICT_AUDIT, VERDICT_DENY,
 };
-use aya_ebpf::{helpers::generated::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    maps::lpm_trie::Key,
+};
 
-use crate::maps::{CONFIG, COUNTERS, MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, STATS};
+use crate::maps::{
+    CONFIG, COUNTERS, EVENTS, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS, SEGMENTS, STATS,
+};
 
 /// Return codes of cgroup sock_addr and cgroup_skb programs alike.
 pub const ALLOW: i32 = 1;
@@ -103,6 +109,8 @@ pub struct Subject {
     pub segment_id: u32,
     pub audit: bool,
     pub quarantined: bool,
+    /// The daemon's heartbeat is stale and the segment asked to be cut off then.
+    pub deadman: bool,
 }
 
 pub enum Resolved {
@@ -159,13 +167,13 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         stat(STAT_NO_SEGMENT);
         return Resolved::Deny;
     };
+    let mut deadman = false;
     if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if now.saturating_sub(heartbeat_ns) > u64::from(deadman_secs) * 1_000_000_000 {
             stat(STAT_DEADMAN);
-            count(found_id, |c| c.denied += 1);
-            return Resolved::Deny;
+            deadman = true;
         }
     }
     Resolved::Subject(Subject {
@@ -173,6 +181,7 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         segment_id,
         audit: seg.mode == MODE_AUDIT,
         quarantined: found.flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
+        deadman,
     })
 }
 
@@ -184,9 +193,18 @@ pub enum Table {
     QuarantineAllow,
 }
 
-/// Whether `table` of the subject's segment allows (peer, protocol bit, port).
+/// The rule of `table` of the subject's segment that allows (peer, protocol bit, port), or
+/// [`RULE_DEFAULT_DENY`] (quarantine: [`RULE_QUARANTINE`]; dead-man: [`RULE_DEADMAN`]).
 #[inline(always)]
-pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> bool {
+pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> u32 {
+    if s.deadman {
+        return RULE_DEADMAN;
+    }
+    let none = if table == Table::QuarantineAllow {
+        RULE_QUARANTINE
+    } else {
+        RULE_DEFAULT_DENY
+    };
     let key_id = match table {
         Table::Egress => s.segment_id,
         Table::Ingress => s.segment_id | INGRESS_BIT,
@@ -212,11 +230,11 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> bo
             },
         ))
     };
-    let Some(value) = found else { return false };
+    let Some(value) = found else { return none };
     let ruleset_id = value.ruleset_id;
     let Some(rs) = RULESETS.get(ruleset_id) else {
         stat(STAT_NO_RULESET);
-        return false;
+        return none;
     };
     let len = if (rs.len as usize) < RULESET_CAPACITY {
         rs.len as usize
@@ -229,25 +247,86 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> bo
         if r.protocols & proto != 0
             && (proto == PROTO_ICMP || (port >= r.port_lo && port <= r.port_hi))
         {
-            return true;
+            return r.rule_id;
         }
         i += 1;
     }
-    false
+    none
 }
 
-/// Turn a rule lookup into a verdict, counting it. Quarantine is enforced in every mode; a
-/// segment in audit mode lets rule denials through and counts them.
+/// Whether a value returned by [`allows`] is a rule (an allow) rather than a sentinel.
 #[inline(always)]
-pub fn finish(s: &Subject, allowed: bool) -> i32 {
-    if allowed {
+pub fn is_rule(rule: u32) -> bool {
+    rule < RULE_DEADMAN
+}
+
+/// What a decision was about, for its event.
+pub struct Flow {
+    pub hook: u8,
+    /// Whether the hook runs in the task's context (pid and comm mean something).
+    pub task: bool,
+    pub family: u8,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Write one event; a full ring loses the record (counted), never the verdict.
+#[inline(always)]
+fn emit(s: &Subject, verdict: u8, rule: u32, flow: &Flow) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        stat(STAT_EVENTS_LOST);
+        return;
+    };
+    let (pid_tgid, comm) = if flow.task {
+        (
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        )
+    } else {
+        (0, [0; 16])
+    };
+    entry.write(Event {
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id: s.cgroup,
+        pid_tgid,
+        comm,
+        segment_id: s.segment_id,
+        rule_id: rule,
+        hook: flow.hook,
+        verdict,
+        family: flow.family,
+        protocol: flow.protocol,
+        sport: flow.sport,
+        dport: flow.dport,
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+    });
+    entry.submit(0);
+}
+
+/// Turn a rule lookup into a verdict: an allow counts its rule; a denial (or a would-be denial
+/// of an audit-mode segment) is reported as an event. Quarantine and the dead-man switch deny
+/// in every mode.
+#[inline(always)]
+pub fn finish(s: &Subject, rule: u32, flow: &Flow) -> i32 {
+    if is_rule(rule) {
+        if let Some(p) = RULE_HITS.get_ptr_mut(rule) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *p += 1 };
+        }
         count(s.cgroup, |c| c.allowed += 1);
         ALLOW
-    } else if s.audit && !s.quarantined {
+    } else if s.audit && rule == RULE_DEFAULT_DENY {
         count(s.cgroup, |c| c.audit_denied += 1);
+        emit(s, VERDICT_AUDIT, rule, flow);
         ALLOW
     } else {
         count(s.cgroup, |c| c.denied += 1);
+        emit(s, VERDICT_DENY, rule, flow);
         DENY
     }
 }

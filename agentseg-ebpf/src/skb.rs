@@ -16,9 +16,11 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
+use agentseg_common::{HOOK_SKB_EGRESS, HOOK_SKB_INGRESS};
+
 use crate::policy::{
-    ALLOW, DENY, IPPROTO_TCP, IPPROTO_UDP, Peer, Resolved, Subject, Table, allows, finish,
-    proto_bit, resolve,
+    ALLOW, DENY, Flow, IPPROTO_TCP, IPPROTO_UDP, Peer, Resolved, Subject, Table, allows, finish,
+    is_rule, proto_bit, resolve,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -46,6 +48,20 @@ impl Packet {
             proto: 0,
             sport: 0,
             dport: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn flow(&self, hook: u8) -> Flow {
+        Flow {
+            hook,
+            task: false,
+            family: if self.src.v6 { 6 } else { 4 },
+            protocol: self.proto as u8,
+            sport: self.sport,
+            dport: self.dport,
+            saddr: self.src.addr,
+            daddr: self.dst.addr,
         }
     }
 }
@@ -152,8 +168,13 @@ pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
         return if s.quarantined { DENY } else { ALLOW };
     }
     let bit = proto_bit(p.proto);
-    if s.quarantined {
-        return finish(&s, allows(&s, Table::QuarantineAllow, p.dst, bit, p.dport));
+    let flow = p.flow(HOOK_SKB_EGRESS);
+    if s.quarantined || s.deadman {
+        return finish(
+            &s,
+            allows(&s, Table::QuarantineAllow, p.dst, bit, p.dport),
+            &flow,
+        );
     }
     let Some(sk) = sock(&ctx) else { return ALLOW };
     if sk.ty == SOCK_STREAM
@@ -161,7 +182,7 @@ pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
     {
         return ALLOW;
     }
-    finish(&s, allows(&s, Table::Egress, p.dst, bit, p.dport))
+    finish(&s, allows(&s, Table::Egress, p.dst, bit, p.dport), &flow)
 }
 
 #[cgroup_skb(ingress)]
@@ -175,8 +196,13 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         return if s.quarantined { DENY } else { ALLOW };
     }
     let bit = proto_bit(p.proto);
-    if s.quarantined {
-        return finish(&s, allows(&s, Table::QuarantineAllow, p.src, bit, p.sport));
+    let flow = p.flow(HOOK_SKB_INGRESS);
+    if s.quarantined || s.deadman {
+        return finish(
+            &s,
+            allows(&s, Table::QuarantineAllow, p.src, bit, p.sport),
+            &flow,
+        );
     }
     let Some(sk) = sock(&ctx) else { return ALLOW };
     if sk.ty == SOCK_STREAM {
@@ -185,12 +211,16 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         if sk.state != TCP_LISTEN {
             return ALLOW;
         }
-        return finish(&s, allows(&s, Table::Ingress, p.src, bit, p.dport));
+        return finish(&s, allows(&s, Table::Ingress, p.src, bit, p.dport), &flow);
     }
     if sk.ty == SOCK_DGRAM && sk.connected && bit == proto_bit(IPPROTO_UDP) {
         return ALLOW;
     }
-    let allowed = allows(&s, Table::Ingress, p.src, bit, p.dport)
-        || allows(&s, Table::Egress, p.src, bit, p.sport);
-    finish(&s, allowed)
+    let rule = allows(&s, Table::Ingress, p.src, bit, p.dport);
+    let rule = if is_rule(rule) {
+        rule
+    } else {
+        allows(&s, Table::Egress, p.src, bit, p.sport)
+    };
+    finish(&s, rule, &flow)
 }

@@ -5,13 +5,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::policy::{ALLOW, DENY, Peer, Resolved, Table, allows, finish, proto_bit, resolve};
+use agentseg_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+
+use crate::policy::{ALLOW, DENY, Flow, Peer, Resolved, Table, allows, finish, proto_bit, resolve};
 
 /// `user_ip6[2]` of an IPv4-mapped address (`::ffff:0:0/96`), as read from the context.
 const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
 
 #[inline(always)]
-fn judge(peer: Peer, protocol: u32, port: u16) -> i32 {
+fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
     // SAFETY: plain helper call; returns 0 past the task's own level.
     let s = match resolve(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) {
         Resolved::Untouched => return ALLOW,
@@ -23,7 +25,18 @@ fn judge(peer: Peer, protocol: u32, port: u16) -> i32 {
     } else {
         Table::Egress
     };
-    finish(&s, allows(&s, table, peer, proto_bit(protocol), port))
+    let rule = allows(&s, table, peer, proto_bit(protocol), port);
+    let flow = Flow {
+        hook,
+        task: true,
+        family: if peer.v6 { 6 } else { 4 },
+        protocol: protocol as u8,
+        sport: 0,
+        dport: port,
+        saddr: [0; 16],
+        daddr: peer.addr,
+    };
+    finish(&s, rule, &flow)
 }
 
 #[inline(always)]
@@ -41,14 +54,14 @@ fn protocol(ctx: &SockAddrContext) -> u32 {
 }
 
 #[inline(always)]
-fn judge4(ctx: &SockAddrContext) -> i32 {
+fn judge4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: context read checked by the verifier; user_ip4 is in network byte order.
     let ip = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) };
-    judge(Peer::v4(ip.to_ne_bytes()), protocol(ctx), port(ctx))
+    judge(hook, Peer::v4(ip.to_ne_bytes()), protocol(ctx), port(ctx))
 }
 
 #[inline(always)]
-fn judge6(ctx: &SockAddrContext) -> i32 {
+fn judge6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: four 32-bit context reads (the only width the kernel allows for user_ip6).
     let w = unsafe {
         let p = &(*ctx.sock_addr).user_ip6;
@@ -61,9 +74,9 @@ fn judge6(ctx: &SockAddrContext) -> i32 {
     };
     // v4-mapped destinations are judged by the IPv4 rules: a v6-only check is a bypass.
     if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-        return judge(Peer::v4(w[3].to_ne_bytes()), protocol(ctx), port(ctx));
+        return judge(hook, Peer::v4(w[3].to_ne_bytes()), protocol(ctx), port(ctx));
     }
-    judge(Peer::v6(words_to_bytes(w)), protocol(ctx), port(ctx))
+    judge(hook, Peer::v6(words_to_bytes(w)), protocol(ctx), port(ctx))
 }
 
 #[inline(always)]
@@ -83,20 +96,20 @@ pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn agentseg_connect4(ctx: SockAddrContext) -> i32 {
-    judge4(&ctx)
+    judge4(&ctx, HOOK_CONNECT4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn agentseg_connect6(ctx: SockAddrContext) -> i32 {
-    judge6(&ctx)
+    judge6(&ctx, HOOK_CONNECT6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn agentseg_sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge4(&ctx)
+    judge4(&ctx, HOOK_SENDMSG4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn agentseg_sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge6(&ctx)
+    judge6(&ctx, HOOK_SENDMSG6)
 }

@@ -21,6 +21,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Check the audit log's hash chain; names the first bad line.
+    Verify {
+        /// The audit log [default: /var/log/agentseg/audit.jsonl].
+        #[arg(long, default_value = "/var/log/agentseg/audit.jsonl")]
+        log: PathBuf,
+    },
+}
+
 /// `--agent ID` or `--segment NAME`, exactly one.
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
@@ -83,6 +93,41 @@ pub enum Command {
         /// Directory for quarantine state and history [default: /var/lib/agentseg].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Hash-chained audit log [default: /var/log/agentseg/audit.jsonl].
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// Rotate the audit log at this many bytes [default: 64 MiB].
+        #[arg(long)]
+        audit_max_bytes: Option<u64>,
+        /// Prometheus metrics on this loopback IP:PORT, or "off" [default: 127.0.0.1:9464].
+        #[arg(long)]
+        metrics: Option<String>,
+    },
+    /// Show events: the recent ones, or every new one with --follow.
+    Events {
+        /// Keep streaming new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this segment's events.
+        #[arg(long, conflicts_with = "agent")]
+        segment: Option<String>,
+        /// Only this agent's events.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Audit report (denials, rule hits, unused rules, quarantines), or `audit verify`.
+    Audit {
+        #[command(subcommand)]
+        action: Option<AuditAction>,
+        /// Only the last DURATION (e.g. 1h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Cut an agent or a whole segment off: new connects and sends fail, established flows
     /// stop passing packets; only the segment's `[quarantine] allow` peers stay reachable.

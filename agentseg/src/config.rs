@@ -21,6 +21,14 @@ pub struct DaemonConfig {
     pub deadman_secs: u32,
     /// Quarantine state and history.
     pub state_dir: PathBuf,
+    /// The hash-chained audit log (JSON Lines).
+    pub audit_log: PathBuf,
+    /// Rotate the audit log when it reaches this size...
+    pub audit_max_bytes: u64,
+    /// ...keeping this many rotated files.
+    pub audit_keep: usize,
+    /// Prometheus metrics on this loopback address ("" for none).
+    pub metrics: String,
 }
 
 impl Default for DaemonConfig {
@@ -32,6 +40,10 @@ impl Default for DaemonConfig {
             pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),
             deadman_secs: 10,
             state_dir: PathBuf::from("/var/lib/agentseg"),
+            audit_log: PathBuf::from("/var/log/agentseg/audit.jsonl"),
+            audit_max_bytes: 64 << 20,
+            audit_keep: 8,
+            metrics: "127.0.0.1:9464".into(),
         }
     }
 }

@@ -40,6 +40,17 @@ pub enum Request {
     Release {
         target: Target,
     },
+    /// Recent events (the last thousand), or with `follow` every new one as it comes: the
+    /// daemon then answers with one JSON event per line until the client goes away.
+    Events {
+        follow: bool,
+        segment: Option<String>,
+        agent: Option<String>,
+    },
+    /// The audit report over the last `since_secs` (all of the log when absent).
+    Audit {
+        since_secs: Option<u64>,
+    },
 }
 
 /// What a quarantine applies to.
@@ -84,6 +95,15 @@ pub enum Reply {
         segment: String,
         cgroup: PathBuf,
     },
+    /// Event lines (JSON objects as text), oldest first.
+    Events {
+        lines: Vec<String>,
+    },
+    /// The audit report, as data and as the operator's text.
+    Audit {
+        report: serde_json::Value,
+        text: String,
+    },
     Ok,
     Error {
         message: String,
@@ -104,6 +124,11 @@ pub struct Status {
     pub segments: Vec<SegmentStatus>,
     /// Every quarantine in force.
     pub quarantines: Vec<QuarantineInfo>,
+    /// Kernel records read from the ring buffer since the daemon started.
+    pub events_read: u64,
+    /// Records the kernel could not write (ring full), since the maps were created.
+    pub events_lost: u64,
+    pub audit_log: PathBuf,
     pub agents: Vec<AgentStatus>,
     /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset.
     pub fail_closed: Vec<(String, u64)>,

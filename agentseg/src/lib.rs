@@ -3,6 +3,7 @@
 //! Pure core (`policy`, `compile`, `control` types) → thin edges (`datapath` is the only module
 //! that names aya; `daemon`, `commands` do the I/O). See `docs/architecture.md`.
 pub mod agent;
+pub mod auditlog;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
@@ -11,4 +12,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod detect;
 pub mod policy;

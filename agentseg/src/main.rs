@@ -19,6 +19,9 @@ fn main() -> ExitCode {
             pin_root,
             deadman_secs,
             state_dir,
+            audit_log,
+            audit_max_bytes,
+            metrics,
         } => {
             let flags = commands::daemon::Overrides {
                 config,
@@ -28,6 +31,9 @@ fn main() -> ExitCode {
                 pin_root,
                 deadman_secs,
                 state_dir,
+                audit_log,
+                audit_max_bytes,
+                metrics,
             };
             match commands::daemon::daemon(flags) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -44,6 +50,21 @@ fn main() -> ExitCode {
             ttl,
         } => commands::maintenance::quarantine(&socket, target.target(), reason, ttl),
         Command::Release { target } => commands::maintenance::release(&socket, target.target()),
+        Command::Events {
+            follow,
+            json,
+            segment,
+            agent,
+        } => commands::events::events(&socket, follow, json, segment, agent),
+        Command::Audit {
+            action: Some(agentseg::cli::AuditAction::Verify { log }),
+            ..
+        } => commands::events::verify(&log),
+        Command::Audit {
+            action: None,
+            since,
+            json,
+        } => commands::events::audit(&socket, since, json),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
         Command::Run { segment, command } => commands::run::run(&socket, &segment, &command),

@@ -235,6 +235,13 @@ impl Daemon {
             .arg(&self.pin_root)
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
+            .arg("--audit-log")
+            .arg(self.audit_log())
+            .args(if self.extra.iter().any(|a| a == "--metrics") {
+                &[][..]
+            } else {
+                &["--metrics", "off"][..]
+            })
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -283,6 +290,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// The daemon's audit log.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("log/audit.jsonl")
     }
 
     /// `agentseg ARGS` against this daemon's socket.

@@ -17,6 +17,9 @@ pub struct Overrides {
     pub pin_root: Option<PathBuf>,
     pub deadman_secs: Option<u32>,
     pub state_dir: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub audit_max_bytes: Option<u64>,
+    pub metrics: Option<String>,
 }
 
 pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
@@ -32,6 +35,10 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         pin_root: flags.pin_root.unwrap_or(file.pin_root),
         deadman_secs: flags.deadman_secs.unwrap_or(file.deadman_secs),
         state_dir: flags.state_dir.unwrap_or(file.state_dir),
+        audit_log: flags.audit_log.unwrap_or(file.audit_log),
+        audit_max_bytes: flags.audit_max_bytes.unwrap_or(file.audit_max_bytes),
+        audit_keep: file.audit_keep,
+        metrics_addr: parse_metrics(&flags.metrics.unwrap_or(file.metrics))?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -49,4 +56,14 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         };
         daemon::run(config, shutdown).await
     })
+}
+
+/// "" or "off" disables the endpoint; anything else must be an IP:port.
+fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() || s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("metrics address {s:?} is not IP:PORT"))
 }

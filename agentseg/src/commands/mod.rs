@@ -1,6 +1,7 @@
 //! Bodies of the CLI commands; operator-facing errors get their context here (anyhow).
 pub mod check;
 pub mod daemon;
+pub mod events;
 pub mod maintenance;
 pub mod run;
 pub mod status;

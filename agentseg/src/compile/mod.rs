@@ -55,6 +55,8 @@ pub struct CompiledSegment {
     pub member_cgroups: Vec<String>,
     /// Passed through; the daemon resolves them to cgroups.
     pub member_units: Vec<String>,
+    /// `[monitor]`, passed through for the daemon's detectors (not a kernel map).
+    pub monitor: crate::policy::Monitor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,6 +146,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
             quarantine_v6: Vec::new(),
             member_cgroups: seg.members.cgroups.clone(),
             member_units: seg.members.units.clone(),
+            monitor: seg.monitor.clone(),
         };
         let quarantine = quarantine_rule(seg);
         for (direction, dir_rules) in [

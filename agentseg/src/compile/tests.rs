@@ -115,6 +115,7 @@ fn segment(egress: Vec<policy::Rule>) -> PolicySet {
             members: Members::default(),
             quarantine_allow: vec![],
             quarantine_origin: None,
+            monitor: policy::Monitor::default(),
             origin: Origin {
                 file: PathBuf::from("big.toml"),
                 line: 1,

@@ -190,3 +190,16 @@ fn matches_a_naive_oracle() {
         }
     }
 }
+
+#[test]
+fn monitor_is_passed_through_per_segment() {
+    let c = compile(&set("[[segment]]\nname = \"a.b.c\"\n\
+         [segment.monitor]\ndeny_rate = { threshold = 5, action = \"quarantine\" }\n\
+         [[segment]]\nname = \"d.e.f\"\n"))
+    .expect("compiles");
+    let mut want = policy::Monitor::default();
+    want.deny_rate.threshold = 5;
+    want.deny_rate.action = policy::Action::Quarantine;
+    assert_eq!(c.segments[0].monitor, want);
+    assert_eq!(c.segments[1].monitor, policy::Monitor::default());
+}

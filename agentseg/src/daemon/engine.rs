@@ -10,13 +10,18 @@ use agentseg_common::{MEMBER_AGENT, Member, SEGMENT_GONE};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-use super::quarantine::Store;
+use super::{
+    events::{EventLine, Sink},
+    quarantine::Store,
+};
 use crate::{
     agent::AgentId,
+    auditlog::AuditLog,
     cgroup, compile,
     compile::Compiled,
     control::{ReloadStatus, Reply, Target},
     datapath::{Datapath, generation_segment_id as segment_id},
+    detect::Detectors,
     policy,
 };
 
@@ -53,9 +58,19 @@ pub struct Engine {
     pub(super) agents: BTreeMap<AgentId, Agent>,
     pub(super) reload: ReloadStatus,
     pub(super) store: Store,
+    pub(super) sink: Sink,
+    /// Decision counts of agents and member cgroups that are gone, by segment name, so that
+    /// totals (status, metrics) never go down.
+    pub(super) retired: std::collections::HashMap<String, agentseg_common::Counters>,
 }
 
 pub struct StartOptions {
+    /// Audit log (hash-chained JSON Lines), its rotation size and the rotated files kept.
+    pub audit_log: PathBuf,
+    pub audit_max_bytes: u64,
+    pub audit_keep: usize,
+    /// Where live events are published for `agentseg events --follow`.
+    pub bus: tokio::sync::broadcast::Sender<std::sync::Arc<EventLine>>,
     pub cgroup2: PathBuf,
     /// Quarantine state and history.
     pub state_dir: PathBuf,
@@ -72,6 +87,17 @@ impl Engine {
         cgroup::create(&opts.agent_root)?;
         let agent_root_id = cgroup::cgroup_id(&opts.agent_root)?;
         let store = Store::open(&opts.state_dir)?;
+        let audit = AuditLog::open(&opts.audit_log, opts.audit_max_bytes, opts.audit_keep)
+            .with_context(|| format!("opening the audit log {}", opts.audit_log.display()))?;
+        let sink = Sink {
+            audit,
+            detectors: Detectors::new(),
+            bus: opts.bus,
+            recent: Default::default(),
+            names: Default::default(),
+            read: 0,
+            firings: Default::default(),
+        };
         let mut engine = Self {
             dp,
             compiled: None,
@@ -86,6 +112,8 @@ impl Engine {
             agents: BTreeMap::new(),
             reload: ReloadStatus::default(),
             store,
+            sink,
+            retired: Default::default(),
         };
         if engine.dp.adopted() {
             engine.adopt_agents();
@@ -161,6 +189,15 @@ impl Engine {
             .expect("live policy present outside a switch")
     }
 
+    /// Keep a departing member's counts in its segment's totals.
+    pub(super) fn retire(&mut self, segment: &str, cgroup_id: u64) {
+        let c = self.dp.counters(cgroup_id);
+        let t = self.retired.entry(segment.to_owned()).or_default();
+        t.allowed += c.allowed;
+        t.denied += c.denied;
+        t.audit_denied += c.audit_denied;
+    }
+
     pub fn segment_count(&self) -> usize {
         self.live().segments.len()
     }
@@ -196,10 +233,14 @@ impl Engine {
                     message: String::new(),
                 };
                 info!(generation = self.generation, "reload applied");
+                self.audit(serde_json::json!({"kind": "policy", "action": "applied", "generation": self.generation, "segments": self.segment_count()}));
                 Reply::Ok
             }
             Err(message) => {
                 warn!("reload refused, the running policy stays in force:\n{message}");
+                self.audit(
+                    serde_json::json!({"kind": "policy", "action": "refused", "message": message}),
+                );
                 self.reload = ReloadStatus {
                     ok: false,
                     applied: self.reload.applied,
@@ -325,6 +366,7 @@ impl Engine {
             if let Some(parent) = agent.cgroup.parent() {
                 let _ = std::fs::remove_dir(parent);
             }
+            self.retire(&agent.segment, agent.cgroup_id);
             if let Err(e) = self.dp.remove_member(agent.cgroup_id) {
                 warn!(agent = %id, "removing membership: {e}");
             }
@@ -344,6 +386,13 @@ impl Engine {
         }
         self.sweep();
     }
+}
+
+pub(super) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub(super) fn now_unix() -> u64 {

@@ -5,6 +5,8 @@
 //! the tokio side accepts connections, checks credentials and forwards. The shutdown signal is
 //! a parameter so tests and `main` drive it the same way.
 mod engine;
+mod events;
+mod metrics;
 mod quarantine;
 mod reconcile;
 mod revoke;
@@ -46,6 +48,12 @@ pub struct Config {
     pub deadman_secs: u32,
     /// Quarantine state and history (created 0700).
     pub state_dir: PathBuf,
+    /// The hash-chained audit log, rotated at `audit_max_bytes`, `audit_keep` files kept.
+    pub audit_log: PathBuf,
+    pub audit_max_bytes: u64,
+    pub audit_keep: usize,
+    /// Prometheus text on this loopback address (none: no endpoint).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Work for the engine thread.
@@ -60,6 +68,10 @@ enum Job {
     Reload,
     /// Stop: the engine thread returns (other senders, like the watcher, may live on).
     Shutdown,
+    /// Kernel records from the ring buffer.
+    Events(Vec<agentseg_common::Event>),
+    /// A metrics scrape: the Prometheus text.
+    Metrics(oneshot::Sender<String>),
 }
 
 /// How often member cgroups are re-scanned (a new member joins within this).
@@ -81,7 +93,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     datapath::raise_memlock();
     let listener = bind(&config.socket)?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let dp = Datapath::open(&config.pin_root)?;
+    let metrics = match config.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let mut dp = Datapath::open(&config.pin_root)?;
+    let ring = dp.take_events()?;
+    let (bus, _) = tokio::sync::broadcast::channel(4096);
     if dp.adopted() {
         info!(pins = %config.pin_root.display(), "adopting pinned state of an earlier daemon");
     }
@@ -94,6 +112,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             agent_root,
             deadman_secs: config.deadman_secs,
             state_dir: config.state_dir.clone(),
+            audit_log: config.audit_log.clone(),
+            audit_max_bytes: config.audit_max_bytes,
+            audit_keep: config.audit_keep,
+            bus: bus.clone(),
         },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
@@ -104,6 +126,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .spawn(move || engine_loop(engine, rx))
         .context("starting the engine thread")?;
     watch_policies(&config.policies, tx.clone());
+    let reader = tokio::spawn(events::read_ring(ring, tx.clone()));
+    let metrics_server = metrics.map(|listener| tokio::spawn(metrics::serve(listener, tx.clone())));
 
     // Readiness is this line (and the socket answering), never a sleep.
     println!(
@@ -126,8 +150,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let tx = tx.clone();
+                    let bus = bus.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, tx).await {
+                        if let Err(e) = serve(stream, tx, bus).await {
                             warn!("control connection: {e:#}");
                         }
                     });
@@ -140,6 +165,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     notify_systemd("STOPPING=1");
     ticker.abort();
     heart.abort();
+    reader.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = tx.send(Job::Shutdown).await;
     drop(tx);
     let _ = std::fs::remove_file(&config.socket);
@@ -171,6 +200,10 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Shutdown => break,
+            Job::Events(batch) => engine.on_events(batch),
+            Job::Metrics(reply) => {
+                let _ = reply.send(engine.metrics_text());
+            }
             Job::Tick => {
                 engine.sync_members();
                 engine.sweep();
@@ -196,6 +229,10 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                         Request::Release { target } => {
                             engine.release(&target, Some(uid), "operator")
                         }
+                        Request::Events { segment, agent, .. } => Reply::Events {
+                            lines: engine.recent_events(segment.as_deref(), agent.as_deref()),
+                        },
+                        Request::Audit { since_secs } => engine.audit_report(since_secs),
                     },
                 };
                 let _ = reply.send(answer);
@@ -306,9 +343,14 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// One request, one reply. Non-root callers are refused here; whether the caller lives
-/// inside a segment is checked by the engine against the live policy.
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Job>) -> anyhow::Result<()> {
+/// One request, one reply (`events --follow`: one line per event until the client leaves).
+/// Non-root callers are refused here; whether the caller lives inside a segment is checked by
+/// the engine against the live policy.
+async fn serve(
+    stream: UnixStream,
+    tx: mpsc::Sender<Job>,
+    bus: tokio::sync::broadcast::Sender<std::sync::Arc<events::EventLine>>,
+) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("reading peer credentials")?;
     let (read, mut write) = stream.into_split();
     let reply = if cred.uid() != 0 {
@@ -327,11 +369,32 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Job>) -> anyhow::Result<()> 
                 message: format!("bad request: {e}"),
             },
             Ok(request) => {
+                let follow = match &request {
+                    Request::Events {
+                        follow: true,
+                        segment,
+                        agent,
+                    } => Some((segment.clone(), agent.clone())),
+                    _ => None,
+                };
+                // Subscribe before asking, so nothing published in between is missed.
+                let mut sub = follow.as_ref().map(|_| bus.subscribe());
                 let (reply_tx, reply_rx) = oneshot::channel();
                 tx.send(Job::Request(request, cred.pid(), cred.uid(), reply_tx))
                     .await
                     .context("engine stopped")?;
-                reply_rx.await.context("engine dropped the request")?
+                let reply = reply_rx.await.context("engine dropped the request")?;
+                if let (Some((segment, agent)), Some(sub), Reply::Events { lines }) =
+                    (&follow, sub.as_mut(), &reply)
+                {
+                    for l in lines {
+                        write.write_all(l.as_bytes()).await?;
+                        write.write_all(b"\n").await?;
+                    }
+                    return stream_events(sub, &mut write, segment.as_deref(), agent.as_deref())
+                        .await;
+                }
+                reply
             }
         }
     };
@@ -339,4 +402,33 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Job>) -> anyhow::Result<()> 
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
+}
+
+/// Forward live events to a follower until it disconnects; a follower too slow for the event
+/// rate is told how many it missed.
+async fn stream_events(
+    sub: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<events::EventLine>>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    segment: Option<&str>,
+    agent: Option<&str>,
+) -> anyhow::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match sub.recv().await {
+            Ok(line) => {
+                if segment.is_some_and(|s| s != line.segment)
+                    || agent.is_some_and(|a| line.agent_id.as_deref() != Some(a))
+                {
+                    continue;
+                }
+                write.write_all(line.json.as_bytes()).await?;
+                write.write_all(b"\n").await?;
+            }
+            Err(RecvError::Lagged(n)) => {
+                let note = serde_json::json!({"kind": "missed", "count": n});
+                write.write_all(format!("{note}\n").as_bytes()).await?;
+            }
+            Err(RecvError::Closed) => return Ok(()),
+        }
+    }
 }

@@ -141,6 +141,7 @@ impl Engine {
             }
         }
         let removed = self.dp.clear_generation(live)?;
+        self.refresh_names(&compiled, next);
         log_changes(self.compiled.as_ref(), &compiled, removed);
         self.members = desired
             .into_iter()
@@ -150,7 +151,48 @@ impl Engine {
         Ok(())
     }
 
+    /// Names for events of the new generation (the old one's stay, for records in flight),
+    /// and the detectors' configuration.
+    fn refresh_names(&mut self, compiled: &Compiled, generation: u32) {
+        let names = &mut self.sink.names;
+        names
+            .segments
+            .retain(|id, _| crate::datapath::generation_of(*id) != generation);
+        names
+            .rules
+            .retain(|id, _| id / agentseg_common::RULES_PER_GEN != generation);
+        for seg in &compiled.segments {
+            names
+                .segments
+                .insert(segment_id(generation, seg.id), seg.name.clone());
+        }
+        for rule in &compiled.rules {
+            let key = generation * agentseg_common::RULES_PER_GEN + rule.id;
+            let origin = format!("{}:{}", rule.file.display(), rule.line);
+            names.rules.insert(key, origin);
+        }
+        self.sink.detectors.configure(
+            compiled
+                .segments
+                .iter()
+                .map(|s| (s.name.clone(), s.monitor.clone())),
+        );
+    }
+
     fn forget_member(&mut self, id: u64) {
+        let segment = self
+            .members
+            .values()
+            .find(|m| m.cgroup_id == id)
+            .and_then(|m| {
+                self.compiled
+                    .as_ref()
+                    .and_then(|c| c.segments.get(m.segment))
+                    .map(|s| s.name.clone())
+            });
+        if let Some(segment) = segment {
+            self.retire(&segment, id);
+        }
         if let Err(e) = self.dp.remove_member(id) {
             warn!(cgroup_id = id, "removing membership: {e}");
         }

@@ -88,7 +88,16 @@ impl Engine {
         }
     }
 
-    fn persist(&self, action: &str, q: &QuarantineInfo) {
+    fn persist(&mut self, action: &str, q: &QuarantineInfo) {
+        let record = serde_json::json!({
+            "kind": action,
+            "target": q.target,
+            "reason": q.reason,
+            "by": q.by,
+            "by_uid": q.by_uid,
+            "until_unix": q.until_unix,
+        });
+        self.audit(record);
         if let Err(e) = self.store.save() {
             warn!("saving quarantine state: {e}");
         }

@@ -35,6 +35,13 @@ impl Engine {
                 ..Default::default()
             })
             .collect();
+        for s in &mut segments {
+            if let Some(t) = self.retired.get(&s.name) {
+                s.allowed += t.allowed;
+                s.denied += t.denied;
+                s.audit_denied += t.audit_denied;
+            }
+        }
         for (path, m) in &self.members {
             let c = self.dp.counters(m.cgroup_id);
             let Some(s) = segments.get_mut(m.segment) else {
@@ -77,6 +84,9 @@ impl Engine {
             adopted: self.dp.adopted(),
             reload: self.reload.clone(),
             quarantines: self.store.records.values().cloned().collect(),
+            events_read: self.sink.read,
+            events_lost: stats[agentseg_common::STAT_EVENTS_LOST as usize],
+            audit_log: self.sink.audit.path().to_owned(),
             segments,
             agents,
             fail_closed: vec![

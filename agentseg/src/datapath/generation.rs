@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use agentseg_common::{
     GEN_BIT, INGRESS_BIT, MAX_SEGMENT_ID, PolicyKeyV4, PolicyKeyV6, PolicyValue, QUARANTINE_BIT,
-    RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED, SEGMENT_NAME_LEN, SEGMENT_PREFIX_BITS, SegmentInfo,
-    map_names,
+    RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED, SEGMENT_NAME_LEN,
+    SEGMENT_PREFIX_BITS, SegmentInfo, map_names,
 };
 use aya::maps::{
     Array, HashMap, MapData,
@@ -36,7 +36,7 @@ pub fn segment_id(generation: u32, compiled_id: u32) -> u32 {
     }
 }
 
-fn generation_of(id: u32) -> u32 {
+pub fn generation_of(id: u32) -> u32 {
     u32::from(id & GEN_BIT != 0)
 }
 
@@ -87,6 +87,12 @@ impl Datapath {
                 compiled.rulesets.len()
             )));
         }
+        if compiled.rules.len() > RULES_PER_GEN as usize {
+            return Err(DatapathError::Capacity(format!(
+                "the policy has {} rules; the kernel counts {RULES_PER_GEN}",
+                compiled.rules.len()
+            )));
+        }
         if let Some(seg) = compiled.segments.iter().find(|s| s.id > MAX_SEGMENT_ID) {
             return Err(DatapathError::Capacity(format!(
                 "too many segments ({})",
@@ -98,8 +104,13 @@ impl Datapath {
             let mut rulesets: Array<&mut MapData, RuleSet> =
                 map_mut!(self, Array, map_names::RULESETS);
             for (id, rs) in compiled.rulesets.iter().enumerate() {
+                // Rule ids are offset per generation so RULE_HITS of the two never mix.
+                let mut rs = *rs;
+                for r in rs.rules.iter_mut().take(rs.len as usize) {
+                    r.rule_id += generation * RULES_PER_GEN;
+                }
                 rulesets
-                    .set(base + id as u32, *rs, 0)
+                    .set(base + id as u32, rs, 0)
                     .map_err(map_err(map_names::RULESETS))?;
             }
         }

@@ -15,14 +15,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentseg_common::{Config, Counters, Member, PIN_LAYOUT, STAT_COUNT, map_names, prog_names};
+use agentseg_common::{
+    Config, Counters, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT, map_names, prog_names,
+};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
 };
 pub use bpffs::ensure_bpffs;
-pub use generation::{SegmentEntry, segment_id as generation_segment_id};
+pub use generation::{SegmentEntry, generation_of, segment_id as generation_segment_id};
 pub use links::uninstall;
 
 /// The kernel object built by `build.rs` (empty when the eBPF build was skipped).
@@ -297,6 +299,55 @@ impl Datapath {
             }
         }
         sum
+    }
+
+    /// Allows decided by each rule of `generation`, summed over CPUs (index = compiled rule id).
+    pub fn rule_hits(&self, generation: u32, rules: usize) -> Vec<u64> {
+        let mut out = vec![0u64; rules];
+        let Some(map) = self.ebpf.map(map_names::RULE_HITS) else {
+            return out;
+        };
+        let Ok(hits) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return out;
+        };
+        let base = (generation & 1) * RULES_PER_GEN;
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = hits.get(&(base + i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Zero the hit counters of a generation (before it is written anew).
+    pub fn clear_rule_hits(&mut self, generation: u32) -> Result<(), DatapathError> {
+        let nr_cpus =
+            aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Bpffs(format!("nr_cpus: {e}")))?;
+        let mut hits: PerCpuArray<&mut MapData, u64> =
+            map_mut!(self, PerCpuArray, map_names::RULE_HITS);
+        let base = (generation & 1) * RULES_PER_GEN;
+        for i in 0..RULES_PER_GEN {
+            let zero = aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus])
+                .map_err(|e| DatapathError::Capacity(format!("per-CPU values: {e}")))?;
+            hits.set(base + i, zero, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::RULE_HITS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Take the event ring buffer out, for the async reader.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(map_names::EVENTS)
+            .ok_or(DatapathError::MissingMap(map_names::EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| DatapathError::Map {
+            name: map_names::EVENTS,
+            source,
+        })
     }
 
     /// Fail-closed statistics (`STAT_*`), summed over CPUs.

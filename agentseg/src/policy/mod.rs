@@ -6,6 +6,7 @@
 //! `validate`.
 
 mod error;
+mod monitor;
 mod parse;
 mod peers;
 mod raw;
@@ -15,6 +16,8 @@ mod validate;
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_errors;
+#[cfg(test)]
+mod tests_monitor;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,6 +27,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 pub use error::{PolicyError, PolicyErrors};
+pub use monitor::{Action, IdleRule, Monitor, RateRule};
 
 /// Everything a policy directory defines.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -51,6 +55,8 @@ pub struct Segment {
     /// Where `[quarantine]` is defined (its table header, or for an inline table the start of
     /// its value); `None` when absent.
     pub quarantine_origin: Option<Origin>,
+    /// `[monitor]`: behaviour detectors; [`Monitor::default`] when the table is absent.
+    pub monitor: Monitor,
     pub origin: Origin,
 }
 

@@ -20,6 +20,7 @@ pub(super) struct RawFile {
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
     pub quarantine: Option<Spanned<RawQuarantine>>,
+    pub monitor: Option<Spanned<RawMonitor>>,
     pub segment: Option<Vec<Spanned<RawSegment>>>,
     pub peers: Option<BTreeMap<Spanned<String>, Spanned<RawPeer>>>,
 }
@@ -36,6 +37,7 @@ pub(super) struct RawSegment {
     pub ingress: Option<Vec<Spanned<RawRule>>>,
     pub members: Option<Spanned<RawMembers>>,
     pub quarantine: Option<Spanned<RawQuarantine>>,
+    pub monitor: Option<Spanned<RawMonitor>>,
 }
 
 /// One `[[egress]]` / `[[ingress]]` rule.
@@ -65,6 +67,32 @@ pub(super) struct RawQuarantine {
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
+/// `[monitor]` / `[segment.monitor]`: each detector is an optional inline table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMonitor {
+    pub deny_rate: Option<Spanned<RawRate>>,
+    pub fan_out: Option<Spanned<RawRate>>,
+    pub port_scan: Option<Spanned<RawRate>>,
+    pub inactivity: Option<Spanned<RawIdle>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    /// TOML integers are i64; the range is checked by hand to report it with a reason.
+    pub threshold: Option<Spanned<i64>>,
+    pub window: Option<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdle {
+    pub after: Option<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
+}
+
 /// `[peers.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +111,7 @@ impl RawFile {
             || self.ingress.is_some()
             || self.members.is_some()
             || self.quarantine.is_some()
+            || self.monitor.is_some()
     }
 
     /// Splits the file into its top-level segment (if any single-segment key is present), its
@@ -97,6 +126,7 @@ impl RawFile {
             ingress: self.ingress,
             members: self.members,
             quarantine: self.quarantine,
+            monitor: self.monitor,
         });
         FileParts {
             top,
@@ -130,6 +160,7 @@ impl RawSegment {
                 .map(|s| s.span().start),
             self.members.as_ref().map(|s| s.span().start),
             self.quarantine.as_ref().map(|s| s.span().start),
+            self.monitor.as_ref().map(|s| s.span().start),
         ];
         spans.into_iter().flatten().min()
     }

@@ -89,6 +89,7 @@ fn spec_example_loads_to_the_expected_model() {
         },
         quarantine_allow: vec![],
         quarantine_origin: None,
+        monitor: Monitor::default(),
         origin: origin("a.toml", 1),
     };
     assert_eq!(set.segments, vec![expected]);
@@ -209,6 +210,17 @@ fn bundled_examples_load() {
         set.segments
             .iter()
             .any(|s| s.quarantine_allow.contains(&net("192.0.2.50/32")))
+    );
+    // summarizer.toml documents [monitor]; ci-runners.toml uses [segment.monitor].
+    assert!(
+        set.segments
+            .iter()
+            .any(|s| s.monitor.deny_rate.action == Action::Quarantine)
+    );
+    assert!(
+        set.segments
+            .iter()
+            .any(|s| s.monitor.fan_out.threshold == 300)
     );
     for seg in &set.segments {
         for c in &seg.members.cgroups {

@@ -6,7 +6,7 @@ use super::*;
 
 /// Loads `files` and asserts the errors are exactly `expected` (file, line, column, word).
 #[track_caller]
-fn check(files: &[(&str, &[u8])], expected: &[(&str, usize, usize, &str)]) {
+pub(super) fn check(files: &[(&str, &[u8])], expected: &[(&str, usize, usize, &str)]) {
     let input: Vec<(PathBuf, Vec<u8>)> = files
         .iter()
         .map(|(p, t)| (PathBuf::from(p), t.to_vec()))
@@ -29,7 +29,7 @@ fn check(files: &[(&str, &[u8])], expected: &[(&str, usize, usize, &str)]) {
 }
 
 #[track_caller]
-fn check_one(text: &str, expected: &[(usize, usize, &str)]) {
+pub(super) fn check_one(text: &str, expected: &[(usize, usize, &str)]) {
     let expected: Vec<_> = expected
         .iter()
         .map(|(l, c, w)| ("s.toml", *l, *c, *w))

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
+use super::monitor::{self, Monitor};
 use super::parse::{self, CidrEntry};
 use super::peers::PeerGroup;
 use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawRule, RawSegment};
@@ -154,6 +155,9 @@ impl Ctx<'_> {
             }
             None => (Vec::new(), None),
         };
+        let monitor = raw.monitor.map_or_else(Monitor::default, |m| {
+            monitor::check(src, m.into_inner(), &mut self.errors)
+        });
         Some(Segment {
             name: name?,
             description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
@@ -164,6 +168,7 @@ impl Ctx<'_> {
             members,
             quarantine_allow,
             quarantine_origin,
+            monitor,
             origin: seg_origin,
         })
     }

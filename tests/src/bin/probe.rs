@@ -83,6 +83,25 @@ fn act(action: &[String]) -> String {
                 connect_timeout(sock, dst)
             })())
         }
+        // COUNT unconnected UDP sends as fast as possible; reports how many were refused.
+        Some("flood") => {
+            let a = addr(1);
+            let count: u64 = action
+                .get(2)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| die("flood ADDR COUNT"));
+            let sock = UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                .unwrap_or_else(|e| die(&e.to_string()));
+            let (mut eperm, mut other) = (0u64, 0u64);
+            for _ in 0..count {
+                match sock.send_to(b"x", a) {
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                    Ok(_) => {}
+                }
+            }
+            format!("eperm={eperm} other={other}")
+        }
         Some("ping") => ping(addr(1), false),
         Some("rawping") => ping(addr(1), true),
         Some("env") => std::env::var("AGENTSEG_AGENT_ID").unwrap_or_else(|_| "unset".into()),

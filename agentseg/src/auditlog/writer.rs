@@ -1,0 +1,213 @@
+//! The appending side: continues the chain found on disk, writes canonical lines, rotates.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::chain::{self, LineEnd, check_line, hash_of, read_line};
+use super::{AuditError, GENESIS, MAX_LINE, RESERVED_FIELDS};
+
+/// Append handle on an audit log. Assumes it is the only writer of `path`.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    /// Total number of files kept, the live one included.
+    keep: usize,
+    writer: BufWriter<File>,
+    /// Bytes in the live file, written or buffered.
+    size: u64,
+    seq: u64,
+    last_hash: String,
+    /// Set when a write failed half-way: the live file may end in a partial line.
+    poisoned: bool,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// `(seq, hash)` of the last line of `file`, or `None` if the file is empty or missing.
+fn tail(file: &Path) -> Result<Option<(u64, String)>, AuditError> {
+    let f = match File::open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(file)(e)),
+    };
+    // One streaming pass keeps memory at two lines and yields the line number for errors.
+    let mut rdr = BufReader::new(f);
+    let (mut buf, mut last) = (Vec::new(), Vec::new());
+    let mut line = 0usize;
+    let mut end = LineEnd::Newline;
+    while let Some(e) = read_line(&mut rdr, &mut buf).map_err(io_err(file))? {
+        line += 1;
+        end = e;
+        std::mem::swap(&mut buf, &mut last);
+    }
+    if line == 0 {
+        return Ok(None);
+    }
+    let broken = |reason: String| AuditError::BrokenTail {
+        file: file.to_path_buf(),
+        line,
+        reason,
+    };
+    if let Some(problem) = end.problem() {
+        return Err(broken(problem.to_string()));
+    }
+    let entry = check_line(&last).map_err(broken)?;
+    Ok(Some((entry.seq, entry.hash)))
+}
+
+impl AuditLog {
+    /// Opens `path` for appending, creating its parent directory (0700) and the file (0600).
+    ///
+    /// Continues the chain from the last line of `path`, or, if `path` is empty or missing, of
+    /// the newest non-empty rotated file. A last line that does not check out is
+    /// [`AuditError::BrokenTail`]: silently starting a new chain would hide tampering.
+    /// `keep` is the total number of files kept (live file included, at least 1).
+    pub fn open(path: &Path, max_bytes: u64, keep: usize) -> Result<Self, AuditError> {
+        if keep == 0 {
+            return Err(AuditError::InvalidKeep);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
+        }
+        let mut state = tail(path)?;
+        if state.is_none() {
+            let rotated = chain::rotated_files(path).map_err(io_err(path))?;
+            for (_, file) in rotated {
+                state = tail(&file)?;
+                if state.is_some() {
+                    break;
+                }
+            }
+        }
+        let (seq, last_hash) = state.unwrap_or((0, GENESIS.to_string()));
+        let file = open_append(path)?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        Ok(Self {
+            path: path.to_path_buf(),
+            max_bytes,
+            keep,
+            writer: BufWriter::new(file),
+            size,
+            seq,
+            last_hash,
+            poisoned: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record (a JSON object without `seq`/`prev`/`hash`), then rotates if the live
+    /// file reached `max_bytes`. On [`AuditError::RotationFailed`] the record *was* written.
+    pub fn append(&mut self, record: Value) -> Result<(), AuditError> {
+        if self.poisoned {
+            return Err(AuditError::Poisoned);
+        }
+        let Value::Object(mut obj) = record else {
+            return Err(AuditError::NotAnObject);
+        };
+        if let Some(field) = RESERVED_FIELDS.iter().find(|f| obj.contains_key(**f)) {
+            return Err(AuditError::ReservedField(field));
+        }
+        let seq = self.seq.checked_add(1).ok_or(AuditError::SeqOverflow)?;
+        obj.insert("seq".into(), seq.into());
+        obj.insert("prev".into(), self.last_hash.clone().into());
+        let hash = hash_of(&obj);
+        obj.insert("hash".into(), hash.clone().into());
+        let mut line = serde_json::to_string(&obj).unwrap_or_default();
+        if line.len() > MAX_LINE {
+            return Err(AuditError::TooLarge(line.len()));
+        }
+        line.push('\n');
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            self.poisoned = true;
+            return Err(io_err(&self.path)(e));
+        }
+        self.seq = seq;
+        self.last_hash = hash;
+        self.size += line.len() as u64;
+        if self.size >= self.max_bytes {
+            // Every step of `rotate` leaves the chain consistent (writes go to the same open
+            // file, whatever its name), so a failure is reported and retried next time.
+            self.rotate()
+                .map_err(|e| AuditError::RotationFailed(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<(), AuditError> {
+        self.writer.flush().map_err(io_err(&self.path))
+    }
+
+    /// `path.(keep-1)` and older dropped, `path.N` → `path.N+1`, `path` → `path.1`, new `path`.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.writer.flush().map_err(io_err(&self.path))?;
+        // Durable before it is renamed out of sight of the writer.
+        self.writer
+            .get_ref()
+            .sync_all()
+            .map_err(io_err(&self.path))?;
+        let first_dropped = (self.keep - 1) as u64;
+        for (n, file) in chain::rotated_files(&self.path).map_err(io_err(&self.path))? {
+            if n >= first_dropped {
+                remove_if_exists(&file)?;
+            }
+        }
+        for n in (1..first_dropped).rev() {
+            let from = chain::rotated(&self.path, n);
+            if from.exists() {
+                let to = chain::rotated(&self.path, n + 1);
+                fs::rename(&from, &to).map_err(io_err(&from))?;
+            }
+        }
+        if first_dropped >= 1 {
+            let to = chain::rotated(&self.path, 1);
+            fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
+        } else {
+            remove_if_exists(&self.path)?;
+        }
+        self.writer = BufWriter::new(open_append(&self.path)?);
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn remove_if_exists(file: &Path) -> Result<(), AuditError> {
+    match fs::remove_file(file) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(file)(e)),
+        _ => Ok(()),
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Nowhere to report an error from drop; callers wanting one call `flush` first.
+        let _ = self.writer.flush();
+    }
+}

@@ -1,0 +1,153 @@
+//! `agentseg events`, `agentseg audit` and `agentseg audit verify`.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
+
+use crate::{
+    auditlog,
+    control::{self, Reply, Request},
+};
+
+pub fn events(
+    socket: &Path,
+    follow: bool,
+    json: bool,
+    segment: Option<String>,
+    agent: Option<String>,
+) -> ExitCode {
+    let request = Request::Events {
+        follow,
+        segment,
+        agent,
+    };
+    if !follow {
+        return match control::call(socket, &request) {
+            Ok(Reply::Events { lines }) => {
+                for l in &lines {
+                    print_event(l, json);
+                }
+                ExitCode::SUCCESS
+            }
+            other => fail(other),
+        };
+    }
+    // Streaming: the daemon writes one event per line until we go away.
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "agentseg: no agentseg daemon answers at {}: {e}",
+                socket.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut line = match serde_json::to_vec(&request) {
+        Ok(l) => l,
+        Err(e) => return fail(Err(control::ClientError::BadReply(e))),
+    };
+    line.push(b'\n');
+    if let Err(e) = stream.write_all(&line) {
+        eprintln!("agentseg: {e}");
+        return ExitCode::FAILURE;
+    }
+    for l in BufReader::new(stream).lines().map_while(Result::ok) {
+        // A refusal comes back as a reply object instead of events.
+        if let Ok(Reply::Error { message }) = serde_json::from_str::<Reply>(&l) {
+            eprintln!("agentseg: {message}");
+            return ExitCode::FAILURE;
+        }
+        print_event(&l, json);
+        let _ = std::io::stdout().flush();
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_event(line: &str, json: bool) {
+    if json {
+        println!("{line}");
+        return;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        println!("{line}");
+        return;
+    };
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v[k].to_string())
+    };
+    println!(
+        "{} {:<10} {:<28} agent={} pid={} {} {} {}:{} -> {}:{} rule={}",
+        s("ts_ms"),
+        s("kind"),
+        s("segment"),
+        v["agent_id"].as_str().unwrap_or("-"),
+        s("pid"),
+        s("hook"),
+        s("protocol"),
+        s("src"),
+        s("sport"),
+        s("dst"),
+        s("dport"),
+        s("rule"),
+    );
+}
+
+pub fn audit(socket: &Path, since: Option<Duration>, json: bool) -> ExitCode {
+    let request = Request::Audit {
+        since_secs: since.map(|d| d.as_secs()),
+    };
+    match control::call(socket, &request) {
+        Ok(Reply::Audit { report, text }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        other => fail(other),
+    }
+}
+
+pub fn verify(log: &Path) -> ExitCode {
+    match auditlog::verify(log) {
+        Ok(r) => {
+            println!(
+                "agentseg: {} intact: {} lines in {} file(s), seq {}..{}{}",
+                log.display(),
+                r.lines,
+                r.files.len(),
+                r.first_seq,
+                r.last_seq,
+                if r.anchored_at_genesis {
+                    ""
+                } else {
+                    " (older files rotated away; chain anchored at the oldest kept line)"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentseg: audit log tampered or damaged: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail(reply: Result<Reply, control::ClientError>) -> ExitCode {
+    match reply {
+        Ok(Reply::Error { message }) => eprintln!("agentseg: {message}"),
+        Ok(other) => eprintln!("agentseg: unexpected reply {other:?}"),
+        Err(e) => eprintln!("agentseg: {e}"),
+    }
+    ExitCode::FAILURE
+}

@@ -1,0 +1,375 @@
+//! The event pipeline: kernel records → identity → audit log, live subscribers, detectors.
+//!
+//! The reader task (async, `read_ring`) only copies records out of the ring buffer and hands
+//! them to the engine thread in batches over the bounded job channel: if the engine falls
+//! behind, the reader waits, the ring fills, and the kernel counts what it cannot write. Memory
+//! stays bounded whatever the rate.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use agentseg_common::{
+    Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
+    HOOK_SKB_INGRESS, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_QUARANTINE, RULES_PER_GEN,
+    VERDICT_AUDIT, VERDICT_DENY,
+};
+use aya::maps::{MapData, RingBuf};
+use serde_json::{Value, json};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::{broadcast, mpsc},
+};
+use tracing::warn;
+
+use super::{Job, engine::Engine};
+use crate::{
+    auditlog::AuditLog,
+    control::Target,
+    detect::{Detectors, Firing, Observation, Verdict},
+    policy::Action,
+};
+
+/// Records handed to the engine at once.
+const BATCH: usize = 4096;
+/// Recent events kept for `agentseg events` without `--follow`.
+const RECENT: usize = 1000;
+
+/// One enriched event as subscribers see it.
+#[derive(Debug)]
+pub struct EventLine {
+    pub segment: String,
+    pub agent_id: Option<String>,
+    pub json: String,
+}
+
+/// Copy records out of the ring buffer and hand them to the engine.
+pub async fn read_ring(ring: RingBuf<MapData>, tx: mpsc::Sender<Job>) {
+    // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd until both go.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!("event ring buffer: {e}; no events will be read"),
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        {
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<Event>() {
+                    // SAFETY: the kernel wrote an `Event` (repr(C), plain integers) here; the
+                    // length is checked and the read is unaligned-safe.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                }
+                if batch.len() >= BATCH {
+                    break;
+                }
+            }
+        }
+        if batch.len() < BATCH {
+            guard.clear_ready();
+        }
+        drop(guard);
+        if !batch.is_empty() && tx.send(Job::Events(batch)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Names the engine keeps so that a record can be written without touching the kernel.
+#[derive(Default)]
+pub struct Names {
+    /// Kernel segment id (both generations) → name.
+    pub segments: HashMap<u32, String>,
+    /// Kernel rule id (generation offset included) → "file.toml:LINE".
+    pub rules: HashMap<u32, String>,
+}
+
+/// Everything the pipeline owns on the engine thread.
+pub struct Sink {
+    pub audit: AuditLog,
+    pub detectors: Detectors,
+    pub bus: broadcast::Sender<Arc<EventLine>>,
+    pub recent: VecDeque<Arc<EventLine>>,
+    pub names: Names,
+    /// Events read from the ring since start.
+    pub read: u64,
+    /// Detector firings, by (detector, action).
+    pub firings: HashMap<(String, String), u64>,
+}
+
+fn hook_name(h: u8) -> &'static str {
+    match h {
+        HOOK_CONNECT4 => "connect4",
+        HOOK_CONNECT6 => "connect6",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_SKB_EGRESS => "skb_egress",
+        HOOK_SKB_INGRESS => "skb_ingress",
+        _ => "unknown",
+    }
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 | 58 => "icmp".into(),
+        136 => "udplite".into(),
+        other => format!("ip:{other}"),
+    }
+}
+
+fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
+    if family == 6 {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+/// Wall-clock milliseconds of a CLOCK_BOOTTIME timestamp.
+fn wall_ms(ts_ns: u64) -> u64 {
+    let now_boot = crate::datapath::boottime_ns();
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now_wall.saturating_sub(now_boot.saturating_sub(ts_ns) / 1_000_000)
+}
+
+impl Engine {
+    /// Enrich, log, publish and judge a batch of kernel records.
+    pub fn on_events(&mut self, batch: Vec<Event>) {
+        let mut firings = Vec::new();
+        for e in &batch {
+            let (segment, agent_id, cgroup) = self.identify(e.cgroup_id, e.segment_id);
+            let egress = e.hook != HOOK_SKB_INGRESS;
+            let rule = match e.rule_id {
+                RULE_DEFAULT_DENY => "default-deny".to_owned(),
+                RULE_QUARANTINE => "quarantine".to_owned(),
+                RULE_DEADMAN => "deadman".to_owned(),
+                id => self
+                    .sink
+                    .names
+                    .rules
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("rule {}", id % RULES_PER_GEN)),
+            };
+            let (src, dst) = (addr(e.family, e.saddr), addr(e.family, e.daddr));
+            let ts_ms = wall_ms(e.ts_ns);
+            let kind = if e.verdict == VERDICT_AUDIT {
+                "audit_deny"
+            } else {
+                "deny"
+            };
+            let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+            let record = json!({
+                "kind": kind,
+                "ts_ms": ts_ms,
+                "segment": segment,
+                "agent_id": agent_id,
+                "cgroup": cgroup,
+                "pid": (e.pid_tgid >> 32) as u32,
+                "comm": String::from_utf8_lossy(&e.comm[..comm_len]),
+                "hook": hook_name(e.hook),
+                "direction": if egress { "egress" } else { "ingress" },
+                "protocol": protocol_name(e.protocol),
+                "src": src.to_string(),
+                "sport": e.sport,
+                "dst": dst.to_string(),
+                "dport": e.dport,
+                "rule": rule,
+                "rule_id": if e.rule_id >= RULE_DEADMAN { Value::Null } else { json!(e.rule_id % RULES_PER_GEN) },
+            });
+            self.sink.read += 1;
+            let line = Arc::new(EventLine {
+                segment: segment.clone(),
+                agent_id: agent_id.clone(),
+                json: record.to_string(),
+            });
+            if self.sink.recent.len() >= RECENT {
+                self.sink.recent.pop_front();
+            }
+            self.sink.recent.push_back(line.clone());
+            let _ = self.sink.bus.send(line);
+            if let Err(err) = self.sink.audit.append(record) {
+                warn!("audit log: {err}");
+            }
+            let agent_key = agent_id
+                .clone()
+                .unwrap_or_else(|| format!("cgroup:{}", e.cgroup_id));
+            let (peer, port) = if egress {
+                (dst, e.dport)
+            } else {
+                (src, e.dport)
+            };
+            let verdict = if e.verdict == VERDICT_DENY {
+                Verdict::Deny
+            } else {
+                Verdict::AuditDeny
+            };
+            let obs = Observation {
+                now_ms: ts_ms,
+                agent: &agent_key,
+                segment: &segment,
+                verdict,
+                peer,
+                port,
+            };
+            firings.extend(self.sink.detectors.observe(&obs));
+        }
+        if let Err(err) = self.sink.audit.flush() {
+            warn!("audit log: {err}");
+        }
+        for f in firings {
+            self.act_on(f);
+        }
+    }
+
+    /// (segment name, agent id, cgroup path relative to the cgroup2 mount) of a member.
+    fn identify(&self, cgroup_id: u64, segment_id: u32) -> (String, Option<String>, String) {
+        let segment = self
+            .sink
+            .names
+            .segments
+            .get(&segment_id)
+            .cloned()
+            .unwrap_or_else(|| format!("segment#{segment_id}"));
+        if let Some((id, a)) = self.agents.iter().find(|(_, a)| a.cgroup_id == cgroup_id) {
+            let rel = a
+                .cgroup
+                .strip_prefix(&self.cgroup2)
+                .unwrap_or(&a.cgroup)
+                .display()
+                .to_string();
+            return (segment, Some(id.to_string()), rel);
+        }
+        let path = self
+            .members
+            .iter()
+            .find(|(_, m)| m.cgroup_id == cgroup_id)
+            .map(|(p, _)| {
+                p.strip_prefix(&self.cgroup2)
+                    .unwrap_or(p)
+                    .display()
+                    .to_string()
+            })
+            .unwrap_or_else(|| format!("cgroup#{cgroup_id}"));
+        (segment, None, path)
+    }
+
+    /// A detector fired: record it, and quarantine the agent when its action says so.
+    pub(super) fn act_on(&mut self, f: Firing) {
+        *self
+            .sink
+            .firings
+            .entry((f.detector.to_owned(), f.action.to_string()))
+            .or_default() += 1;
+        let agent_id = f
+            .agent
+            .strip_prefix("cgroup:")
+            .is_none()
+            .then(|| f.agent.clone());
+        self.audit(json!({
+            "kind": "detector",
+            "detector": f.detector,
+            "segment": f.segment,
+            "agent_id": agent_id,
+            "action": f.action.to_string(),
+            "reason": f.reason,
+        }));
+        warn!(detector = f.detector, segment = %f.segment, agent = %f.agent, action = %f.action, "{}", f.reason);
+        if f.action == Action::Quarantine {
+            match agent_id {
+                Some(id) => {
+                    let target = Target::Agent(id);
+                    if !self.store.records.contains_key(&target) {
+                        self.quarantine(
+                            target,
+                            f.reason.clone(),
+                            None,
+                            None,
+                            &format!("detector:{}", f.detector),
+                        );
+                    }
+                }
+                // A plain member cgroup is not an agent: its firing stays an alert.
+                None => {
+                    warn!(segment = %f.segment, "detector wants a quarantine of a member cgroup; only agents are quarantined automatically")
+                }
+            }
+        }
+    }
+
+    /// Append a non-event record (policy, quarantine, detector) with a timestamp.
+    pub(super) fn audit(&mut self, mut record: Value) {
+        if let Value::Object(map) = &mut record {
+            map.insert("ts_ms".into(), json!(super::engine::now_unix_ms()));
+        }
+        let result = self
+            .sink
+            .audit
+            .append(record)
+            .and_then(|()| self.sink.audit.flush());
+        if let Err(err) = result {
+            warn!("audit log: {err}");
+        }
+    }
+}
+
+impl Engine {
+    /// The recent events, filtered.
+    pub fn recent_events(&self, segment: Option<&str>, agent: Option<&str>) -> Vec<String> {
+        self.sink
+            .recent
+            .iter()
+            .filter(|l| {
+                segment.is_none_or(|s| s == l.segment)
+                    && agent.is_none_or(|a| l.agent_id.as_deref() == Some(a))
+            })
+            .map(|l| l.json.clone())
+            .collect()
+    }
+
+    /// `agentseg audit`: the log's records in the window plus the kernel's per-rule counts.
+    pub fn audit_report(&mut self, since_secs: Option<u64>) -> crate::control::Reply {
+        use crate::control::Reply;
+        if let Err(e) = self.sink.audit.flush() {
+            return Reply::Error {
+                message: format!("audit log: {e}"),
+            };
+        }
+        let since_ms = since_secs.map_or(0, |s| {
+            super::engine::now_unix_ms().saturating_sub(s.saturating_mul(1000))
+        });
+        let live = self.live();
+        let hits = self.dp.rule_hits(self.generation, live.rules.len());
+        let rules = live
+            .rules
+            .iter()
+            .map(|r| crate::auditlog::RuleHits {
+                id: r.id,
+                segment: r.segment.clone(),
+                direction: r.direction.to_string(),
+                origin: format!("{}:{}", r.file.display(), r.line),
+                hits: hits.get(r.id as usize).copied().unwrap_or(0),
+            })
+            .collect();
+        let records = crate::auditlog::read_records(self.sink.audit.path()).filter_map(Result::ok);
+        let report = crate::auditlog::report(records, since_ms, rules, 10);
+        match serde_json::to_value(&report) {
+            Ok(value) => Reply::Audit {
+                report: value,
+                text: report.to_text(),
+            },
+            Err(e) => Reply::Error {
+                message: format!("audit report: {e}"),
+            },
+        }
+    }
+}
