@@ -125,7 +125,8 @@ impl AuditLog {
 
     /// Appends one record (a JSON object without `seq`/`prev`/`hash`), then rotates if the live
     /// file reached `max_bytes`. On [`AuditError::RotationFailed`] the record *was* written.
-    pub fn append(&mut self, record: Value) -> Result<(), AuditError> {
+    /// Returns the line as written (without its newline), for callers that publish it too.
+    pub fn append(&mut self, record: Value) -> Result<String, AuditError> {
         if self.poisoned {
             return Err(AuditError::Poisoned);
         }
@@ -152,13 +153,14 @@ impl AuditLog {
         self.seq = seq;
         self.last_hash = hash;
         self.size += line.len() as u64;
+        line.pop();
         if self.size >= self.max_bytes {
             // Every step of `rotate` leaves the chain consistent (writes go to the same open
             // file, whatever its name), so a failure is reported and retried next time.
             self.rotate()
                 .map_err(|e| AuditError::RotationFailed(Box::new(e)))?;
         }
-        Ok(())
+        Ok(line)
     }
 
     pub fn flush(&mut self) -> Result<(), AuditError> {

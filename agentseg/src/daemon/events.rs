@@ -187,19 +187,24 @@ impl Engine {
                 "rule_id": if e.rule_id >= RULE_DEADMAN { Value::Null } else { json!(e.rule_id % RULES_PER_GEN) },
             });
             self.sink.read += 1;
+            // The audit line (with its seq and hash) is what subscribers see too.
+            let json = match self.sink.audit.append(record) {
+                Ok(line) => line,
+                Err(err) => {
+                    warn!("audit log: {err}");
+                    continue;
+                }
+            };
             let line = Arc::new(EventLine {
                 segment: segment.clone(),
                 agent_id: agent_id.clone(),
-                json: record.to_string(),
+                json,
             });
             if self.sink.recent.len() >= RECENT {
                 self.sink.recent.pop_front();
             }
             self.sink.recent.push_back(line.clone());
             let _ = self.sink.bus.send(line);
-            if let Err(err) = self.sink.audit.append(record) {
-                warn!("audit log: {err}");
-            }
             let agent_key = agent_id
                 .clone()
                 .unwrap_or_else(|| format!("cgroup:{}", e.cgroup_id));
@@ -315,7 +320,7 @@ impl Engine {
             .sink
             .audit
             .append(record)
-            .and_then(|()| self.sink.audit.flush());
+            .and_then(|_| self.sink.audit.flush());
         if let Err(err) = result {
             warn!("audit log: {err}");
         }
