@@ -194,8 +194,12 @@ pub struct Config {
     pub deadman_secs: u32,
     /// Last daemon heartbeat, CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns`).
     pub heartbeat_ns: u64,
+    /// Report about one allow in this many as an event (0: none, the default). Allows are
+    /// always counted per rule.
+    pub sample_allows: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 /// [`SegmentInfo::flags`]: quarantine the segment when the daemon's heartbeat stops.
 pub const SEG_DEADMAN_QUARANTINE: u32 = 1 << 0;

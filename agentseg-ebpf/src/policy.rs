@@ -20,10 +20,13 @@ use agentseg_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
     RULE_DEFAULT_DENY, RULE_QUARANTINE, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
     SEGMENT_NONE, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
-    VERDICT_AUDIT, VERDICT_DENY,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    },
     maps::lpm_trie::Key,
 };
 
@@ -111,6 +114,8 @@ pub struct Subject {
     pub quarantined: bool,
     /// The daemon's heartbeat is stale and the segment asked to be cut off then.
     pub deadman: bool,
+    /// One allow in this many becomes an event (0: none).
+    pub sample_allows: u32,
 }
 
 pub enum Resolved {
@@ -150,9 +155,14 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         stat(STAT_NO_MEMBER);
         return Resolved::Deny;
     }
-    let (generation, deadman_secs, heartbeat_ns) = match CONFIG.get(0) {
-        Some(c) => (c.active_gen & 1, c.deadman_secs, c.heartbeat_ns),
-        None => (0, 0, 0),
+    let (generation, deadman_secs, heartbeat_ns, sample_allows) = match CONFIG.get(0) {
+        Some(c) => (
+            c.active_gen & 1,
+            c.deadman_secs,
+            c.heartbeat_ns,
+            c.sample_allows,
+        ),
+        None => (0, 0, 0, 0),
     };
     let segment_id = if generation == 0 {
         found.segment_ids[0]
@@ -182,6 +192,7 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         audit: seg.mode == MODE_AUDIT,
         quarantined: found.flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
         deadman,
+        sample_allows,
     })
 }
 
@@ -319,6 +330,10 @@ pub fn finish(s: &Subject, rule: u32, flow: &Flow) -> i32 {
             unsafe { *p += 1 };
         }
         count(s.cgroup, |c| c.allowed += 1);
+        // SAFETY: plain helper call.
+        if s.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % s.sample_allows == 0 {
+            emit(s, VERDICT_ALLOW, rule, flow);
+        }
         ALLOW
     } else if s.audit && rule == RULE_DEFAULT_DENY {
         count(s.cgroup, |c| c.audit_denied += 1);

@@ -102,6 +102,9 @@ pub enum Command {
         /// Prometheus metrics on this loopback IP:PORT, or "off" [default: 127.0.0.1:9464].
         #[arg(long)]
         metrics: Option<String>,
+        /// Report one allowed connect or send in N as an event (0: none) [default: 0].
+        #[arg(long)]
+        sample_allows: Option<u32>,
     },
     /// Show events: the recent ones, or every new one with --follow.
     Events {

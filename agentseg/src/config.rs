@@ -29,6 +29,8 @@ pub struct DaemonConfig {
     pub audit_keep: usize,
     /// Prometheus metrics on this loopback address ("" for none).
     pub metrics: String,
+    /// Report one allowed connect/send in this many as an event (0: none).
+    pub sample_allows: u32,
 }
 
 impl Default for DaemonConfig {
@@ -44,6 +46,7 @@ impl Default for DaemonConfig {
             audit_max_bytes: 64 << 20,
             audit_keep: 8,
             metrics: "127.0.0.1:9464".into(),
+            sample_allows: 0,
         }
     }
 }

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             audit_log,
             audit_max_bytes,
             metrics,
+            sample_allows,
         } => {
             let flags = commands::daemon::Overrides {
                 config,
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
                 audit_log,
                 audit_max_bytes,
                 metrics,
+                sample_allows,
             };
             match commands::daemon::daemon(flags) {
                 Ok(()) => ExitCode::SUCCESS,

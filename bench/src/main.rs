@@ -96,10 +96,7 @@ fn run() -> anyhow::Result<()> {
         } => load::udp_loop(addr, secs(s), connected)?,
         Cmd::Stream { addr, secs: s } => load::stream(addr, secs(s))?,
         Cmd::Probe { addr, udp } => load::probe(addr, udp)?,
-        Cmd::WaitAllowed {
-            addr,
-            timeout_secs,
-        } => load::wait_allowed(addr, secs(timeout_secs))?,
+        Cmd::WaitAllowed { addr, timeout_secs } => load::wait_allowed(addr, secs(timeout_secs))?,
     };
     println!("{out}");
     Ok(())

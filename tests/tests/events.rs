@@ -128,6 +128,10 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
         pids.insert(r["pid"].as_u64());
     }
     assert_eq!(pids.len(), 3, "three processes, three pids");
+    assert!(
+        records(&d).iter().all(|r| r["kind"] != "allow"),
+        "allows are not events by default"
+    );
     // The allowed connect raised its rule's counter; the UDP rule was never used.
     let out = d.cli(&["audit", "--json"]);
     assert!(
@@ -377,5 +381,32 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
     eprintln!(
         "flood: read {} lost {} rss {rss_kb} kB",
         status["events_read"], status["events_lost"]
+    );
+}
+
+#[test]
+fn sampled_allows_become_events_when_asked() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let _srv = Server::start(&ns, &["[::]:8080"]);
+    let d = Daemon::start_with(&tree, &[("bot.toml", SEG)], &["--sample-allows", "1"]);
+    assert_eq!(
+        d.run_probe(
+            "bot.test.events",
+            &ns,
+            &["connect", "tcp", "127.0.0.1:8080"]
+        ),
+        "ok"
+    );
+    let allows = wait_records(&d, 1, |r| r["kind"] == "allow");
+    assert!(
+        allows[0]["rule"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("bot.toml:3")),
+        "{:?}",
+        allows[0]
     );
 }

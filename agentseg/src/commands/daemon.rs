@@ -20,6 +20,7 @@ pub struct Overrides {
     pub audit_log: Option<PathBuf>,
     pub audit_max_bytes: Option<u64>,
     pub metrics: Option<String>,
+    pub sample_allows: Option<u32>,
 }
 
 pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
@@ -39,6 +40,7 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         audit_max_bytes: flags.audit_max_bytes.unwrap_or(file.audit_max_bytes),
         audit_keep: file.audit_keep,
         metrics_addr: parse_metrics(&flags.metrics.unwrap_or(file.metrics))?,
+        sample_allows: flags.sample_allows.unwrap_or(file.sample_allows),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -51,6 +51,7 @@ pub struct Engine {
     pub(super) agent_root: PathBuf,
     pub(super) agent_root_id: u64,
     pub(super) deadman_secs: u32,
+    pub(super) sample_allows: u32,
     /// Member cgroups registered now, by path.
     pub(super) members: BTreeMap<PathBuf, MemberCgroup>,
     /// Cgroup ids this daemon attached (or adopted and updated).
@@ -69,6 +70,7 @@ pub struct StartOptions {
     pub audit_log: PathBuf,
     pub audit_max_bytes: u64,
     pub audit_keep: usize,
+    pub sample_allows: u32,
     /// Where live events are published for `agentseg events --follow`.
     pub bus: tokio::sync::broadcast::Sender<std::sync::Arc<EventLine>>,
     pub cgroup2: PathBuf,
@@ -107,6 +109,7 @@ impl Engine {
             agent_root: opts.agent_root,
             agent_root_id,
             deadman_secs: opts.deadman_secs,
+            sample_allows: opts.sample_allows,
             members: BTreeMap::new(),
             attached: BTreeSet::new(),
             agents: BTreeMap::new(),
@@ -261,6 +264,7 @@ impl Engine {
         let result = self.dp.config().and_then(|mut c| {
             c.heartbeat_ns = crate::datapath::boottime_ns();
             c.deadman_secs = self.deadman_secs;
+            c.sample_allows = self.sample_allows;
             self.dp.set_config(c)
         });
         if let Err(e) = result {

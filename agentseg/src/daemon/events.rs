@@ -162,10 +162,10 @@ impl Engine {
             };
             let (src, dst) = (addr(e.family, e.saddr), addr(e.family, e.daddr));
             let ts_ms = wall_ms(e.ts_ns);
-            let kind = if e.verdict == VERDICT_AUDIT {
-                "audit_deny"
-            } else {
-                "deny"
+            let kind = match e.verdict {
+                VERDICT_AUDIT => "audit_deny",
+                VERDICT_DENY => "deny",
+                _ => "allow",
             };
             let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
             let record = json!({
@@ -213,10 +213,10 @@ impl Engine {
             } else {
                 (src, e.dport)
             };
-            let verdict = if e.verdict == VERDICT_DENY {
-                Verdict::Deny
-            } else {
-                Verdict::AuditDeny
+            let verdict = match e.verdict {
+                VERDICT_DENY => Verdict::Deny,
+                VERDICT_AUDIT => Verdict::AuditDeny,
+                _ => Verdict::Allow,
             };
             let obs = Observation {
                 now_ms: ts_ms,

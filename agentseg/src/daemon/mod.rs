@@ -54,6 +54,8 @@ pub struct Config {
     pub audit_keep: usize,
     /// Prometheus text on this loopback address (none: no endpoint).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// One allow in this many is reported as an event (0: none).
+    pub sample_allows: u32,
 }
 
 /// Work for the engine thread.
@@ -115,6 +117,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             audit_log: config.audit_log.clone(),
             audit_max_bytes: config.audit_max_bytes,
             audit_keep: config.audit_keep,
+            sample_allows: config.sample_allows,
             bus: bus.clone(),
         },
     )?;

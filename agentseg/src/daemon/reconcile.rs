@@ -123,6 +123,7 @@ impl Engine {
         let mut config = self.dp.config()?;
         config.active_gen = next;
         config.deadman_secs = self.deadman_secs;
+        config.sample_allows = self.sample_allows;
         config.heartbeat_ns = crate::datapath::boottime_ns();
         self.dp.set_config(config)?;
         self.generation = next;

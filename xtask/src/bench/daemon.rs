@@ -1,0 +1,146 @@
+//! An agentseg daemon started by the bench: stopped (SIGTERM, only our own child) and
+//! uninstalled on drop, so no program or pin outlives the run.
+use std::{
+    io::BufRead as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::env::CG_ROOT;
+
+pub struct Daemon {
+    child: Option<Child>,
+    bin: PathBuf,
+    pub socket: PathBuf,
+    pub pin_root: PathBuf,
+    pub audit_log: PathBuf,
+    /// Spawn to the `agentseg: ready:` line.
+    pub ready: Duration,
+}
+
+/// Children die with the bench (a crashed bench must not leave a daemon enforcing).
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        })
+    }
+}
+
+impl Daemon {
+    pub fn start(bin: &Path, work: &Path, policies: &Path, n: u32) -> anyhow::Result<Self> {
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}{n}", super::env::PREFIX));
+        let socket = work.join(format!("agentseg-{n}.sock"));
+        let audit_log = work.join(format!("audit-{n}.jsonl"));
+        let state = work.join(format!("state-{n}"));
+        let stderr = std::fs::File::create(work.join(format!("daemon-{n}.log")))?;
+        let start = Instant::now();
+        let mut child = die_with_parent(
+            Command::new(bin)
+                .arg("daemon")
+                .arg("--policies")
+                .arg(policies)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--agent-root")
+                .arg(format!("{CG_ROOT}/agents"))
+                .arg("--pin-root")
+                .arg(&pin_root)
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--audit-log")
+                .arg(&audit_log)
+                .args(["--metrics", "off"])
+                .stdout(Stdio::piped())
+                .stderr(stderr),
+        )
+        .spawn()
+        .context("starting agentseg daemon")?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        let mut d = Daemon {
+            child: Some(child),
+            bin: bin.to_owned(),
+            socket,
+            pin_root,
+            audit_log,
+            ready: Duration::ZERO,
+        };
+        let (tx, rx) = mpsc::channel();
+        // Keep draining stdout after the ready line so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("agentseg: ready:") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(()) => d.ready = start.elapsed(),
+            Err(_) => bail!(
+                "agentseg daemon not ready within 120 s (see {}/daemon-{n}.log)",
+                work.display()
+            ),
+        }
+        Ok(d)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn rss_mb(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        super::env::sh(Command::new(&self.bin).arg("--socket").arg(&self.socket).args(args))
+    }
+
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.cli(&["status", "--json"])?).context("parsing status --json")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = Command::new(&self.bin)
+            .arg("uninstall")
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .stdout(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

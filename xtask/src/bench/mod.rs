@@ -1,0 +1,220 @@
+//! `cargo xtask bench`: no enforcement vs agentseg vs nftables vs iptables, interleaved round
+//! by round, in two network namespaces of our own. Benchmarks, not tests: nothing is asserted,
+//! figures are printed (stdout table, target/bench/results.json, target/bench/report.md).
+mod daemon;
+mod env;
+mod load;
+mod report;
+mod rules;
+mod variants;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use self::{
+    load::{Gen, addr, find_u64},
+    report::Results,
+    variants::{Active, Ctx, Variant},
+};
+use crate::step;
+
+pub struct Args {
+    pub quick: bool,
+    pub rounds: Option<u32>,
+    pub sizes: Vec<usize>,
+}
+
+struct Plan {
+    rounds: u32,
+    secs: f64,
+}
+
+pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
+    for &n in &args.sizes {
+        rules::check_size(n)?;
+    }
+    let plan = Plan {
+        rounds: args.rounds.unwrap_or(if args.quick { 2 } else { 5 }).max(1),
+        secs: if args.quick { 0.5 } else { 1.5 },
+    };
+    let agentseg = root.join("target/release/agentseg");
+    let gen = Gen {
+        bin: root.join("target/release/agentseg-bench"),
+    };
+    for tool in ["ip", "nsenter", "nft", "iptables-restore", "ipset"] {
+        if !variants::have(tool) {
+            bail!("`{tool}` is missing (the bootstrap installs it)");
+        }
+    }
+    env::cleanup_leftovers(&agentseg)?;
+    let out_dir = root.join("target/bench");
+    let work = out_dir.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    step("creating namespaces asbench-client/asbench-server (veth 198.18.0.0/24) and cgroups");
+    let _ns = env::Netns::create()?;
+    let cg = env::Cgroups::create()?;
+    let _server = gen.serve()?;
+    let mut ctx = Ctx {
+        agentseg,
+        work: work.clone(),
+        daemon_seq: 0,
+    };
+    let mut res = Results::new(&args.sizes, plan.rounds, plan.secs);
+    let started = Instant::now();
+    for &n in &args.sizes {
+        for round in 0..plan.rounds {
+            step(&format!(
+                "{n} rules, round {}/{} ({:.0} s elapsed)",
+                round + 1,
+                plan.rounds,
+                started.elapsed().as_secs_f64()
+            ));
+            for v in variants::ALL {
+                if let Err(e) = one(v, n, round, &plan, &gen, &mut ctx, &cg, &mut res) {
+                    eprintln!("bench: {} at {n} rules, round {}: {e:#}", v.name(), round + 1);
+                    res.note(format!("{} at {n} rules round {}: {e:#}", v.name(), round + 1));
+                }
+            }
+        }
+    }
+    res.elapsed = started.elapsed();
+    drop(_server);
+    drop(cg);
+    drop(_ns);
+    let _ = std::fs::remove_dir_all(&work);
+    res.write(&out_dir)
+}
+
+/// One variant, one size, one round: load, check it enforces, then time every scenario.
+#[allow(clippy::too_many_arguments)]
+fn one(
+    v: Variant,
+    n: usize,
+    round: u32,
+    plan: &Plan,
+    gen: &Gen,
+    ctx: &mut Ctx,
+    cg: &env::Cgroups,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let rec = |res: &mut Results, metric: &str, value: f64| res.push(n, round, v, metric, value);
+    let (active, load) = variants::setup(v, n, ctx, cg)?;
+    if let Some(t) = load {
+        rec(res, "load_ms", ms(t));
+    }
+    let daemon = match &active {
+        Active::Agentseg(d) => Some(d.as_ref()),
+        _ => None,
+    };
+    if let Some(rss) = daemon.and_then(daemon::Daemon::rss_mb) {
+        rec(res, "rss_ready_mb", rss);
+    }
+    let cgroup = cg.abs(v.cgroup());
+    let run = |args: &[&str]| -> anyhow::Result<Value> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        gen.run(&cgroup, &a)
+    };
+    let ok = addr(env::ALLOWED_ADDR, env::PORT);
+    let stream = addr(env::ALLOWED_ADDR, env::PORT + 1);
+    let udp_ok = addr(env::ALLOWED_ADDR, env::PORT + 2);
+    let bad = addr(env::DENIED_ADDR, env::PORT);
+    let udp_bad = addr(env::DENIED_ADDR, env::PORT + 2);
+    let allowed = |a: &str, udp: bool| -> anyhow::Result<bool> {
+        let mut args = vec!["probe", "--addr", a];
+        if udp {
+            args.push("--udp");
+        }
+        Ok(run(&args)?["allowed"].as_bool() == Some(true))
+    };
+    // Enforcement check before any timing.
+    let enforcing = allowed(&ok, false)?
+        && allowed(&stream, false)?
+        && allowed(&udp_ok, true)?
+        && (v == Variant::None || (!allowed(&bad, false)? && !allowed(&udp_bad, true)?));
+    if !enforcing {
+        res.note(format!(
+            "{} at {n} rules round {}: not enforcing the policy (allowed peer refused or denied peer reached); not timed",
+            v.name(),
+            round + 1
+        ));
+        return Ok(());
+    }
+    let secs = format!("{}", plan.secs);
+    let c = run(&["connect", "--addr", &ok, "--secs", &secs])?;
+    rec(res, "connect_per_s", f(&c, "ok_rate"));
+    rec(res, "connect_p50_us", f(&c, "p50_us"));
+    rec(res, "connect_p99_us", f(&c, "p99_us"));
+    let u = run(&["udp", "--addr", &udp_ok, "--secs", &secs])?;
+    rec(res, "udp_sendto_per_s", f(&u, "ok_rate"));
+    let u = run(&["udp", "--addr", &udp_ok, "--secs", &secs, "--connected"])?;
+    rec(res, "udp_connected_per_s", f(&u, "ok_rate"));
+    let s = run(&["stream", "--addr", &stream, "--secs", &secs])?;
+    rec(res, "stream_gbit_s", f(&s, "gbit_per_s"));
+    if v == Variant::None {
+        return Ok(());
+    }
+    let before = daemon.map(|d| d.status()).transpose()?;
+    let d = run(&["connect", "--addr", &bad, "--secs", &secs])?;
+    rec(res, "denied_per_s", f(&d, "rate"));
+    rec(res, "denied_p50_us", f(&d, "p50_us"));
+    if let (Some(dm), Some(before)) = (daemon, before) {
+        // Let the reader drain the ring before counting.
+        std::thread::sleep(Duration::from_millis(500));
+        let after = dm.status()?;
+        let delta = |k: &str| {
+            find_u64(&after, k).unwrap_or(0) as f64 - find_u64(&before, k).unwrap_or(0) as f64
+        };
+        rec(res, "denials", f(&d, "failed"));
+        rec(res, "events_read", delta("events_read"));
+        rec(res, "events_lost", delta("events_lost"));
+    }
+    // Single rule change: take the allowed rule away, wait until it is gone, then put it back
+    // and time until a connect gets through.
+    let rel = cg.rel(v.cgroup());
+    if let Some(t) = variants::remove_allowed(v, &active, n, ctx, &rel)? {
+        rec(res, "reload_ms", ms(t));
+    }
+    let gone = Instant::now();
+    while allowed(&ok, false)? {
+        if gone.elapsed() > Duration::from_secs(5) {
+            bail!("the allowed rule was removed but connects still pass after 5 s");
+        }
+    }
+    let t0 = variants::add_allowed(v, n, ctx, &rel)?;
+    let w = run(&["wait-allowed", "--addr", &ok, "--timeout-secs", "10"])?;
+    match w["at_unix_ns"].as_u64() {
+        Some(t1) => rec(res, "change_ms", t1.saturating_sub(t0) as f64 / 1e6),
+        None => bail!("the re-added rule did not take effect within 10 s"),
+    }
+    if let Some(rss) = daemon.and_then(daemon::Daemon::rss_mb) {
+        rec(res, "rss_end_mb", rss);
+    }
+    drop(active);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// `--sizes 10,1000,100000`
+pub fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|x| x.trim().replace('_', "").parse::<usize>().map_err(|e| format!("{x:?}: {e}")))
+        .collect()
+}
+
+pub fn out_path(root: &Path) -> PathBuf {
+    root.join("target/bench")
+}

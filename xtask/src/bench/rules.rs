@@ -1,0 +1,131 @@
+//! The same policy written three ways. N rules = N-1 filler rules (one /32 each, tcp/5201, in
+//! 198.18.1.0-198.19.255.255, never configured anywhere) followed by the allowed peer, last:
+//! tcp 5201-5202 and udp 5203 to ALLOWED_ADDR. Everything else from the client cgroup is denied.
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use anyhow::bail;
+
+use super::env::{ALLOWED_ADDR, PORT};
+
+pub const MAX_RULES: usize = 130_817;
+pub const NFT_TABLE: &str = "asbench";
+pub const IPSET: &str = "asbench-allow";
+
+fn fillers(n: usize) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(Ipv4Addr::new(198, 18, 1, 0));
+    (0..n.saturating_sub(1) as u32).map(move |i| Ipv4Addr::from(base + i))
+}
+
+pub fn check_size(n: usize) -> anyhow::Result<()> {
+    if !(1..=MAX_RULES).contains(&n) {
+        bail!("policy size {n} out of range 1..={MAX_RULES}");
+    }
+    Ok(())
+}
+
+/// The agentseg segment. `with_allowed_tcp = false` drops the allowed tcp rule (rule-change
+/// latency starts from there).
+pub fn agentseg_policy(n: usize, member: &str, with_allowed_tcp: bool) -> String {
+    let mut s = String::from("name = \"bench.test.allow\"\nmode = \"enforce\"\n");
+    if n > 1 {
+        s.push_str("\n[[egress]]\ncidrs = [\n");
+        for a in fillers(n) {
+            let _ = writeln!(s, "  \"{a}/32\",");
+        }
+        let _ = writeln!(s, "]\nports = [{PORT}]\nprotocol = \"tcp\"");
+    }
+    if with_allowed_tcp {
+        let _ = writeln!(
+            s,
+            "\n[[egress]]\ncidrs = [\"{ALLOWED_ADDR}/32\"]\nports = [\"{}-{}\"]\nprotocol = \"tcp\"",
+            PORT,
+            PORT + 1
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n[[egress]]\ncidrs = [\"{ALLOWED_ADDR}/32\"]\nports = [{}]\nprotocol = \"udp\"",
+        PORT + 2
+    );
+    let _ = writeln!(s, "\n[members]\ncgroups = [\"{member}\"]");
+    s
+}
+
+/// nftables: output chain, cgroup match first (other cgroups pay one comparison), then one
+/// lookup in a concatenated interval set. TCP is refused with a reset so a denied connect fails
+/// at once as with agentseg (a plain drop in OUTPUT makes connect() retry SYNs for seconds).
+pub fn nft_ruleset(n: usize, cgroup_rel: &str) -> String {
+    let level = cgroup_rel.split('/').count();
+    let mut s = format!(
+        "table inet {NFT_TABLE} {{\n  set allow4 {{\n    type ipv4_addr . inet_proto . inet_service\n    flags interval\n    elements = {{\n"
+    );
+    for a in fillers(n) {
+        let _ = writeln!(s, "      {a} . tcp . {PORT},");
+    }
+    let _ = writeln!(
+        s,
+        "      {ALLOWED_ADDR} . tcp . {}-{},\n      {ALLOWED_ADDR} . udp . {}\n    }}\n  }}",
+        PORT,
+        PORT + 1,
+        PORT + 2
+    );
+    let _ = writeln!(
+        s,
+        "  chain out {{\n    type filter hook output priority 0; policy accept;\n    socket cgroupv2 level {level} \"{cgroup_rel}\" jump seg\n  }}"
+    );
+    s.push_str(
+        "  chain seg {\n    ip daddr . meta l4proto . th dport @allow4 accept\n    meta l4proto tcp reject with tcp reset\n    drop\n  }\n}\n",
+    );
+    s
+}
+
+/// `nft` command adding or deleting the allowed tcp element (single rule change).
+pub fn nft_element(op: &str) -> Vec<String> {
+    vec![
+        op.into(),
+        "element".into(),
+        "inet".into(),
+        NFT_TABLE.into(),
+        "allow4".into(),
+        format!("{{ {ALLOWED_ADDR} . tcp . {}-{} }}", PORT, PORT + 1),
+    ]
+}
+
+pub fn ipset_restore(n: usize) -> String {
+    let mut s = format!(
+        "create {IPSET} hash:net,port family inet hashsize 65536 maxelem {}\n",
+        (n * 2).max(1024)
+    );
+    for a in fillers(n) {
+        let _ = writeln!(s, "add {IPSET} {a},tcp:{PORT}");
+    }
+    for (proto, port) in [("tcp", PORT), ("tcp", PORT + 1), ("udp", PORT + 2)] {
+        let _ = writeln!(s, "add {IPSET} {ALLOWED_ADDR},{proto}:{port}");
+    }
+    s
+}
+
+pub fn iptables_restore(cgroup_rel: &str) -> String {
+    format!(
+        "*filter\n:OUTPUT ACCEPT [0:0]\n:ASBENCH - [0:0]\n\
+         -A OUTPUT -m cgroup --path {cgroup_rel} -j ASBENCH\n\
+         -A ASBENCH -m set --match-set {IPSET} dst,dst -j ACCEPT\n\
+         -A ASBENCH -p tcp -j REJECT --reject-with tcp-reset\n\
+         -A ASBENCH -j DROP\nCOMMIT\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_count_the_allowed_rule_last() {
+        let p = agentseg_policy(10, "x/y", true);
+        assert_eq!(p.matches("/32\"").count(), 9 + 2);
+        assert!(nft_ruleset(10, "a/b").contains("level 2 \"a/b\""));
+        assert_eq!(ipset_restore(10).lines().count(), 1 + 9 + 3);
+        assert!(check_size(MAX_RULES + 1).is_err());
+        assert_eq!(fillers(MAX_RULES).last(), Some(Ipv4Addr::new(198, 19, 255, 255)));
+    }
+}

@@ -1,0 +1,217 @@
+//! Setting up and tearing down each enforcement variant for one round, with its load time and
+//! its single-rule-change latency.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    daemon::Daemon,
+    env::{self, in_client_ns, sh},
+    rules,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Variant {
+    None,
+    Agentseg,
+    Nft,
+    Ipt,
+}
+
+pub const ALL: [Variant; 4] = [Variant::None, Variant::Agentseg, Variant::Nft, Variant::Ipt];
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::None => "none",
+            Variant::Agentseg => "agentseg",
+            Variant::Nft => "nftables",
+            Variant::Ipt => "iptables",
+        }
+    }
+
+    /// Its client cgroup (see env::VARIANT_CGROUPS).
+    pub fn cgroup(self) -> &'static str {
+        match self {
+            Variant::None => "none",
+            Variant::Agentseg => "agentseg",
+            Variant::Nft => "nft",
+            Variant::Ipt => "ipt",
+        }
+    }
+}
+
+/// Whatever keeps a variant in force; dropping it removes the variant.
+pub enum Active {
+    None,
+    Agentseg(Box<Daemon>),
+    Nft,
+    Ipt,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        match self {
+            Active::Nft => {
+                let _ = in_client_ns("nft")
+                    .args(["delete", "table", "inet", rules::NFT_TABLE])
+                    .status();
+            }
+            Active::Ipt => {
+                for args in [&["-F", "OUTPUT"][..], &["-F", "ASBENCH"], &["-X", "ASBENCH"]] {
+                    let _ = in_client_ns("iptables").args(args).status();
+                }
+                let _ = in_client_ns("ipset")
+                    .args(["destroy", rules::IPSET])
+                    .status();
+            }
+            // The daemon guard stops and uninstalls itself.
+            Active::None | Active::Agentseg(_) => {}
+        }
+    }
+}
+
+pub struct Ctx {
+    pub agentseg: PathBuf,
+    pub work: PathBuf,
+    pub daemon_seq: u32,
+}
+
+/// Pipe `input` into a command run in the client namespace.
+fn feed(tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut child = in_client_ns(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+pub fn write_policy(dir: &Path, work: &Path, text: &str) -> anyhow::Result<()> {
+    // Write aside, then rename in: the daemon's watcher never sees half a file.
+    let tmp = work.join("bench.toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join("bench.toml")).context("installing the policy file")
+}
+
+/// Bring `v` into force with an `n`-rule policy; the time it took (load figure).
+pub fn setup(
+    v: Variant,
+    n: usize,
+    ctx: &mut Ctx,
+    cg: &env::Cgroups,
+) -> anyhow::Result<(Active, Option<Duration>)> {
+    let rel = cg.rel(v.cgroup());
+    match v {
+        Variant::None => Ok((Active::None, None)),
+        Variant::Agentseg => {
+            let dir = ctx.work.join("policies");
+            std::fs::create_dir_all(&dir)?;
+            write_policy(&dir, &ctx.work, &rules::agentseg_policy(n, &rel, true))?;
+            ctx.daemon_seq += 1;
+            let d = Daemon::start(&ctx.agentseg, &ctx.work, &dir, ctx.daemon_seq)?;
+            let ready = d.ready;
+            Ok((Active::Agentseg(Box::new(d)), Some(ready)))
+        }
+        Variant::Nft => {
+            let file = ctx.work.join("ruleset.nft");
+            std::fs::write(&file, rules::nft_ruleset(n, &rel))?;
+            let t = Instant::now();
+            // Guard first: a half-applied `nft -f` is still removed.
+            let active = Active::Nft;
+            sh(in_client_ns("nft").arg("-f").arg(&file))?;
+            Ok((active, Some(t.elapsed())))
+        }
+        Variant::Ipt => {
+            let sets = rules::ipset_restore(n);
+            let table = rules::iptables_restore(&rel);
+            let t = Instant::now();
+            let active = Active::Ipt;
+            feed("ipset", &["restore"], &sets)?;
+            feed("iptables-restore", &["--noflush"], &table)?;
+            Ok((active, Some(t.elapsed())))
+        }
+    }
+}
+
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Take the allowed tcp rule away (synchronously), for the rule-change measurement.
+/// For agentseg, the `agentseg reload` of the full policy is timed and returned.
+pub fn remove_allowed(
+    v: Variant,
+    active: &Active,
+    n: usize,
+    ctx: &Ctx,
+    rel: &str,
+) -> anyhow::Result<Option<Duration>> {
+    match (v, active) {
+        (Variant::Agentseg, Active::Agentseg(d)) => {
+            let dir = ctx.work.join("policies");
+            let text = rules::agentseg_policy(n, rel, false);
+            write_policy(&dir, &ctx.work, &text)?;
+            let t = Instant::now();
+            d.cli(&["reload"])?;
+            Ok(Some(t.elapsed()))
+        }
+        (Variant::Nft, _) => {
+            sh(in_client_ns("nft").args(rules::nft_element("delete")))?;
+            Ok(None)
+        }
+        (Variant::Ipt, _) => {
+            let e = format!("{},tcp:{}", env::ALLOWED_ADDR, env::PORT);
+            sh(in_client_ns("ipset").args(["del", rules::IPSET, &e]))?;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Put the allowed tcp rule back the way an operator would; returns the wall-clock start.
+/// agentseg: save the file (the daemon's inotify watcher applies it).
+pub fn add_allowed(v: Variant, n: usize, ctx: &Ctx, rel: &str) -> anyhow::Result<u64> {
+    let dir = ctx.work.join("policies");
+    let text = rules::agentseg_policy(n, rel, true);
+    let t0 = unix_ns();
+    match v {
+        Variant::Agentseg => write_policy(&dir, &ctx.work, &text)?,
+        Variant::Nft => drop(sh(in_client_ns("nft").args(rules::nft_element("add")))?),
+        Variant::Ipt => {
+            let e = format!("{},tcp:{}", env::ALLOWED_ADDR, env::PORT);
+            sh(in_client_ns("ipset").args(["add", rules::IPSET, &e]))?;
+        }
+        Variant::None => {}
+    }
+    Ok(t0)
+}
+
+/// Is the command available (installed by the bootstrap)?
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
