@@ -14,7 +14,10 @@ use super::MAX_LINE;
 /// Hex SHA-256 of the canonical serialization of `obj` (which must not hold `hash`).
 pub(crate) fn hash_of(obj: &Map<String, Value>) -> String {
     // Serializing a Map of Values cannot fail (string keys, no non-finite floats).
-    let text = serde_json::to_string(obj).unwrap_or_default();
+    hash_text(&serde_json::to_string(obj).unwrap_or_default())
+}
+
+pub(crate) fn hash_text(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 

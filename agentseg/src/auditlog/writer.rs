@@ -141,7 +141,38 @@ impl AuditLog {
         obj.insert("prev".into(), self.last_hash.clone().into());
         let hash = hash_of(&obj);
         obj.insert("hash".into(), hash.clone().into());
-        let mut line = serde_json::to_string(&obj).unwrap_or_default();
+        let line = serde_json::to_string(&obj).unwrap_or_default();
+        self.write_line(seq, hash, line)
+    }
+
+    /// The fast path for high-volume records: `make(seq, prev, hash)` builds a value whose
+    /// serialization is canonical *by construction*: a struct whose fields, `seq`, `prev` and
+    /// an optional `hash` (skipped when `None`) included, are declared in alphabetical order,
+    /// with no floats. It is serialized twice (without, then with the hash) instead of being
+    /// built as a map; the bytes are those `append` would write for the same object, and
+    /// `verify` checks exactly that.
+    pub fn append_canonical<T: serde::Serialize>(
+        &mut self,
+        make: impl Fn(u64, String, Option<String>) -> T,
+    ) -> Result<String, AuditError> {
+        if self.poisoned {
+            return Err(AuditError::Poisoned);
+        }
+        let seq = self.seq.checked_add(1).ok_or(AuditError::SeqOverflow)?;
+        let unhashed = serde_json::to_string(&make(seq, self.last_hash.clone(), None))
+            .map_err(|_| AuditError::NotAnObject)?;
+        let hash = chain::hash_text(&unhashed);
+        let line = serde_json::to_string(&make(seq, self.last_hash.clone(), Some(hash.clone())))
+            .map_err(|_| AuditError::NotAnObject)?;
+        self.write_line(seq, hash, line)
+    }
+
+    fn write_line(
+        &mut self,
+        seq: u64,
+        hash: String,
+        mut line: String,
+    ) -> Result<String, AuditError> {
         if line.len() > MAX_LINE {
             return Err(AuditError::TooLarge(line.len()));
         }

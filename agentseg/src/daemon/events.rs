@@ -79,6 +79,33 @@ pub async fn read_ring(ring: RingBuf<MapData>, tx: mpsc::Sender<Job>) {
     }
 }
 
+/// One kernel event as an audit record. Fields in alphabetical order, no floats: its JSON is
+/// canonical by construction (see `AuditLog::append_canonical`), and building it allocates
+/// nothing but the address strings.
+#[derive(serde::Serialize)]
+struct EventRecord<'a> {
+    agent_id: Option<&'a str>,
+    cgroup: &'a str,
+    comm: &'a str,
+    direction: &'a str,
+    dport: u16,
+    dst: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash: Option<String>,
+    hook: &'a str,
+    kind: &'a str,
+    pid: u32,
+    prev: String,
+    protocol: &'a str,
+    rule: &'a str,
+    rule_id: Option<u32>,
+    segment: &'a str,
+    seq: u64,
+    sport: u16,
+    src: &'a str,
+    ts_ms: u64,
+}
+
 /// Names the engine keeps so that a record can be written without touching the kernel.
 #[derive(Default)]
 pub struct Names {
@@ -168,27 +195,36 @@ impl Engine {
                 _ => "allow",
             };
             let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
-            let record = json!({
-                "kind": kind,
-                "ts_ms": ts_ms,
-                "segment": segment,
-                "agent_id": agent_id,
-                "cgroup": cgroup,
-                "pid": (e.pid_tgid >> 32) as u32,
-                "comm": String::from_utf8_lossy(&e.comm[..comm_len]),
-                "hook": hook_name(e.hook),
-                "direction": if egress { "egress" } else { "ingress" },
-                "protocol": protocol_name(e.protocol),
-                "src": src.to_string(),
-                "sport": e.sport,
-                "dst": dst.to_string(),
-                "dport": e.dport,
-                "rule": rule,
-                "rule_id": if e.rule_id >= RULE_DEADMAN { Value::Null } else { json!(e.rule_id % RULES_PER_GEN) },
-            });
+            let comm = String::from_utf8_lossy(&e.comm[..comm_len]);
+            let (src_text, dst_text) = (src.to_string(), dst.to_string());
+            let protocol = protocol_name(e.protocol);
+            let rule_id = (e.rule_id < RULE_DEADMAN).then_some(e.rule_id % RULES_PER_GEN);
             self.sink.read += 1;
             // The audit line (with its seq and hash) is what subscribers see too.
-            let json = match self.sink.audit.append(record) {
+            let json = match self
+                .sink
+                .audit
+                .append_canonical(|seq, prev, hash| EventRecord {
+                    agent_id: agent_id.as_deref(),
+                    cgroup: &cgroup,
+                    comm: &comm,
+                    direction: if egress { "egress" } else { "ingress" },
+                    dport: e.dport,
+                    dst: &dst_text,
+                    hash,
+                    hook: hook_name(e.hook),
+                    kind,
+                    pid: (e.pid_tgid >> 32) as u32,
+                    prev,
+                    protocol: &protocol,
+                    rule: &rule,
+                    rule_id,
+                    segment: &segment,
+                    seq,
+                    sport: e.sport,
+                    src: &src_text,
+                    ts_ms,
+                }) {
                 Ok(line) => line,
                 Err(err) => {
                     warn!("audit log: {err}");
