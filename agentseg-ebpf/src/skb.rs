@@ -156,55 +156,44 @@ fn subject(ctx: &SkBuffContext) -> Result<Subject, i32> {
     }
 }
 
-#[cgroup_skb(egress)]
-pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
-    let s = match subject(&ctx) {
+/// Both directions share resolution, parsing and quarantine; they differ in which rules a
+/// packet of a live socket answers to (see the table above).
+#[inline(always)]
+fn judge(ctx: &SkBuffContext, egress: bool) -> i32 {
+    let s = match subject(ctx) {
         Ok(s) => s,
         Err(verdict) => return verdict,
     };
     let mut p = Packet::empty();
-    if !parse(&ctx, &mut p) {
+    if !parse(ctx, &mut p) {
         // Not IP: nothing to judge, unless the agent is cut off.
         return if s.quarantined { DENY } else { ALLOW };
     }
     let bit = proto_bit(p.proto);
-    let flow = p.flow(HOOK_SKB_EGRESS);
-    if s.quarantined || s.deadman {
-        return finish(
-            &s,
-            allows(&s, Table::QuarantineAllow, p.dst, bit, p.dport),
-            &flow,
-        );
-    }
-    let Some(sk) = sock(&ctx) else { return ALLOW };
-    if sk.ty == SOCK_STREAM
-        || (sk.ty == SOCK_DGRAM && proto_bit(sk.protocol) == proto_bit(IPPROTO_UDP))
-    {
-        return ALLOW;
-    }
-    finish(&s, allows(&s, Table::Egress, p.dst, bit, p.dport), &flow)
-}
-
-#[cgroup_skb(ingress)]
-pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
-    let s = match subject(&ctx) {
-        Ok(s) => s,
-        Err(verdict) => return verdict,
+    let (peer, peer_port) = if egress {
+        (p.dst, p.dport)
+    } else {
+        (p.src, p.sport)
     };
-    let mut p = Packet::empty();
-    if !parse(&ctx, &mut p) {
-        return if s.quarantined { DENY } else { ALLOW };
-    }
-    let bit = proto_bit(p.proto);
-    let flow = p.flow(HOOK_SKB_INGRESS);
+    let flow = p.flow(if egress {
+        HOOK_SKB_EGRESS
+    } else {
+        HOOK_SKB_INGRESS
+    });
     if s.quarantined || s.deadman {
-        return finish(
-            &s,
-            allows(&s, Table::QuarantineAllow, p.src, bit, p.sport),
-            &flow,
-        );
+        let rule = allows(&s, Table::QuarantineAllow, peer, bit, peer_port);
+        return finish(&s, rule, &flow);
     }
-    let Some(sk) = sock(&ctx) else { return ALLOW };
+    let Some(sk) = sock(ctx) else { return ALLOW };
+    if egress {
+        // TCP and UDP sockets were judged at connect/sendmsg; ping and raw sockets were not.
+        if sk.ty == SOCK_STREAM
+            || (sk.ty == SOCK_DGRAM && proto_bit(sk.protocol) == proto_bit(IPPROTO_UDP))
+        {
+            return ALLOW;
+        }
+        return finish(&s, allows(&s, Table::Egress, p.dst, bit, p.dport), &flow);
+    }
     if sk.ty == SOCK_STREAM {
         // Only a listener's packets open a flow; an established socket's were judged at its
         // start (connect, or this check on the SYN).
@@ -216,6 +205,8 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
     if sk.ty == SOCK_DGRAM && sk.connected && bit == proto_bit(IPPROTO_UDP) {
         return ALLOW;
     }
+    // Unconnected UDP, ping and raw sockets: an ingress rule, or a reply from a peer the
+    // egress rules let the agent talk to.
     let rule = allows(&s, Table::Ingress, p.src, bit, p.dport);
     let rule = if is_rule(rule) {
         rule
@@ -223,4 +214,14 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         allows(&s, Table::Egress, p.src, bit, p.sport)
     };
     finish(&s, rule, &flow)
+}
+
+#[cgroup_skb(egress)]
+pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
+    judge(&ctx, true)
+}
+
+#[cgroup_skb(ingress)]
+pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
+    judge(&ctx, false)
 }
