@@ -162,6 +162,8 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
             .as_str()
             .is_some_and(|o| o.ends_with("bot.toml:3"))
     }));
+    assert_eq!(report["segments"][0]["allowed"], 1, "{report}");
+    assert_eq!(report["segments"][0]["denied"], 3, "{report}");
     let text = String::from_utf8_lossy(&d.cli(&["audit"]).stdout).into_owned();
     assert!(
         text.contains("bot.toml:8"),

@@ -23,6 +23,10 @@ pub struct RuleHits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentReport {
     pub agent_id: String,
+    /// Allowed decisions: not in the log (allows are counted, not logged); filled in by the
+    /// daemon from the kernel counters (since the agent started).
+    #[serde(default)]
+    pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
     pub top_denied_peers: Vec<(String, u64)>,
@@ -31,6 +35,10 @@ pub struct AgentReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentReport {
     pub name: String,
+    /// Allowed decisions, from the kernel counters (since the daemon started), filled in by
+    /// the daemon.
+    #[serde(default)]
+    pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
     /// Peers of `deny` and `audit_deny` records together, count desc then peer asc.
@@ -142,6 +150,7 @@ pub fn report(
         .into_iter()
         .map(|(name, (seg, agents))| SegmentReport {
             name,
+            allowed: 0,
             denied: seg.denied,
             audit_denied: seg.audit_denied,
             top_denied_peers: seg.top(top),
@@ -149,6 +158,7 @@ pub fn report(
                 .into_iter()
                 .map(|(agent_id, t)| AgentReport {
                     agent_id,
+                    allowed: 0,
                     denied: t.denied,
                     audit_denied: t.audit_denied,
                     top_denied_peers: t.top(top),
@@ -253,19 +263,32 @@ impl AuditReport {
     /// Readable tables for operators.
     pub fn to_text(&self) -> String {
         let mut out = format!("Audit report since {}\n\n", fmt_ts(self.since_ms));
-        out.push_str("Denied connections by segment\n");
-        let header = ["SEGMENT", "DENIED", "AUDIT_DENIED", "TOP DENIED PEERS"];
+        out.push_str("Decisions by segment\n");
+        let header = [
+            "SEGMENT",
+            "ALLOWED",
+            "DENIED",
+            "AUDIT_DENIED",
+            "TOP DENIED PEERS",
+        ];
         let rows: Vec<Vec<String>> = (self.segments.iter())
             .map(|s| {
                 let (d, a) = (s.denied.to_string(), s.audit_denied.to_string());
-                vec![clean(&s.name), d, a, peers_text(&s.top_denied_peers)]
+                vec![
+                    clean(&s.name),
+                    s.allowed.to_string(),
+                    d,
+                    a,
+                    peers_text(&s.top_denied_peers),
+                ]
             })
             .collect();
         table(&mut out, &header, &rows);
-        out.push_str("\nDenied connections by agent\n");
+        out.push_str("\nDecisions by agent\n");
         let header = [
             "SEGMENT",
             "AGENT",
+            "ALLOWED",
             "DENIED",
             "AUDIT_DENIED",
             "TOP DENIED PEERS",
@@ -275,7 +298,14 @@ impl AuditReport {
             .map(|(s, a)| {
                 let (d, au) = (a.denied.to_string(), a.audit_denied.to_string());
                 let peers = peers_text(&a.top_denied_peers);
-                vec![clean(&s.name), clean(&a.agent_id), d, au, peers]
+                vec![
+                    clean(&s.name),
+                    clean(&a.agent_id),
+                    a.allowed.to_string(),
+                    d,
+                    au,
+                    peers,
+                ]
             })
             .collect();
         table(&mut out, &header, &rows);

@@ -61,6 +61,35 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
                 );
             }
         }
+        if !status.quarantines.is_empty() {
+            println!();
+            println!("QUARANTINED");
+            for q in &status.quarantines {
+                let until = q
+                    .until_unix
+                    .map(|u| format!(", until {u}"))
+                    .unwrap_or_default();
+                let uid = q.by_uid.map(|u| format!(" uid {u}")).unwrap_or_default();
+                println!(
+                    "  {}: {} (by {}{uid}, since {}{until})",
+                    q.target, q.reason, q.by, q.since_unix
+                );
+            }
+        }
+        println!();
+        println!(
+            "reload: {} ({} applied){}; events read {}, lost {}; audit log {}",
+            if status.reload.ok { "ok" } else { "REFUSED" },
+            status.reload.applied,
+            if status.reload.ok {
+                String::new()
+            } else {
+                format!("\n{}", status.reload.message)
+            },
+            status.events_read,
+            status.events_lost,
+            status.audit_log.display()
+        );
         for (name, n) in &status.fail_closed {
             if *n > 0 {
                 println!("kernel fail-closed denials ({name}): {n}");

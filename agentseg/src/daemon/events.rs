@@ -402,7 +402,43 @@ impl Engine {
             })
             .collect();
         let records = crate::auditlog::read_records(self.sink.audit.path()).filter_map(Result::ok);
-        let report = crate::auditlog::report(records, since_ms, rules, 10);
+        let mut report = crate::auditlog::report(records, since_ms, rules, 10);
+        // Allows are counted in the kernel, not logged: take them from the counters, and list
+        // every segment and agent, not only those with denials.
+        let status = self.status();
+        for seg in &status.segments {
+            let idx = match report.segments.iter().position(|r| r.name == seg.name) {
+                Some(i) => i,
+                None => {
+                    report.segments.push(crate::auditlog::SegmentReport {
+                        name: seg.name.clone(),
+                        allowed: 0,
+                        denied: 0,
+                        audit_denied: 0,
+                        top_denied_peers: Vec::new(),
+                        agents: Vec::new(),
+                    });
+                    report.segments.len() - 1
+                }
+            };
+            report.segments[idx].allowed = seg.allowed;
+        }
+        for agent in &status.agents {
+            let Some(seg) = report.segments.iter_mut().find(|r| r.name == agent.segment) else {
+                continue;
+            };
+            match seg.agents.iter_mut().find(|a| a.agent_id == agent.agent_id) {
+                Some(a) => a.allowed = agent.allowed,
+                None => seg.agents.push(crate::auditlog::AgentReport {
+                    agent_id: agent.agent_id.clone(),
+                    allowed: agent.allowed,
+                    denied: 0,
+                    audit_denied: 0,
+                    top_denied_peers: Vec::new(),
+                }),
+            }
+        }
+        report.segments.sort_by(|a, b| a.name.cmp(&b.name));
         match serde_json::to_value(&report) {
             Ok(value) => Reply::Audit {
                 report: value,
