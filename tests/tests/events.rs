@@ -55,8 +55,16 @@ fn scrape(port: u16) -> String {
         .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    // A real HTTP response: headers, a blank line, a body of the announced length.
+    let (head, body) = out.split_once("\r\n\r\n").expect("header/body separator");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Content-Length");
+    assert_eq!(body.len(), length);
+    body.to_owned()
 }
 
 fn metric(text: &str, name_and_labels: &str) -> u64 {
