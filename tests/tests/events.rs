@@ -420,3 +420,52 @@ fn sampled_allows_become_events_when_asked() {
         allows[0]
     );
 }
+
+#[test]
+fn events_follow_streams_live_denials() {
+    if !kernel_ready() {
+        return;
+    }
+    use std::io::BufRead as _;
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
+    let mut follower = Command::new(agentseg_bin())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args([
+            "events",
+            "--follow",
+            "--json",
+            "--segment",
+            "bot.test.events",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("follower");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.7:53"]),
+        "EPERM"
+    );
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a live event");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(v["dst"], "127.0.0.7");
+    assert_eq!(v["hook"], "sendmsg4");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
