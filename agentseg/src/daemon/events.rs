@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    rc::Rc,
     sync::Arc,
 };
 
@@ -106,6 +107,15 @@ struct EventRecord<'a> {
     ts_ms: u64,
 }
 
+/// Who an event is about, named once per batch.
+struct Who {
+    segment: String,
+    agent_id: Option<String>,
+    cgroup: String,
+    /// The detectors' key: the agent id, or `cgroup:<id>` for a plain member cgroup.
+    agent_key: String,
+}
+
 /// Names the engine keeps so that a record can be written without touching the kernel.
 #[derive(Default)]
 pub struct Names {
@@ -172,8 +182,28 @@ impl Engine {
     /// Enrich, log, publish and judge a batch of kernel records.
     pub fn on_events(&mut self, batch: Vec<Event>) {
         let mut firings = Vec::new();
+        // A batch nearly always comes from a few members: name each once. Membership cannot
+        // change within a batch (this thread owns it), so the memo cannot go stale.
+        let mut who: HashMap<(u64, u32), Rc<Who>> = HashMap::new();
+        let wall_now = wall_ms(crate::datapath::boottime_ns());
+        let boot_now = crate::datapath::boottime_ns();
         for e in &batch {
-            let (segment, agent_id, cgroup) = self.identify(e.cgroup_id, e.segment_id);
+            let w = who
+                .entry((e.cgroup_id, e.segment_id))
+                .or_insert_with(|| {
+                    let (segment, agent_id, cgroup) = self.identify(e.cgroup_id, e.segment_id);
+                    let agent_key = agent_id
+                        .clone()
+                        .unwrap_or_else(|| format!("cgroup:{}", e.cgroup_id));
+                    Rc::new(Who {
+                        segment,
+                        agent_id,
+                        cgroup,
+                        agent_key,
+                    })
+                })
+                .clone();
+            let (segment, agent_id, cgroup) = (&w.segment, &w.agent_id, &w.cgroup);
             let egress = e.hook != HOOK_SKB_INGRESS;
             let rule = match e.rule_id {
                 RULE_DEFAULT_DENY => "default-deny".to_owned(),
@@ -188,7 +218,7 @@ impl Engine {
                     .unwrap_or_else(|| format!("rule {}", id % RULES_PER_GEN)),
             };
             let (src, dst) = (addr(e.family, e.saddr), addr(e.family, e.daddr));
-            let ts_ms = wall_ms(e.ts_ns);
+            let ts_ms = wall_now.saturating_sub(boot_now.saturating_sub(e.ts_ns) / 1_000_000);
             let kind = match e.verdict {
                 VERDICT_AUDIT => "audit_deny",
                 VERDICT_DENY => "deny",
@@ -241,9 +271,7 @@ impl Engine {
             }
             self.sink.recent.push_back(line.clone());
             let _ = self.sink.bus.send(line);
-            let agent_key = agent_id
-                .clone()
-                .unwrap_or_else(|| format!("cgroup:{}", e.cgroup_id));
+            let agent_key = &w.agent_key;
             let (peer, port) = if egress {
                 (dst, e.dport)
             } else {
@@ -256,7 +284,7 @@ impl Engine {
             };
             let obs = Observation {
                 now_ms: ts_ms,
-                agent: &agent_key,
+                agent: agent_key,
                 segment: &segment,
                 verdict,
                 peer,
