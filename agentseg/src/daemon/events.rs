@@ -236,7 +236,7 @@ impl Engine {
                 .audit
                 .append_canonical(|seq, prev, hash| EventRecord {
                     agent_id: agent_id.as_deref(),
-                    cgroup: cgroup,
+                    cgroup,
                     comm: &comm,
                     direction: if egress { "egress" } else { "ingress" },
                     dport: e.dport,
@@ -249,7 +249,7 @@ impl Engine {
                     protocol: &protocol,
                     rule: &rule,
                     rule_id,
-                    segment: segment,
+                    segment,
                     seq,
                     sport: e.sport,
                     src: &src_text,
@@ -285,7 +285,7 @@ impl Engine {
             let obs = Observation {
                 now_ms: ts_ms,
                 agent: agent_key,
-                segment: segment,
+                segment,
                 verdict,
                 peer,
                 port,
