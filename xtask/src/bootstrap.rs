@@ -15,6 +15,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// attachments independently of agentseg.
 const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 
+/// What `cargo xtask bench` compares against; nsenter (util-linux) enters the namespaces.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("nft", "nftables"),
+    ("iptables-restore", "iptables"),
+    ("ipset", "ipset"),
+];
+
+pub fn bench_packages() -> anyhow::Result<()> {
+    debian_packages(BENCH_PACKAGES)
+}
+
 pub fn all(for_tests: bool) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;

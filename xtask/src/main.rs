@@ -2,6 +2,7 @@
 //!
 //! Every command installs what is missing first (rust-src, bpf-linker built against the
 //! nightly's own LLVM, Debian packages) and says what it does; when all is present it is quick.
+mod bench;
 mod bootstrap;
 
 use std::{
@@ -39,6 +40,18 @@ enum Task {
         /// Only tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Benchmarks (root): none vs agentseg vs nftables vs iptables, in bench-made namespaces.
+    Bench {
+        /// Short loops, 2 rounds (about 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Rounds per size [default: 5, or 2 with --quick].
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Policy sizes in rules.
+        #[arg(long, default_value = "10,1000,100000")]
+        sizes: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +82,31 @@ fn main() -> anyhow::Result<()> {
                     .args(&args),
             );
             bail!("exec {}: {err}", bin.display())
+        }
+        Task::Bench {
+            quick,
+            rounds,
+            sizes,
+        } => {
+            require_root("the bench loads eBPF programs, creates cgroups and namespaces")?;
+            bootstrap::all(false)?;
+            bootstrap::bench_packages()?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "agentseg",
+                "-p",
+                "agentseg-bench",
+            ])?;
+            bench::run(
+                &root,
+                bench::Args {
+                    quick,
+                    rounds,
+                    sizes: bench::parse_sizes(&sizes)?,
+                },
+            )
         }
         Task::Test { filter } => {
             require_root("the kernel tests load eBPF programs and create cgroups and namespaces")?;

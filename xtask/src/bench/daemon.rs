@@ -18,7 +18,6 @@ pub struct Daemon {
     bin: PathBuf,
     pub socket: PathBuf,
     pub pin_root: PathBuf,
-    pub audit_log: PathBuf,
     /// Spawn to the `agentseg: ready:` line.
     pub ready: Duration,
 }
@@ -69,13 +68,15 @@ impl Daemon {
             bin: bin.to_owned(),
             socket,
             pin_root,
-            audit_log,
             ready: Duration::ZERO,
         };
         let (tx, rx) = mpsc::channel();
         // Keep draining stdout after the ready line so the daemon never blocks on a full pipe.
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if line.starts_with("agentseg: ready:") {
                     let _ = tx.send(());
                 }
@@ -109,7 +110,12 @@ impl Daemon {
     }
 
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        super::env::sh(Command::new(&self.bin).arg("--socket").arg(&self.socket).args(args))
+        super::env::sh(
+            Command::new(&self.bin)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+        )
     }
 
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {

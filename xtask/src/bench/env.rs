@@ -49,7 +49,8 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     text.lines()
         .find_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
-            (post.split(' ').next()? == "cgroup2").then(|| pre.split(' ').nth(4).map(PathBuf::from))?
+            (post.split(' ').next()? == "cgroup2")
+                .then(|| pre.split(' ').nth(4).map(PathBuf::from))?
         })
         .context("no cgroup2 mount in /proc/self/mountinfo")
 }
@@ -71,9 +72,26 @@ impl Netns {
                 SERVER_NS,
             ],
         )?;
-        ip_in(CLIENT_NS, &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "asb-c0"])?;
+        ip_in(
+            CLIENT_NS,
+            &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "asb-c0"],
+        )?;
         for a in [ALLOWED_ADDR, DENIED_ADDR] {
-            ip_in(SERVER_NS, &["addr", "add", &format!("{a}/24"), "dev", "asb-s0"])?;
+            ip_in(
+                SERVER_NS,
+                &["addr", "add", &format!("{a}/24"), "dev", "asb-s0"],
+            )?;
+        }
+        // Per-namespace sysctls: deep listen queues for the peer, a wide port range for the
+        // connect loop.
+        for (ns, kv) in [
+            (SERVER_NS, "net.core.somaxconn=65535"),
+            (SERVER_NS, "net.ipv4.tcp_max_syn_backlog=65535"),
+            (CLIENT_NS, "net.ipv4.ip_local_port_range=1024 65000"),
+        ] {
+            sh(Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{ns}"))
+                .args(["sysctl", "-q", "-w", kv]))?;
         }
         for (ns, dev) in [(CLIENT_NS, "asb-c0"), (SERVER_NS, "asb-s0")] {
             ip_in(ns, &["link", "set", "lo", "up"])?;
@@ -117,6 +135,20 @@ impl Cgroups {
         format!("{CG_ROOT}/{variant}")
     }
 
+    /// nft resolves `socket cgroupv2` paths under /sys/fs/cgroup, wherever cgroup2 is mounted
+    /// (on a hybrid host it is /sys/fs/cgroup/unified).
+    pub fn nft_path(&self, variant: &str) -> anyhow::Result<String> {
+        let abs = self.abs(variant);
+        abs.strip_prefix("/sys/fs/cgroup")
+            .map(|p| p.to_string_lossy().into_owned())
+            .with_context(|| {
+                format!(
+                    "nft cannot name {} (not under /sys/fs/cgroup)",
+                    abs.display()
+                )
+            })
+    }
+
     pub fn abs(&self, variant: &str) -> PathBuf {
         self.mount.join(CG_ROOT).join(variant)
     }
@@ -157,7 +189,10 @@ pub fn cleanup_leftovers(agentseg: &Path) -> anyhow::Result<()> {
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(PREFIX) {
-                crate::step(&format!("uninstalling leftover pins {}", e.path().display()));
+                crate::step(&format!(
+                    "uninstalling leftover pins {}",
+                    e.path().display()
+                ));
                 let _ = Command::new(agentseg)
                     .arg("uninstall")
                     .arg("--pin-root")

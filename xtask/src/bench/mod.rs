@@ -9,7 +9,7 @@ mod rules;
 mod variants;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -43,7 +43,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         secs: if args.quick { 0.5 } else { 1.5 },
     };
     let agentseg = root.join("target/release/agentseg");
-    let gen = Gen {
+    let lg = Gen {
         bin: root.join("target/release/agentseg-bench"),
     };
     for tool in ["ip", "nsenter", "nft", "iptables-restore", "ipset"] {
@@ -60,7 +60,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
     step("creating namespaces asbench-client/asbench-server (veth 198.18.0.0/24) and cgroups");
     let _ns = env::Netns::create()?;
     let cg = env::Cgroups::create()?;
-    let _server = gen.serve()?;
+    let _server = lg.serve()?;
     let mut ctx = Ctx {
         agentseg,
         work: work.clone(),
@@ -77,9 +77,17 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             ));
             for v in variants::ALL {
-                if let Err(e) = one(v, n, round, &plan, &gen, &mut ctx, &cg, &mut res) {
-                    eprintln!("bench: {} at {n} rules, round {}: {e:#}", v.name(), round + 1);
-                    res.note(format!("{} at {n} rules round {}: {e:#}", v.name(), round + 1));
+                if let Err(e) = one(v, n, round, &plan, &lg, &mut ctx, &cg, &mut res) {
+                    eprintln!(
+                        "bench: {} at {n} rules, round {}: {e:#}",
+                        v.name(),
+                        round + 1
+                    );
+                    res.note(format!(
+                        "{} at {n} rules round {}: {e:#}",
+                        v.name(),
+                        round + 1
+                    ));
                 }
             }
         }
@@ -99,7 +107,7 @@ fn one(
     n: usize,
     round: u32,
     plan: &Plan,
-    gen: &Gen,
+    lg: &Gen,
     ctx: &mut Ctx,
     cg: &env::Cgroups,
     res: &mut Results,
@@ -119,7 +127,7 @@ fn one(
     let cgroup = cg.abs(v.cgroup());
     let run = |args: &[&str]| -> anyhow::Result<Value> {
         let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        gen.run(&cgroup, &a)
+        lg.run(&cgroup, &a)
     };
     let ok = addr(env::ALLOWED_ADDR, env::PORT);
     let stream = addr(env::ALLOWED_ADDR, env::PORT + 1);
@@ -209,12 +217,13 @@ fn f(v: &Value, k: &str) -> f64 {
 }
 
 /// `--sizes 10,1000,100000`
-pub fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_sizes(s: &str) -> anyhow::Result<Vec<usize>> {
     s.split(',')
-        .map(|x| x.trim().replace('_', "").parse::<usize>().map_err(|e| format!("{x:?}: {e}")))
+        .map(|x| {
+            x.trim()
+                .replace('_', "")
+                .parse::<usize>()
+                .with_context(|| format!("--sizes: {x:?} is not a number"))
+        })
         .collect()
-}
-
-pub fn out_path(root: &Path) -> PathBuf {
-    root.join("target/bench")
 }

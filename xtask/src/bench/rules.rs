@@ -54,7 +54,9 @@ pub fn agentseg_policy(n: usize, member: &str, with_allowed_tcp: bool) -> String
 /// nftables: output chain, cgroup match first (other cgroups pay one comparison), then one
 /// lookup in a concatenated interval set. TCP is refused with a reset so a denied connect fails
 /// at once as with agentseg (a plain drop in OUTPUT makes connect() retry SYNs for seconds).
-pub fn nft_ruleset(n: usize, cgroup_rel: &str) -> String {
+/// `nft_path` is the cgroup as nft resolves it (under /sys/fs/cgroup, see env::nft_cgroup_path);
+/// the level counts from the cgroup2 root.
+pub fn nft_ruleset(n: usize, cgroup_rel: &str, nft_path: &str) -> String {
     let level = cgroup_rel.split('/').count();
     let mut s = format!(
         "table inet {NFT_TABLE} {{\n  set allow4 {{\n    type ipv4_addr . inet_proto . inet_service\n    flags interval\n    elements = {{\n"
@@ -71,7 +73,7 @@ pub fn nft_ruleset(n: usize, cgroup_rel: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "  chain out {{\n    type filter hook output priority 0; policy accept;\n    socket cgroupv2 level {level} \"{cgroup_rel}\" jump seg\n  }}"
+        "  chain out {{\n    type filter hook output priority 0; policy accept;\n    socket cgroupv2 level {level} \"{nft_path}\" jump seg\n  }}"
     );
     s.push_str(
         "  chain seg {\n    ip daddr . meta l4proto . th dport @allow4 accept\n    meta l4proto tcp reject with tcp reset\n    drop\n  }\n}\n",
@@ -123,9 +125,12 @@ mod tests {
     fn sizes_count_the_allowed_rule_last() {
         let p = agentseg_policy(10, "x/y", true);
         assert_eq!(p.matches("/32\"").count(), 9 + 2);
-        assert!(nft_ruleset(10, "a/b").contains("level 2 \"a/b\""));
+        assert!(nft_ruleset(10, "a/b", "unified/a/b").contains("level 2 \"unified/a/b\""));
         assert_eq!(ipset_restore(10).lines().count(), 1 + 9 + 3);
         assert!(check_size(MAX_RULES + 1).is_err());
-        assert_eq!(fillers(MAX_RULES).last(), Some(Ipv4Addr::new(198, 19, 255, 255)));
+        assert_eq!(
+            fillers(MAX_RULES).last(),
+            Some(Ipv4Addr::new(198, 19, 255, 255))
+        );
     }
 }

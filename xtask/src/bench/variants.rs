@@ -63,7 +63,11 @@ impl Drop for Active {
                     .status();
             }
             Active::Ipt => {
-                for args in [&["-F", "OUTPUT"][..], &["-F", "ASBENCH"], &["-X", "ASBENCH"]] {
+                for args in [
+                    &["-F", "OUTPUT"][..],
+                    &["-F", "ASBENCH"],
+                    &["-X", "ASBENCH"],
+                ] {
                     let _ = in_client_ns("iptables").args(args).status();
                 }
                 let _ = in_client_ns("ipset")
@@ -97,7 +101,10 @@ fn feed(tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -130,7 +137,10 @@ pub fn setup(
         }
         Variant::Nft => {
             let file = ctx.work.join("ruleset.nft");
-            std::fs::write(&file, rules::nft_ruleset(n, &rel))?;
+            std::fs::write(
+                &file,
+                rules::nft_ruleset(n, &rel, &cg.nft_path(v.cgroup())?),
+            )?;
             let t = Instant::now();
             // Guard first: a half-applied `nft -f` is still removed.
             let active = Active::Nft;

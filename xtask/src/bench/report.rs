@@ -1,0 +1,399 @@
+//! Raw figures → medians, spread, ratios to "none" of the same round; the stdout table, the
+//! JSON file and the markdown report; the issue's targets, met or missed.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use super::variants::{ALL, Variant};
+
+pub struct Sample {
+    size: usize,
+    round: u32,
+    variant: Variant,
+    metric: String,
+    value: f64,
+}
+
+pub struct Results {
+    sizes: Vec<usize>,
+    rounds: u32,
+    secs: f64,
+    samples: Vec<Sample>,
+    notes: Vec<String>,
+    pub elapsed: Duration,
+}
+
+/// Metrics in table order; the bool says whether a ratio to "none" means anything.
+const METRICS: &[(&str, bool)] = &[
+    ("connect_per_s", true),
+    ("connect_p50_us", true),
+    ("connect_p99_us", true),
+    ("udp_sendto_per_s", true),
+    ("udp_connected_per_s", true),
+    ("stream_gbit_s", true),
+    ("denied_per_s", false),
+    ("denied_p50_us", false),
+    ("load_ms", false),
+    ("reload_ms", false),
+    ("change_ms", false),
+    ("denials", false),
+    ("events_read", false),
+    ("events_lost", false),
+    ("rss_ready_mb", false),
+    ("rss_end_mb", false),
+];
+
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stat(mut xs: Vec<f64>) -> Option<Stat> {
+    xs.retain(|x| x.is_finite());
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    let median = if xs.len() % 2 == 1 {
+        xs[mid]
+    } else {
+        (xs[mid - 1] + xs[mid]) / 2.0
+    };
+    Some(Stat {
+        median,
+        min: xs[0],
+        max: xs[xs.len() - 1],
+        n: xs.len(),
+    })
+}
+
+fn num(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+struct Row {
+    size: usize,
+    metric: &'static str,
+    variant: Variant,
+    value: Stat,
+    ratio: Option<Stat>,
+}
+
+impl Results {
+    pub fn new(sizes: &[usize], rounds: u32, secs: f64) -> Self {
+        Results {
+            sizes: sizes.to_vec(),
+            rounds,
+            secs,
+            samples: Vec::new(),
+            notes: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    pub fn push(&mut self, size: usize, round: u32, variant: Variant, metric: &str, value: f64) {
+        self.samples.push(Sample {
+            size,
+            round,
+            variant,
+            metric: metric.into(),
+            value,
+        });
+    }
+
+    pub fn note(&mut self, s: String) {
+        self.notes.push(s);
+    }
+
+    fn get(&self, size: usize, round: u32, v: Variant, metric: &str) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| s.size == size && s.round == round && s.variant == v && s.metric == metric)
+            .map(|s| s.value)
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for &size in &self.sizes {
+            for &(metric, with_ratio) in METRICS {
+                for v in ALL {
+                    let mut vals = Vec::new();
+                    let mut ratios = Vec::new();
+                    for round in 0..self.rounds {
+                        let Some(x) = self.get(size, round, v, metric) else {
+                            continue;
+                        };
+                        vals.push(x);
+                        if with_ratio
+                            && let Some(base) = self.get(size, round, Variant::None, metric)
+                            && base > 0.0
+                        {
+                            ratios.push(x / base);
+                        }
+                    }
+                    if let Some(value) = stat(vals) {
+                        rows.push(Row {
+                            size,
+                            metric,
+                            variant: v,
+                            value,
+                            ratio: stat(ratios),
+                        });
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    fn median(&self, size: usize, metric: &str, v: Variant, ratio: bool) -> Option<f64> {
+        self.rows()
+            .into_iter()
+            .find(|r| r.size == size && r.metric == metric && r.variant == v)
+            .and_then(|r| if ratio { r.ratio } else { Some(r.value) })
+            .map(|s| s.median)
+    }
+
+    /// The issue's targets: (target, measured, met).
+    fn targets(&self) -> Vec<(String, String, Option<bool>)> {
+        let a = Variant::Agentseg;
+        let mut t = Vec::new();
+        let fmt = |x: Option<f64>| x.map_or("not measured".into(), |x| format!("{x:.3}"));
+        for (size, min) in [(1000, 0.97), (100_000, 0.95)] {
+            let r = self.median(size, "connect_per_s", a, true);
+            t.push((
+                format!("connect rate ≥ {min} of none at {size} rules"),
+                fmt(r),
+                r.map(|r| r >= min),
+            ));
+        }
+        for (metric, min, what) in [
+            ("stream_gbit_s", 0.98, "TCP stream throughput"),
+            ("udp_sendto_per_s", 0.92, "unconnected UDP send rate"),
+        ] {
+            let worst = self
+                .sizes
+                .iter()
+                .filter_map(|&s| self.median(s, metric, a, true))
+                .min_by(f64::total_cmp);
+            t.push((
+                format!("{what} ≥ {min} of none (worst size)"),
+                fmt(worst),
+                worst.map(|r| r >= min),
+            ));
+        }
+        let load = self.median(100_000, "load_ms", a, false);
+        let nft = self.median(100_000, "load_ms", Variant::Nft, false);
+        let reload = self.median(100_000, "reload_ms", a, false);
+        t.push((
+            "100k rules enforced in ≤ 150 ms (daemon start to ready)".into(),
+            fmt(load) + " ms",
+            load.map(|x| x <= 150.0),
+        ));
+        t.push((
+            "100k rules: `agentseg reload` ≤ 150 ms".into(),
+            fmt(reload) + " ms",
+            reload.map(|x| x <= 150.0),
+        ));
+        let speedup = load.zip(nft).map(|(a, n)| n / a);
+        t.push((
+            "100k rules load ≥ 2x faster than `nft -f`".into(),
+            speedup.map_or("not measured".into(), |s| format!("{s:.2}x")),
+            speedup.map(|s| s >= 2.0),
+        ));
+        let lost: Option<f64> = {
+            let xs: Vec<f64> = self
+                .samples
+                .iter()
+                .filter(|s| s.variant == a && s.metric == "events_lost")
+                .map(|s| s.value)
+                .collect();
+            (!xs.is_empty()).then(|| xs.iter().sum())
+        };
+        t.push((
+            "events: no loss at the highest denial rate (denied connect loop)".into(),
+            fmt(lost).replace(".000", "") + " lost in total",
+            lost.map(|l| l == 0.0),
+        ));
+        let rss = self.median(100_000, "rss_end_mb", a, false);
+        t.push((
+            "daemon RSS ≤ 50 MB with 100k rules".into(),
+            fmt(rss) + " MB",
+            rss.map(|r| r <= 50.0),
+        ));
+        t
+    }
+
+    fn table(&self, md: bool) -> String {
+        let mut s = String::new();
+        let mut last = (0, "");
+        if md {
+            s.push_str(
+                "| rules | metric | variant | median | min–max | ratio to none (min–max) |\n",
+            );
+            s.push_str("| ---: | --- | --- | ---: | ---: | ---: |\n");
+        }
+        for r in self.rows() {
+            let ratio = r.ratio.as_ref().map_or(String::new(), |x| {
+                format!("{:.3} ({:.3}–{:.3})", x.median, x.min, x.max)
+            });
+            let spread = format!("{}–{}", num(r.value.min), num(r.value.max));
+            if md {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.size,
+                    r.metric,
+                    r.variant.name(),
+                    num(r.value.median),
+                    spread,
+                    ratio
+                );
+            } else {
+                if last != (r.size, r.metric) {
+                    let _ = writeln!(s, "{:>7} {}", r.size, r.metric);
+                    last = (r.size, r.metric);
+                }
+                let _ = writeln!(
+                    s,
+                    "        {:<10} {:>12} {:>22} {:>26}  n={}",
+                    r.variant.name(),
+                    num(r.value.median),
+                    spread,
+                    ratio,
+                    r.value.n
+                );
+            }
+        }
+        s
+    }
+
+    fn targets_text(&self, md: bool) -> String {
+        let mut s = String::new();
+        if md {
+            s.push_str("| target | measured (agentseg, median) | |\n| --- | --- | --- |\n");
+        }
+        for (t, m, ok) in self.targets() {
+            let verdict = match ok {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            };
+            if md {
+                let _ = writeln!(s, "| {t} | {m} | {verdict} |");
+            } else {
+                let _ = writeln!(s, "  {verdict:<12} {t}: {m}");
+            }
+        }
+        s
+    }
+
+    pub fn write(&self, out: &Path) -> anyhow::Result<()> {
+        let machine = machine();
+        println!("\nagentseg benchmarks: {}", machine_line(&machine));
+        println!(
+            "{} rounds, {} s per timed loop, {:.0} s in all\n",
+            self.rounds,
+            self.secs,
+            self.elapsed.as_secs_f64()
+        );
+        print!("{}", self.table(false));
+        println!("\ntargets (issue 6):");
+        print!("{}", self.targets_text(false));
+        for n in &self.notes {
+            println!("note: {n}");
+        }
+        std::fs::create_dir_all(out)?;
+        let samples: Vec<Value> = self
+            .samples
+            .iter()
+            .map(|s| {
+                json!({"size": s.size, "round": s.round, "variant": s.variant.name(),
+                       "metric": s.metric, "value": s.value})
+            })
+            .collect();
+        let doc = json!({
+            "machine": machine,
+            "rounds": self.rounds, "secs_per_loop": self.secs, "sizes": self.sizes,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "samples": samples, "notes": self.notes,
+            "targets": self.targets().into_iter().map(|(t, m, ok)| json!({"target": t, "measured": m, "met": ok})).collect::<Vec<_>>(),
+        });
+        let json_path = out.join("results.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", json_path.display()))?;
+        let mut md = format!(
+            "Machine: {}. {} rounds, {} s per timed loop, {:.0} s in all.\n\n",
+            machine_line(&machine),
+            self.rounds,
+            self.secs,
+            self.elapsed.as_secs_f64()
+        );
+        md.push_str(&self.table(true));
+        md.push_str("\n### Targets\n\n");
+        md.push_str(&self.targets_text(true));
+        if !self.notes.is_empty() {
+            md.push_str("\n### Notes\n\n");
+            for n in &self.notes {
+                let _ = writeln!(md, "- {n}");
+            }
+        }
+        let md_path = out.join("report.md");
+        std::fs::write(&md_path, md)?;
+        println!(
+            "\nraw figures: {}\nmarkdown: {}",
+            json_path.display(),
+            md_path.display()
+        );
+        Ok(())
+    }
+}
+
+fn machine() -> Value {
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let mut by: BTreeMap<&str, Value> = BTreeMap::new();
+    by.insert(
+        "nproc",
+        json!(std::thread::available_parallelism().map_or(0, |n| n.get())),
+    );
+    by.insert("mem_gib", json!(mem_kb as f64 / 1024.0 / 1024.0));
+    by.insert("kernel", json!(kernel.trim()));
+    by.insert("cpu", json!(cpu));
+    json!(by)
+}
+
+fn machine_line(m: &Value) -> String {
+    format!(
+        "{} CPUs ({}), {:.1} GiB, kernel {}",
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["mem_gib"].as_f64().unwrap_or(0.0),
+        m["kernel"].as_str().unwrap_or("?")
+    )
+}
