@@ -46,6 +46,10 @@ pub struct Engine {
     pub(super) compiled: Option<Compiled>,
     /// The live generation (0 or 1).
     pub(super) generation: u32,
+    /// The inactive generation is known to hold nothing (cleared by our last switch).
+    pub(super) inactive_clean: bool,
+    /// The live generation was written by this daemon from `compiled` (not adopted).
+    pub(super) live_written_here: bool,
     pub(super) cgroup2: PathBuf,
     pub(super) policies: PathBuf,
     pub(super) agent_root: PathBuf,
@@ -104,6 +108,8 @@ impl Engine {
             dp,
             compiled: None,
             generation,
+            inactive_clean: false,
+            live_written_here: false,
             cgroup2: opts.cgroup2,
             policies: opts.policies,
             agent_root: opts.agent_root,
@@ -223,6 +229,7 @@ impl Engine {
 
     /// Reload the policy directory. A directory with any error changes nothing.
     pub fn reload(&mut self) -> Reply {
+        let started = std::time::Instant::now();
         let result = policy::load_dir(&self.policies)
             .map_err(|e| e.to_string())
             .and_then(|set| compile::compile(&set).map_err(|e| e.to_string()))
@@ -235,7 +242,15 @@ impl Engine {
                     at_unix: now_unix(),
                     message: String::new(),
                 };
-                info!(generation = self.generation, "reload applied");
+                info!(
+                    generation = self.generation,
+                    ms = started.elapsed().as_millis() as u64,
+                    "reload applied"
+                );
+                // A big policy's compile and switch leave large freed buffers; give them back
+                // so the resident size reflects one policy, not the peak of two.
+                // SAFETY: glibc's malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
                 self.audit(serde_json::json!({"kind": "policy", "action": "applied", "generation": self.generation, "segments": self.segment_count()}));
                 Reply::Ok
             }

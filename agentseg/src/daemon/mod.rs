@@ -274,7 +274,7 @@ fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
                     return;
                 }
                 // Let the burst of events from one save settle, then drain it.
-                std::thread::sleep(Duration::from_millis(150));
+                std::thread::sleep(Duration::from_millis(30));
                 let _ = nix::fcntl::fcntl(
                     &inotify,
                     nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),

@@ -40,14 +40,21 @@ impl Engine {
 
     /// Make `compiled` the live policy. On error the live generation is untouched.
     pub(super) fn apply(&mut self, compiled: Compiled) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let live = self.generation;
         let next = 1 - live;
-        self.dp
-            .clear_generation(next)
-            .context("clearing the inactive policy generation")?;
+        // Leftovers of an interrupted switch (or of a predecessor) are scanned for and removed;
+        // after a switch of ours the inactive half is known to be empty.
+        if !self.inactive_clean {
+            self.dp
+                .clear_generation(next)
+                .context("clearing the inactive policy generation")?;
+        }
+        self.inactive_clean = false;
         self.dp
             .write_generation(next, &compiled, &self.quarantined_segments())
             .context("writing the new policy generation")?;
+        let written = started.elapsed();
 
         let new_ids: BTreeMap<&str, u32> = compiled
             .segments
@@ -141,9 +148,31 @@ impl Engine {
                 self.forget_member(id);
             }
         }
-        let removed = self.dp.clear_generation(live)?;
+        // The old half: exactly what the previous policy wrote, when this daemon wrote it.
+        // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
+        // only leaves entries nobody reads, scanned for before the next switch.
+        let cleared = match &self.compiled {
+            Some(old) if self.live_written_here => self.dp.clear_known(live, old),
+            _ => self.dp.clear_generation(live),
+        };
+        let (removed, clean) = match cleared {
+            Ok(n) => (n, true),
+            Err(e) => {
+                warn!("clearing the previous policy generation: {e:#}");
+                (0, false)
+            }
+        };
+        self.inactive_clean = clean;
+        self.live_written_here = true;
+        let switched = started.elapsed();
         self.refresh_names(&compiled, next);
         log_changes(self.compiled.as_ref(), &compiled, removed);
+        tracing::debug!(
+            write_ms = written.as_millis() as u64,
+            switch_ms = switched.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "generation switch timing"
+        );
         self.members = desired
             .into_iter()
             .map(|(cgroup_id, (segment, path))| (path, MemberCgroup { segment, cgroup_id }))
@@ -267,42 +296,31 @@ impl Engine {
 
 /// Log what a switch changed, per segment: prefixes added and removed.
 fn log_changes(old: Option<&Compiled>, new: &Compiled, cleared: usize) {
-    let entries = |c: &Compiled| -> BTreeMap<String, BTreeSet<String>> {
-        c.segments
-            .iter()
-            .map(|s| {
-                let rs = |id: &u32| {
-                    format!(
-                        "{:?}",
-                        c.rulesets
-                            .get(*id as usize)
-                            .map(|r| &r.rules[..r.len as usize])
-                    )
-                };
-                let set = s
-                    .egress_v4
-                    .iter()
-                    .map(|(n, r)| format!("{n} {}", rs(r)))
-                    .chain(s.egress_v6.iter().map(|(n, r)| format!("{n} {}", rs(r))))
-                    .collect();
-                (s.name.clone(), set)
-            })
-            .collect()
-    };
     let Some(old) = old else {
         info!(segments = new.segments.len(), "policy applied");
         return;
     };
-    let (before, after) = (entries(old), entries(new));
-    for name in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
-        let empty = BTreeSet::new();
-        let (b, a) = (
-            before.get(name).unwrap_or(&empty),
-            after.get(name).unwrap_or(&empty),
-        );
-        let added = a.difference(b).count();
-        let removed = b.difference(a).count();
-        if added + removed > 0 || !before.contains_key(name) || !after.contains_key(name) {
+    let (old_sigs, new_sigs) = (ruleset_sigs(old), ruleset_sigs(new));
+    let names: BTreeSet<&str> = old
+        .segments
+        .iter()
+        .chain(&new.segments)
+        .map(|s| s.name.as_str())
+        .collect();
+    for name in names {
+        let before = old.segments.iter().find(|s| s.name == name);
+        let after = new.segments.iter().find(|s| s.name == name);
+        let (added, removed) = match (before, after) {
+            (Some(b), Some(a)) => {
+                let (a4, r4) = diff_sorted(&b.egress_v4, &old_sigs, &a.egress_v4, &new_sigs);
+                let (a6, r6) = diff_sorted(&b.egress_v6, &old_sigs, &a.egress_v6, &new_sigs);
+                (a4 + a6, r4 + r6)
+            }
+            (None, Some(a)) => (a.egress_v4.len() + a.egress_v6.len(), 0),
+            (Some(b), None) => (0, b.egress_v4.len() + b.egress_v6.len()),
+            (None, None) => (0, 0),
+        };
+        if added + removed > 0 || before.is_none() || after.is_none() {
             info!(segment = %name, added, removed, "segment rules changed");
         }
     }
@@ -311,4 +329,69 @@ fn log_changes(old: Option<&Compiled>, new: &Compiled, cleared: usize) {
         old_entries_cleared = cleared,
         "policy switched"
     );
+}
+
+/// A fingerprint of what each ruleset allows, rule ids left out: a rule that only moved in
+/// the file is not a change.
+fn ruleset_sigs(c: &Compiled) -> Vec<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    c.rulesets
+        .iter()
+        .map(|r| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for p in &r.rules[..(r.len as usize).min(r.rules.len())] {
+                (p.port_lo, p.port_hi, p.protocols).hash(&mut h);
+            }
+            h.finish()
+        })
+        .collect()
+}
+
+/// Entries added and removed between two lists sorted by prefix (the compiler's order):
+/// one merge pass, no allocation (a policy may hold 100k prefixes).
+fn diff_sorted<N: Ord + Copy>(
+    before: &[(N, u32)],
+    before_sigs: &[u64],
+    after: &[(N, u32)],
+    after_sigs: &[u64],
+) -> (usize, usize) {
+    let sig = |sigs: &[u64], id: u32| sigs.get(id as usize).copied().unwrap_or(0);
+    let (mut i, mut j, mut added, mut removed) = (0, 0, 0, 0);
+    while i < before.len() && j < after.len() {
+        let (b, a) = (before[i], after[j]);
+        match b.0.cmp(&a.0) {
+            std::cmp::Ordering::Less => {
+                removed += 1;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                added += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                if sig(before_sigs, b.1) != sig(after_sigs, a.1) {
+                    added += 1;
+                    removed += 1;
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (added + (after.len() - j), removed + (before.len() - i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff_sorted;
+
+    #[test]
+    fn sorted_diff_counts_additions_removals_and_changed_rules() {
+        let before = [(1u32, 0u32), (2, 0), (4, 0)];
+        let after = [(2u32, 1u32), (3, 0), (4, 0)];
+        // 1 removed, 3 added, 2 changed its ruleset (counts as one of each), 4 unchanged.
+        assert_eq!(diff_sorted(&before, &[10, 20], &after, &[10, 20]), (2, 2));
+        assert_eq!(diff_sorted(&before, &[10], &before, &[10]), (0, 0));
+        assert_eq!(diff_sorted::<u32>(&[], &[], &after, &[10, 20]), (3, 0));
+    }
 }

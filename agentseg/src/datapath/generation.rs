@@ -9,12 +9,11 @@ use agentseg_common::{
     RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED, SEGMENT_NAME_LEN,
     SEGMENT_PREFIX_BITS, SegmentInfo, map_names,
 };
-use aya::maps::{
-    Array, HashMap, MapData,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::{Array, HashMap, MapData, lpm_trie::LpmTrie};
 
-use super::{Datapath, DatapathError, map_mut, map_ref};
+use std::os::fd::AsFd as _;
+
+use super::{Datapath, DatapathError, map_mut, map_ref, sys};
 use crate::compile::Compiled;
 
 /// A segment as the kernel holds it in one generation.
@@ -40,11 +39,166 @@ pub fn generation_of(id: u32) -> u32 {
     u32::from(id & GEN_BIT != 0)
 }
 
+/// Packed LPM key sizes: u32 prefix length + key data.
+const LPM_KEY_V4: usize = 4 + std::mem::size_of::<PolicyKeyV4>();
+const LPM_KEY_V6: usize = 4 + std::mem::size_of::<PolicyKeyV6>();
+const LPM_VALUE: usize = std::mem::size_of::<PolicyValue>();
+/// The kernel's internal ENOTSUPP, returned by bpf(2) for a map without batch operations.
+const ENOTSUPP_KERNEL: i32 = 524;
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// A generation's LPM entries packed as the kernel reads them (aya's `lpm_trie::Key`: u32
+/// prefix length, then the data), for one batch call per trie.
+struct Packed {
+    k4: Vec<u8>,
+    v4: Vec<u8>,
+    k6: Vec<u8>,
+    v6: Vec<u8>,
+}
+
+fn pack(generation: u32, compiled: &Compiled) -> Packed {
+    let base = generation * RULESETS_PER_GEN;
+    let mut p = Packed {
+        k4: Vec::new(),
+        v4: Vec::new(),
+        k6: Vec::new(),
+        v6: Vec::new(),
+    };
+    for seg in &compiled.segments {
+        let id = segment_id(generation, seg.id);
+        let tables = [
+            (id, &seg.egress_v4, &seg.egress_v6),
+            (id | INGRESS_BIT, &seg.ingress_v4, &seg.ingress_v6),
+            (id | QUARANTINE_BIT, &seg.quarantine_v4, &seg.quarantine_v6),
+        ];
+        for (table, nets4, nets6) in tables {
+            for (net, ruleset) in nets4 {
+                p.k4.extend_from_slice(
+                    &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+                );
+                p.k4.extend_from_slice(&table.to_be_bytes());
+                p.k4.extend_from_slice(&net.network().octets());
+                p.v4.extend_from_slice(&(base + ruleset).to_ne_bytes());
+            }
+            for (net, ruleset) in nets6 {
+                p.k6.extend_from_slice(
+                    &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+                );
+                p.k6.extend_from_slice(&table.to_be_bytes());
+                p.k6.extend_from_slice(&net.network().octets());
+                p.v6.extend_from_slice(&(base + ruleset).to_ne_bytes());
+            }
+        }
+    }
+    p
+}
+
 impl Datapath {
+    /// Delete exactly what `compiled` wrote into `generation` (no scan of the tries): the fast
+    /// way to retire the previous policy when the daemon still knows it.
+    pub fn clear_known(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+    ) -> Result<usize, DatapathError> {
+        let generation = generation & 1;
+        let Packed { k4, k6, .. } = pack(generation, compiled);
+        let removed = self.lpm_delete(map_names::POLICY_V4, &k4, LPM_KEY_V4)?
+            + self.lpm_delete(map_names::POLICY_V6, &k6, LPM_KEY_V6)?;
+        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
+            map_mut!(self, HashMap, map_names::SEGMENTS);
+        for seg in &compiled.segments {
+            match segments.remove(&segment_id(generation, seg.id)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::SEGMENTS)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    fn lpm_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DatapathError> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
+            _ => Err(DatapathError::MissingMap(name)),
+        }
+    }
+
+    /// Insert packed (key, value) pairs: one batch call, or one call per entry on a kernel
+    /// without batch support for LPM tries.
+    fn lpm_update(
+        &self,
+        name: &'static str,
+        keys: &[u8],
+        values: &[u8],
+        key_len: usize,
+    ) -> Result<(), DatapathError> {
+        let count = keys.len() / key_len;
+        let fd = self.lpm_fd(name)?;
+        let io = |source| DatapathError::Io {
+            what: "writing map",
+            path: name.into(),
+            source,
+        };
+        match sys::update_batch(fd, keys, values, count) {
+            Ok(n) if n == count => Ok(()),
+            Ok(n) => Err(io(std::io::Error::other(format!(
+                "batch wrote {n} of {count} entries"
+            )))),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP_KERNEL)
+                ) =>
+            {
+                for (k, v) in keys
+                    .chunks_exact(key_len)
+                    .zip(values.chunks_exact(LPM_VALUE))
+                {
+                    sys::update_elem(fd, k, v).map_err(io)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Delete packed keys (batch, or one by one as above); returns how many.
+    fn lpm_delete(
+        &self,
+        name: &'static str,
+        keys: &[u8],
+        key_len: usize,
+    ) -> Result<usize, DatapathError> {
+        let count = keys.len() / key_len;
+        let fd = self.lpm_fd(name)?;
+        let io = |source| DatapathError::Io {
+            what: "clearing map",
+            path: name.into(),
+            source,
+        };
+        match sys::delete_batch(fd, keys, count) {
+            Ok(n) if n == count => Ok(n),
+            Ok(n) => Err(io(std::io::Error::other(format!(
+                "batch deleted {n} of {count} entries"
+            )))),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP_KERNEL)
+                ) =>
+            {
+                for k in keys.chunks_exact(key_len) {
+                    sys::delete_elem(fd, k).map_err(io)?;
+                }
+                Ok(count)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
     /// The segments of one generation, read back from the kernel.
     pub fn segments(&self, generation: u32) -> Result<Vec<SegmentEntry>, DatapathError> {
         let segments: HashMap<&MapData, u32, SegmentInfo> =
@@ -114,66 +268,9 @@ impl Datapath {
                     .map_err(map_err(map_names::RULESETS))?;
             }
         }
-        {
-            let mut v4: LpmTrie<&mut MapData, PolicyKeyV4, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V4);
-            for seg in &compiled.segments {
-                let id = segment_id(generation, seg.id);
-                for (table, entries) in [
-                    (id, &seg.egress_v4),
-                    (id | INGRESS_BIT, &seg.ingress_v4),
-                    (id | QUARANTINE_BIT, &seg.quarantine_v4),
-                ] {
-                    for (net, ruleset) in entries {
-                        let key = Key::new(
-                            SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                            PolicyKeyV4 {
-                                segment_id_be: table.to_be_bytes(),
-                                addr_be: net.network().octets(),
-                            },
-                        );
-                        v4.insert(
-                            &key,
-                            PolicyValue {
-                                ruleset_id: base + ruleset,
-                            },
-                            0,
-                        )
-                        .map_err(map_err(map_names::POLICY_V4))?;
-                    }
-                }
-            }
-        }
-        {
-            let mut v6: LpmTrie<&mut MapData, PolicyKeyV6, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V6);
-            for seg in &compiled.segments {
-                let id = segment_id(generation, seg.id);
-                for (table, entries) in [
-                    (id, &seg.egress_v6),
-                    (id | INGRESS_BIT, &seg.ingress_v6),
-                    (id | QUARANTINE_BIT, &seg.quarantine_v6),
-                ] {
-                    for (net, ruleset) in entries {
-                        let key = Key::new(
-                            SEGMENT_PREFIX_BITS + u32::from(net.prefix_len()),
-                            PolicyKeyV6 {
-                                segment_id_be: table.to_be_bytes(),
-                                addr_be: net.network().octets(),
-                            },
-                        );
-                        v6.insert(
-                            &key,
-                            PolicyValue {
-                                ruleset_id: base + ruleset,
-                            },
-                            0,
-                        )
-                        .map_err(map_err(map_names::POLICY_V6))?;
-                    }
-                }
-            }
-        }
+        let Packed { k4, v4, k6, v6 } = pack(generation, compiled);
+        self.lpm_update(map_names::POLICY_V4, &k4, &v4, LPM_KEY_V4)?;
+        self.lpm_update(map_names::POLICY_V6, &k6, &v6, LPM_KEY_V6)?;
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);
         for seg in &compiled.segments {
@@ -219,30 +316,32 @@ impl Datapath {
         let generation = generation & 1;
         let mut removed = 0;
         {
-            let mut v4: LpmTrie<&mut MapData, PolicyKeyV4, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V4);
-            let keys: Vec<Key<PolicyKeyV4>> = v4
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| generation_of(u32::from_be_bytes(k.data().segment_id_be)) == generation)
-                .collect();
-            for k in &keys {
-                v4.remove(k).map_err(map_err(map_names::POLICY_V4))?;
+            let v4: LpmTrie<&MapData, PolicyKeyV4, PolicyValue> =
+                map_ref!(self, LpmTrie, map_names::POLICY_V4);
+            let mut packed = Vec::new();
+            for k in v4.keys().filter_map(Result::ok) {
+                let data = k.data();
+                if generation_of(u32::from_be_bytes(data.segment_id_be)) == generation {
+                    packed.extend_from_slice(&k.prefix_len().to_ne_bytes());
+                    packed.extend_from_slice(&data.segment_id_be);
+                    packed.extend_from_slice(&data.addr_be);
+                }
             }
-            removed += keys.len();
+            removed += self.lpm_delete(map_names::POLICY_V4, &packed, LPM_KEY_V4)?;
         }
         {
-            let mut v6: LpmTrie<&mut MapData, PolicyKeyV6, PolicyValue> =
-                map_mut!(self, LpmTrie, map_names::POLICY_V6);
-            let keys: Vec<Key<PolicyKeyV6>> = v6
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| generation_of(u32::from_be_bytes(k.data().segment_id_be)) == generation)
-                .collect();
-            for k in &keys {
-                v6.remove(k).map_err(map_err(map_names::POLICY_V6))?;
+            let v6: LpmTrie<&MapData, PolicyKeyV6, PolicyValue> =
+                map_ref!(self, LpmTrie, map_names::POLICY_V6);
+            let mut packed = Vec::new();
+            for k in v6.keys().filter_map(Result::ok) {
+                let data = k.data();
+                if generation_of(u32::from_be_bytes(data.segment_id_be)) == generation {
+                    packed.extend_from_slice(&k.prefix_len().to_ne_bytes());
+                    packed.extend_from_slice(&data.segment_id_be);
+                    packed.extend_from_slice(&data.addr_be);
+                }
             }
-            removed += keys.len();
+            removed += self.lpm_delete(map_names::POLICY_V6, &packed, LPM_KEY_V6)?;
         }
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);
