@@ -18,6 +18,7 @@ pub struct Daemon {
     bin: PathBuf,
     pub socket: PathBuf,
     pub pin_root: PathBuf,
+    pub audit_log: PathBuf,
     /// Spawn to the `agentseg: ready:` line.
     pub ready: Duration,
 }
@@ -68,6 +69,7 @@ impl Daemon {
             bin: bin.to_owned(),
             socket,
             pin_root,
+            audit_log,
             ready: Duration::ZERO,
         };
         let (tx, rx) = mpsc::channel();

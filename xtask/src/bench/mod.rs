@@ -2,6 +2,7 @@
 //! by round, in two network namespaces of our own. Benchmarks, not tests: nothing is asserted,
 //! figures are printed (stdout table, target/bench/results.json, target/bench/report.md).
 mod daemon;
+mod detector;
 mod env;
 mod load;
 mod report;
@@ -91,6 +92,18 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    step("detector latency: deny_rate threshold crossing to quarantine in force");
+    ctx.daemon_seq += 1;
+    match detector::measure(
+        &ctx.agentseg,
+        &lg,
+        &work,
+        ctx.daemon_seq,
+        plan.rounds.max(3),
+    ) {
+        Ok(lat) => res.detector_latency_ms = lat,
+        Err(e) => res.note(format!("detector latency: {e:#}")),
     }
     res.elapsed = started.elapsed();
     drop(_server);

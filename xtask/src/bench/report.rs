@@ -22,6 +22,8 @@ pub struct Results {
     samples: Vec<Sample>,
     notes: Vec<String>,
     pub elapsed: Duration,
+    /// Detector latency per agent, ms (issue 5: under 50 ms).
+    pub detector_latency_ms: Vec<f64>,
 }
 
 /// Metrics in table order; the bool says whether a ratio to "none" means anything.
@@ -98,6 +100,7 @@ impl Results {
             samples: Vec::new(),
             notes: Vec::new(),
             elapsed: Duration::ZERO,
+            detector_latency_ms: Vec::new(),
         }
     }
 
@@ -298,6 +301,22 @@ impl Results {
         s
     }
 
+    /// Threshold-crossing deny to quarantine in force, per agent (target: under 50 ms).
+    fn detector_text(&self) -> String {
+        let mut v = self.detector_latency_ms.clone();
+        if v.is_empty() {
+            return "detector latency: not measured".into();
+        }
+        v.sort_by(f64::total_cmp);
+        let median = v[v.len() / 2];
+        let max = v[v.len() - 1];
+        format!(
+            "detector latency (deny_rate crossing -> quarantine in force), {} agents: median {median:.0} ms, max {max:.0} ms: target under 50 ms {}",
+            v.len(),
+            if max < 50.0 { "met" } else { "missed" }
+        )
+    }
+
     pub fn write(&self, out: &Path) -> anyhow::Result<()> {
         let machine = machine();
         println!("\nagentseg benchmarks: {}", machine_line(&machine));
@@ -310,6 +329,8 @@ impl Results {
         print!("{}", self.table(false));
         println!("\ntargets (issue 6):");
         print!("{}", self.targets_text(false));
+        let detector = self.detector_text();
+        println!("\n{detector}");
         for n in &self.notes {
             println!("note: {n}");
         }
@@ -327,6 +348,7 @@ impl Results {
             "rounds": self.rounds, "secs_per_loop": self.secs, "sizes": self.sizes,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "samples": samples, "notes": self.notes,
+            "detector_latency_ms": self.detector_latency_ms,
             "targets": self.targets().into_iter().map(|(t, m, ok)| json!({"target": t, "measured": m, "met": ok})).collect::<Vec<_>>(),
         });
         let json_path = out.join("results.json");
@@ -342,6 +364,7 @@ impl Results {
         md.push_str(&self.table(true));
         md.push_str("\n### Targets\n\n");
         md.push_str(&self.targets_text(true));
+        let _ = writeln!(md, "\n### Detector latency\n\n{detector}");
         if !self.notes.is_empty() {
             md.push_str("\n### Notes\n\n");
             for n in &self.notes {

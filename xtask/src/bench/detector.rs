@@ -1,0 +1,101 @@
+//! Detector latency (issue 5): from the kernel event that crosses a `deny_rate` threshold to
+//! the agent's quarantine being in force. Both ends are read from the daemon's audit log: the
+//! threshold-th `deny` record of the agent (kernel timestamp) and its `quarantine` record,
+//! written after the kernel flag was set. Millisecond resolution.
+use std::{path::Path, process::Command};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use super::{daemon::Daemon, env, load::Gen};
+
+const SEGMENT: &str = "bench.test.detect";
+pub const THRESHOLD: usize = 50;
+
+/// Run `reps` fresh agents that hammer a denied peer; one latency (ms) per agent.
+pub fn measure(
+    agentseg: &Path,
+    lg: &Gen,
+    work: &Path,
+    seq: u32,
+    reps: u32,
+) -> anyhow::Result<Vec<f64>> {
+    let dir = work.join("detect-policies");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("detect.toml"),
+        format!(
+            "name = \"{SEGMENT}\"\n[[egress]]\ncidrs = [\"{ok}/32\"]\nports = [{port}]\nprotocol = \"tcp\"\n\
+             [monitor]\ndeny_rate = {{ threshold = {THRESHOLD}, window = \"1m\", action = \"quarantine\" }}\n",
+            ok = env::ALLOWED_ADDR,
+            port = env::PORT
+        ),
+    )?;
+    let daemon = Daemon::start(agentseg, work, &dir, seq)?;
+    let denied = super::load::addr(env::DENIED_ADDR, env::PORT);
+    for _ in 0..reps {
+        // A new agent each time: detectors keep state per agent.
+        let _ = Command::new(agentseg)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["run", "--segment", SEGMENT, "--"])
+            .arg(&lg.bin)
+            .args([
+                "--netns",
+                env::CLIENT_NS,
+                "connect",
+                "--addr",
+                &denied,
+                "--secs",
+                "0.3",
+            ])
+            .output()
+            .context("running a denied-connect agent")?;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = std::fs::read_to_string(&daemon.audit_log)
+        .with_context(|| format!("reading {}", daemon.audit_log.display()))?;
+    drop(daemon);
+    Ok(latencies(&log))
+}
+
+/// Per agent: quarantine ts − ts of its THRESHOLD-th deny.
+fn latencies(log: &str) -> Vec<f64> {
+    let records: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut out = Vec::new();
+    for q in records.iter().filter(|r| r["kind"] == "quarantine") {
+        let Some(agent) = q["target"]["agent"].as_str() else {
+            continue;
+        };
+        let crossing = records
+            .iter()
+            .filter(|r| r["kind"] == "deny" && r["agent_id"] == agent)
+            .nth(THRESHOLD - 1)
+            .and_then(|r| r["ts_ms"].as_u64());
+        if let (Some(t0), Some(t1)) = (crossing, q["ts_ms"].as_u64()) {
+            out.push(t1.saturating_sub(t0) as f64);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_quarantine_minus_the_crossing_deny() {
+        let mut log = String::new();
+        for i in 0..60u64 {
+            log.push_str(&format!(
+                "{{\"kind\":\"deny\",\"agent_id\":\"a\",\"ts_ms\":{}}}\n",
+                1000 + i
+            ));
+        }
+        log.push_str("{\"kind\":\"quarantine\",\"target\":{\"agent\":\"a\"},\"ts_ms\":1052}\n");
+        assert_eq!(latencies(&log), vec![3.0]);
+    }
+}
