@@ -197,8 +197,16 @@ pub struct Config {
     /// Report about one allow in this many as an event (0: none, the default). Allows are
     /// always counted per rule.
     pub sample_allows: u32,
-    pub _pad: u32,
+    /// `CONFIG_*` flags: whether any quarantine or dead-man switch is armed anywhere. When
+    /// neither is, the packet hooks pass the packets of established flows without resolving
+    /// who they belong to (their peer was judged at connect or send time).
+    pub flags: u32,
 }
+
+/// [`Config::flags`]: some agent or segment is quarantined.
+pub const CONFIG_ANY_QUARANTINE: u32 = 1 << 0;
+/// [`Config::flags`]: some segment has `on_daemon_loss = "quarantine"`.
+pub const CONFIG_ANY_DEADMAN: u32 = 1 << 1;
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 /// [`SegmentInfo::flags`]: quarantine the segment when the daemon's heartbeat stops.

@@ -16,8 +16,8 @@
 //! A program only runs for sockets of cgroups it is attached to (member cgroups and the agent
 //! root), so "no member" means the socket is a member's but the path walked is not: deny.
 use agentseg_common::{
-    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, Member,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
+    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
     RULE_DEFAULT_DENY, RULE_QUARANTINE, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
     SEGMENT_NONE, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
@@ -130,24 +130,36 @@ pub enum Resolved {
 /// id at `level` or 0 past its end. Plain values, not `Option`, in the walk: LLVM leaves an
 /// `Option` payload uninitialised and the verifier rejects the read.
 #[inline(always)]
-pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
+pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64) -> Resolved {
+    // (own: the cgroup the hook runs for, or 0.)
     let mut found_id: u64 = 0;
-    let mut found = Member {
-        segment_ids: [0; 2],
-        kind: 0,
-        flags: 0,
-        agent_id: [0; 16],
+    // Only the fields a decision needs are copied (the agent id stays in the map): the packet
+    // hooks' frames are close to the 512-byte limit.
+    let (mut seg0, mut seg1, mut member_flags) = (0u32, 0u32, 0u32);
+    // An agent almost always runs in its own member cgroup, the deepest possible match: one
+    // lookup instead of one per level. `own == 0` skips it (the packet hooks, whose frames
+    // cannot afford the extra copy; their fast path rarely resolves at all).
+    // SAFETY: read at once; MEMBERS values are plain integers.
+    if own != 0
+        && let Some(m) = unsafe { MEMBERS.get(own) }
+    {
+        found_id = own;
+        (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
+    }
+    let mut level: i32 = if found_id != 0 {
+        MAX_CGROUP_DEPTH as i32
+    } else {
+        1
     };
-    let mut level: i32 = 1;
     while level < MAX_CGROUP_DEPTH as i32 {
         let id = ancestor(level);
         if id == 0 {
             break;
         }
-        // SAFETY: the value is copied out at once; MEMBERS values are plain integers.
+        // SAFETY: read at once; MEMBERS values are plain integers.
         if let Some(m) = unsafe { MEMBERS.get(id) } {
             found_id = id;
-            found = *m;
+            (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
         }
         level += 1;
     }
@@ -164,11 +176,7 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         ),
         None => (0, 0, 0, 0),
     };
-    let segment_id = if generation == 0 {
-        found.segment_ids[0]
-    } else {
-        found.segment_ids[1]
-    };
+    let segment_id = if generation == 0 { seg0 } else { seg1 };
     if segment_id == SEGMENT_NONE {
         return Resolved::Untouched;
     }
@@ -190,7 +198,7 @@ pub fn resolve(ancestor: impl Fn(i32) -> u64) -> Resolved {
         cgroup: found_id,
         segment_id,
         audit: seg.mode == MODE_AUDIT,
-        quarantined: found.flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
+        quarantined: member_flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
         deadman,
         sample_allows,
     })
@@ -284,7 +292,9 @@ pub struct Flow {
     pub daddr: [u8; 16],
 }
 
-/// Write one event; a full ring loses the record (counted), never the verdict.
+/// Write one event; a full ring loses the record (counted), never the verdict. Out of line
+/// (a BPF-to-BPF call): the 88-byte record gets its own frame, which keeps the packet hooks'
+/// frames under the 512-byte limit.
 #[inline(always)]
 fn emit(s: &Subject, verdict: u8, rule: u32, flow: &Flow) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {

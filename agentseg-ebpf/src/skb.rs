@@ -16,8 +16,11 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use agentseg_common::{HOOK_SKB_EGRESS, HOOK_SKB_INGRESS};
+use agentseg_common::{
+    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+};
 
+use crate::maps::CONFIG;
 use crate::policy::{
     ALLOW, DENY, Flow, IPPROTO_TCP, IPPROTO_UDP, Peer, Resolved, Subject, Table, allows, finish,
     is_rule, proto_bit, resolve,
@@ -116,7 +119,10 @@ fn parse(ctx: &SkBuffContext, p: &mut Packet) -> bool {
     true
 }
 
+/// The packet's socket; `full == false` when there is none or it is not a full socket
+/// (request and time-wait sockets). Plain fields, not `Option`, like [`Peer`].
 struct Sock {
+    full: bool,
     ty: u32,
     protocol: u32,
     state: u32,
@@ -124,35 +130,57 @@ struct Sock {
 }
 
 #[inline(always)]
-fn sock(ctx: &SkBuffContext) -> Option<Sock> {
+fn sock(ctx: &SkBuffContext) -> Sock {
+    let none = Sock {
+        full: false,
+        ty: 0,
+        protocol: 0,
+        state: 0,
+        connected: false,
+    };
     // SAFETY: context read of skb->sk (checked by the verifier), NULL-checked before use.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return None;
+        return none;
     }
     // SAFETY: helper on a non-NULL socket pointer; the result is NULL-checked.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return None;
+        return none;
     }
     // SAFETY: reads of a full socket's fields, checked by the verifier.
     unsafe {
-        Some(Sock {
+        Sock {
+            full: true,
             ty: core::ptr::read_volatile(&(*full).type_),
             protocol: core::ptr::read_volatile(&(*full).protocol),
             state: core::ptr::read_volatile(&(*full).state),
             connected: core::ptr::read_volatile(&(*full).dst_port) != 0,
-        })
+        }
     }
 }
 
 #[inline(always)]
 fn subject(ctx: &SkBuffContext) -> Result<Subject, i32> {
-    // SAFETY: plain helper call on this program's skb; returns 0 past the socket's level.
-    match resolve(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) }) {
+    // SAFETY: plain helper call on this program's skb; 0 past the socket's level.
+    match resolve(0, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level)
+    }) {
         Resolved::Untouched => Err(ALLOW),
         Resolved::Deny => Err(DENY),
         Resolved::Subject(s) => Ok(s),
+    }
+}
+
+/// Whether the packets of this socket were judged where the flow started (see the table):
+/// TCP except a listener's, UDP sends, and UDP received on a connected socket.
+#[inline(always)]
+fn judged_elsewhere(sk: &Sock, egress: bool) -> bool {
+    let udp = sk.ty == SOCK_DGRAM && proto_bit(sk.protocol) == proto_bit(IPPROTO_UDP);
+    if egress {
+        sk.ty == SOCK_STREAM || udp
+    } else {
+        (sk.ty == SOCK_STREAM && sk.state != TCP_LISTEN) || (udp && sk.connected)
     }
 }
 
@@ -160,6 +188,30 @@ fn subject(ctx: &SkBuffContext) -> Result<Subject, i32> {
 /// packet of a live socket answers to (see the table above).
 #[inline(always)]
 fn judge(ctx: &SkBuffContext, egress: bool) -> i32 {
+    // Fast path: with no quarantine and no dead-man switch armed anywhere, a packet of a TCP
+    // flow or of a UDP socket that connect/sendmsg judged needs nothing from us.
+    let armed = match CONFIG.get(0) {
+        Some(c) => c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
+        None => true,
+    };
+    if !armed {
+        let sk = sock(ctx);
+        if sk.full && judged_elsewhere(&sk, egress) {
+            return ALLOW;
+        }
+    }
+    if egress {
+        judge_slow::<true>(ctx)
+    } else {
+        judge_slow::<false>(ctx)
+    }
+}
+
+/// Everything else. Inlined: the verifier counts a call's frames together (512 bytes in
+/// all), so splitting does not buy room; one copy per direction keeps only its branches.
+#[inline(always)]
+fn judge_slow<const EGRESS: bool>(ctx: &SkBuffContext) -> i32 {
+    let egress = EGRESS;
     let s = match subject(ctx) {
         Ok(s) => s,
         Err(verdict) => return verdict,
@@ -184,7 +236,10 @@ fn judge(ctx: &SkBuffContext, egress: bool) -> i32 {
         let rule = allows(&s, Table::QuarantineAllow, peer, bit, peer_port);
         return finish(&s, rule, &flow);
     }
-    let Some(sk) = sock(ctx) else { return ALLOW };
+    let sk = sock(ctx);
+    if !sk.full {
+        return ALLOW;
+    }
     if egress {
         // TCP and UDP sockets were judged at connect/sendmsg; ping and raw sockets were not.
         if sk.ty == SOCK_STREAM

@@ -1,7 +1,8 @@
 //! `cgroup/connect4|6` and `cgroup/sendmsg4|6`: judged once per connect and once per
 //! unconnected UDP message, against the calling task's membership.
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 
@@ -15,7 +16,11 @@ const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
 #[inline(always)]
 fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
     // SAFETY: plain helper call; returns 0 past the task's own level.
-    let s = match resolve(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) {
+    // SAFETY: plain helper call.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    let s = match resolve(own, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) {
         Resolved::Untouched => return ALLOW,
         Resolved::Deny => return DENY,
         Resolved::Subject(s) => s,

@@ -274,12 +274,46 @@ impl Engine {
         }
     }
 
+    /// `CONFIG_*` flags for the live policy (or `compiled`, about to go live) and the current
+    /// quarantines: they tell the packet hooks whether they may skip established flows.
+    pub(super) fn config_flags(&self, compiled: Option<&Compiled>) -> u32 {
+        let mut flags = 0;
+        if !self.store.records.is_empty() {
+            flags |= agentseg_common::CONFIG_ANY_QUARANTINE;
+        }
+        let segments = compiled
+            .or(self.compiled.as_ref())
+            .map(|c| c.segments.as_slice())
+            .unwrap_or(&[]);
+        if self.deadman_secs != 0
+            && segments
+                .iter()
+                .any(|s| s.flags & agentseg_common::SEG_DEADMAN_QUARANTINE != 0)
+        {
+            flags |= agentseg_common::CONFIG_ANY_DEADMAN;
+        }
+        flags
+    }
+
+    /// Write the CONFIG flags now (before a quarantine takes effect, after a release).
+    pub(super) fn publish_flags(&mut self, extra: u32) {
+        let flags = self.config_flags(None) | extra;
+        let result = self.dp.config().and_then(|mut c| {
+            c.flags = flags;
+            self.dp.set_config(c)
+        });
+        if let Err(e) = result {
+            warn!("writing CONFIG flags: {e:#}");
+        }
+    }
+
     /// Refresh the heartbeat the dead-man switch watches.
     pub fn heartbeat(&mut self) {
         let result = self.dp.config().and_then(|mut c| {
             c.heartbeat_ns = crate::datapath::boottime_ns();
             c.deadman_secs = self.deadman_secs;
             c.sample_allows = self.sample_allows;
+            c.flags = self.config_flags(None);
             self.dp.set_config(c)
         });
         if let Err(e) = result {

@@ -356,17 +356,19 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("reading peer credentials")?;
     let (read, mut write) = stream.into_split();
+    // The request is read (bounded, with a deadline) even when it will be refused: closing on
+    // an unread request would hand the client a broken pipe instead of the reason.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .context("the client sent no request within 10 s")?
+        .context("reading request")?;
     let reply = if cred.uid() != 0 {
         Reply::Error {
             message: format!("permission denied: uid {} is not root", cred.uid()),
         }
     } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-        reader
-            .read_line(&mut line)
-            .await
-            .context("reading request")?;
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Reply::Error {
                 message: format!("bad request: {e}"),

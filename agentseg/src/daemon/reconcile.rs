@@ -131,6 +131,7 @@ impl Engine {
         config.active_gen = next;
         config.deadman_secs = self.deadman_secs;
         config.sample_allows = self.sample_allows;
+        config.flags = self.config_flags(Some(&compiled));
         config.heartbeat_ns = crate::datapath::boottime_ns();
         self.dp.set_config(config)?;
         self.generation = next;

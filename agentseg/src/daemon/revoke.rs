@@ -38,7 +38,10 @@ impl Engine {
                 message: "a quarantine needs a reason".into(),
             };
         }
+        // Arm the packet hooks' slow path first, then cut: no packet can slip between.
+        self.publish_flags(agentseg_common::CONFIG_ANY_QUARANTINE);
         if let Err(message) = self.set_kernel_quarantine(&target, true) {
+            self.publish_flags(0);
             return Reply::Error { message };
         }
         let now = now_unix();
@@ -69,6 +72,7 @@ impl Engine {
         if let Err(message) = self.set_kernel_quarantine(target, false) {
             warn!(%target, "release: {message}");
         }
+        self.publish_flags(0);
         info!(%target, by, ?by_uid, "released");
         Reply::Ok
     }
