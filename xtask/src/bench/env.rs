@@ -18,6 +18,9 @@ pub const CLIENT_ADDR: &str = "198.18.0.1";
 pub const ALLOWED_ADDR: &str = "198.18.0.2";
 pub const DENIED_ADDR: &str = "198.18.0.3";
 pub const PORT: u16 = 5201;
+/// The loopback peer: a second server inside the client namespace, on 127.0.0.1.
+pub const LOOPBACK_ADDR: &str = "127.0.0.1";
+pub const LOOPBACK_PORT: u16 = 5211;
 
 /// Run a command; fail with its stderr.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {

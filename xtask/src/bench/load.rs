@@ -27,10 +27,15 @@ impl Gen {
 
     /// The peer in the server namespace (not in any cgroup of ours).
     pub fn serve(&self) -> anyhow::Result<Server> {
+        self.serve_in(env::SERVER_NS, env::PORT)
+    }
+
+    /// A peer in namespace `ns` on `port` (and the two ports after it).
+    pub fn serve_in(&self, ns: &str, port: u16) -> anyhow::Result<Server> {
         let mut child = die_with_parent(
             Command::new(&self.bin)
-                .args(["--netns", env::SERVER_NS, "serve", "--port"])
-                .arg(env::PORT.to_string())
+                .args(["--netns", ns, "serve", "--port"])
+                .arg(port.to_string())
                 .stdout(Stdio::piped()),
         )
         .spawn()

@@ -62,6 +62,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
     let _ns = env::Netns::create()?;
     let cg = env::Cgroups::create()?;
     let _server = lg.serve()?;
+    let _loopback = lg.serve_in(env::CLIENT_NS, env::LOOPBACK_PORT)?;
     let mut ctx = Ctx {
         agentseg,
         work: work.clone(),
@@ -106,6 +107,7 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         Err(e) => res.note(format!("detector latency: {e:#}")),
     }
     res.elapsed = started.elapsed();
+    drop(_loopback);
     drop(_server);
     drop(cg);
     drop(_ns);
@@ -145,6 +147,7 @@ fn one(
     let ok = addr(env::ALLOWED_ADDR, env::PORT);
     let stream = addr(env::ALLOWED_ADDR, env::PORT + 1);
     let udp_ok = addr(env::ALLOWED_ADDR, env::PORT + 2);
+    let lo = addr(env::LOOPBACK_ADDR, env::LOOPBACK_PORT);
     let bad = addr(env::DENIED_ADDR, env::PORT);
     let udp_bad = addr(env::DENIED_ADDR, env::PORT + 2);
     let allowed = |a: &str, udp: bool| -> anyhow::Result<bool> {
@@ -156,6 +159,7 @@ fn one(
     };
     // Enforcement check before any timing.
     let enforcing = allowed(&ok, false)?
+        && allowed(&lo, false)?
         && allowed(&stream, false)?
         && allowed(&udp_ok, true)?
         && (v == Variant::None || (!allowed(&bad, false)? && !allowed(&udp_bad, true)?));
@@ -172,6 +176,9 @@ fn one(
     rec(res, "connect_per_s", f(&c, "ok_rate"));
     rec(res, "connect_p50_us", f(&c, "p50_us"));
     rec(res, "connect_p99_us", f(&c, "p99_us"));
+    let c = run(&["connect", "--addr", &lo, "--secs", &secs])?;
+    rec(res, "connect_lo_per_s", f(&c, "ok_rate"));
+    rec(res, "connect_lo_p50_us", f(&c, "p50_us"));
     let u = run(&["udp", "--addr", &udp_ok, "--secs", &secs])?;
     rec(res, "udp_sendto_per_s", f(&u, "ok_rate"));
     let u = run(&["udp", "--addr", &udp_ok, "--secs", &secs, "--connected"])?;

@@ -31,6 +31,8 @@ const METRICS: &[(&str, bool)] = &[
     ("connect_per_s", true),
     ("connect_p50_us", true),
     ("connect_p99_us", true),
+    ("connect_lo_per_s", true),
+    ("connect_lo_p50_us", true),
     ("udp_sendto_per_s", true),
     ("udp_connected_per_s", true),
     ("stream_gbit_s", true),

@@ -1,11 +1,12 @@
 //! The same policy written three ways. N rules = N-1 filler rules (one /32 each, tcp/5201, in
 //! 198.18.1.0-198.19.255.255, never configured anywhere) followed by the allowed peer, last:
-//! tcp 5201-5202 and udp 5203 to ALLOWED_ADDR. Everything else from the client cgroup is denied.
+//! tcp 5201-5202 and udp 5203 to ALLOWED_ADDR, plus tcp 5211 to 127.0.0.1 (the loopback peer
+//! inside the client namespace). Everything else from the client cgroup is denied.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::bail;
 
-use super::env::{ALLOWED_ADDR, PORT};
+use super::env::{ALLOWED_ADDR, LOOPBACK_ADDR, LOOPBACK_PORT, PORT};
 
 pub const MAX_RULES: usize = 130_817;
 pub const NFT_TABLE: &str = "asbench";
@@ -47,6 +48,10 @@ pub fn agentseg_policy(n: usize, member: &str, with_allowed_tcp: bool) -> String
         "\n[[egress]]\ncidrs = [\"{ALLOWED_ADDR}/32\"]\nports = [{}]\nprotocol = \"udp\"",
         PORT + 2
     );
+    let _ = writeln!(
+        s,
+        "\n[[egress]]\ncidrs = [\"{LOOPBACK_ADDR}/32\"]\nports = [{LOOPBACK_PORT}]\nprotocol = \"tcp\""
+    );
     let _ = writeln!(s, "\n[members]\ncgroups = [\"{member}\"]");
     s
 }
@@ -66,7 +71,7 @@ pub fn nft_ruleset(n: usize, cgroup_rel: &str, nft_path: &str) -> String {
     }
     let _ = writeln!(
         s,
-        "      {ALLOWED_ADDR} . tcp . {}-{},\n      {ALLOWED_ADDR} . udp . {}\n    }}\n  }}",
+        "      {ALLOWED_ADDR} . tcp . {}-{},\n      {ALLOWED_ADDR} . udp . {},\n      {LOOPBACK_ADDR} . tcp . {LOOPBACK_PORT}\n    }}\n  }}",
         PORT,
         PORT + 1,
         PORT + 2
@@ -104,6 +109,7 @@ pub fn ipset_restore(n: usize) -> String {
     for (proto, port) in [("tcp", PORT), ("tcp", PORT + 1), ("udp", PORT + 2)] {
         let _ = writeln!(s, "add {IPSET} {ALLOWED_ADDR},{proto}:{port}");
     }
+    let _ = writeln!(s, "add {IPSET} {LOOPBACK_ADDR},tcp:{LOOPBACK_PORT}");
     s
 }
 
@@ -124,9 +130,9 @@ mod tests {
     #[test]
     fn sizes_count_the_allowed_rule_last() {
         let p = agentseg_policy(10, "x/y", true);
-        assert_eq!(p.matches("/32\"").count(), 9 + 2);
+        assert_eq!(p.matches("/32\"").count(), 9 + 3);
         assert!(nft_ruleset(10, "a/b", "unified/a/b").contains("level 2 \"unified/a/b\""));
-        assert_eq!(ipset_restore(10).lines().count(), 1 + 9 + 3);
+        assert_eq!(ipset_restore(10).lines().count(), 1 + 9 + 4);
         assert!(check_size(MAX_RULES + 1).is_err());
         assert_eq!(
             fillers(MAX_RULES).last(),
