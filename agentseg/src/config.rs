@@ -55,6 +55,8 @@ impl Default for DaemonConfig {
 pub enum ConfigError {
     #[error("reading {path}: {err}")]
     Read { path: PathBuf, err: std::io::Error },
+    #[error("metrics address {0:?} is not IP:PORT (or \"off\")")]
+    Metrics(String),
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
         path: PathBuf,
@@ -65,6 +67,17 @@ pub enum ConfigError {
 }
 
 impl DaemonConfig {
+    /// The metrics address: "" or "off" for none, else an IP:PORT.
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let s = self.metrics.trim();
+        if s.is_empty() || s == "off" {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Metrics(s.to_owned()))
+    }
+
     /// Load `path`; a missing file at the default location means all defaults, a missing file
     /// named explicitly is an error.
     pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {

@@ -5,7 +5,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{DEFAULT_CONFIG, DaemonConfig},
-    daemon::{self, Config},
+    daemon,
 };
 
 /// Flags given on the command line; each one overrides the config file.
@@ -29,7 +29,7 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let file = DaemonConfig::load(&path, flags.config.is_some())?;
-    let config = Config {
+    let config = DaemonConfig {
         policies: flags.policies.unwrap_or(file.policies),
         socket: flags.socket.unwrap_or(file.socket),
         agent_root: flags.agent_root.unwrap_or(file.agent_root),
@@ -39,9 +39,11 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         audit_log: flags.audit_log.unwrap_or(file.audit_log),
         audit_max_bytes: flags.audit_max_bytes.unwrap_or(file.audit_max_bytes),
         audit_keep: file.audit_keep,
-        metrics_addr: parse_metrics(&flags.metrics.unwrap_or(file.metrics))?,
+        metrics: flags.metrics.unwrap_or(file.metrics),
         sample_allows: flags.sample_allows.unwrap_or(file.sample_allows),
     };
+    // A bad metrics address is refused before anything is loaded.
+    config.metrics_addr()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -58,14 +60,4 @@ pub fn daemon(flags: Overrides) -> anyhow::Result<()> {
         };
         daemon::run(config, shutdown).await
     })
-}
-
-/// "" or "off" disables the endpoint; anything else must be an IP:port.
-fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    if s.is_empty() || s == "off" {
-        return Ok(None);
-    }
-    s.parse()
-        .map(Some)
-        .with_context(|| format!("metrics address {s:?} is not IP:PORT"))
 }

@@ -13,11 +13,7 @@ mod revoke;
 mod status;
 
 use std::{
-    future::Future,
-    io::Write as _,
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    time::Duration,
+    future::Future, io::Write as _, os::unix::fs::PermissionsExt as _, path::Path, time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -37,26 +33,8 @@ use crate::{
 };
 use engine::{Engine, StartOptions};
 
-pub struct Config {
-    pub policies: PathBuf,
-    pub socket: PathBuf,
-    /// Parent of agent cgroups, relative to the cgroup2 mount.
-    pub agent_root: String,
-    /// Where maps and links are pinned (a directory on a bpffs).
-    pub pin_root: PathBuf,
-    /// Dead-man bound for segments with `on_daemon_loss = "quarantine"`; 0 disables it.
-    pub deadman_secs: u32,
-    /// Quarantine state and history (created 0700).
-    pub state_dir: PathBuf,
-    /// The hash-chained audit log, rotated at `audit_max_bytes`, `audit_keep` files kept.
-    pub audit_log: PathBuf,
-    pub audit_max_bytes: u64,
-    pub audit_keep: usize,
-    /// Prometheus text on this loopback address (none: no endpoint).
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// One allow in this many is reported as an event (0: none).
-    pub sample_allows: u32,
-}
+/// The daemon runs on its config file's settings, flags applied (see `commands::daemon`).
+pub use crate::config::DaemonConfig as Config;
 
 /// Work for the engine thread.
 enum Job {
@@ -95,7 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     datapath::raise_memlock();
     let listener = bind(&config.socket)?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let metrics = match config.metrics_addr {
+    let metrics = match config.metrics_addr()? {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
