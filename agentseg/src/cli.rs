@@ -170,6 +170,10 @@ pub enum Command {
         /// Segment the agent belongs to.
         #[arg(long)]
         segment: String,
+        /// Run the agent as this user (name or uid), with its primary group and no
+        /// supplementary groups: an agent that keeps root can move itself out of its cgroup.
+        #[arg(long)]
+        user: Option<String>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,

@@ -69,7 +69,11 @@ fn main() -> ExitCode {
         } => commands::events::audit(&socket, since, json),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
-        Command::Run { segment, command } => commands::run::run(&socket, &segment, &command),
+        Command::Run {
+            segment,
+            user,
+            command,
+        } => commands::run::run(&socket, &segment, user.as_deref(), &command),
         Command::Status { json } => commands::status::status(&socket, json),
     }
 }

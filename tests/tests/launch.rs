@@ -198,3 +198,67 @@ fn a_segment_with_100k_prefixes_loads_and_enforces() {
         "EPERM"
     );
 }
+
+#[test]
+fn run_as_another_user_cannot_walk_out_of_its_pen() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
+    // The probe must be executable by uid 65534: a copy in a world-readable directory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let probe = dir.path().join("agentseg-probe");
+    std::fs::copy(probe_bin(), &probe).expect("copy");
+    let run = |action: &str| {
+        let out = d.cli(&[
+            "run",
+            "--segment",
+            "bot.test.none",
+            "--user",
+            "65534",
+            "--",
+            probe.to_str().expect("utf8"),
+            action,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(run("uid"), "uid=65534 gid=65534 groups=0");
+    assert_eq!(
+        run("escape"),
+        "EACCES",
+        "an unprivileged agent moved itself out"
+    );
+    // Still confined: it joined its cgroup before dropping privileges.
+    let cg = run("cgroup");
+    assert!(cg.contains("/bot.test.none/"), "{cg}");
+    // Root agents (the default) can: that is why --user exists.
+    assert_eq!(
+        d.run_probe("bot.test.none", &ns, &["uid"])
+            .split(' ')
+            .next(),
+        Some("uid=0")
+    );
+    // An unknown user starts nothing.
+    let out = d.cli(&[
+        "run",
+        "--segment",
+        "bot.test.none",
+        "--user",
+        "no-such-user-xyz",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+}

@@ -30,10 +30,35 @@ extern "C" fn forward_signal(sig: libc::c_int) {
     }
 }
 
-pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
+/// Resolve `--user` (a name or a numeric uid) to (uid, primary gid).
+fn resolve_user(user: &str) -> Result<(u32, u32), String> {
+    let found = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(user),
+    };
+    match found {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        // A numeric uid without a passwd entry runs with the group of the same number.
+        Ok(None) => user
+            .parse::<u32>()
+            .map(|uid| (uid, uid))
+            .map_err(|_| format!("no user {user:?}")),
+        Err(e) => Err(format!("looking up user {user:?}: {e}")),
+    }
+}
+
+pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String]) -> ExitCode {
     let Some((program, args)) = command.split_first() else {
         eprintln!("agentseg: run needs a command");
         return ExitCode::from(REFUSED);
+    };
+    // Resolved before the daemon registers anything: a bad --user starts nothing.
+    let ids = match user.map(resolve_user).transpose() {
+        Ok(ids) => ids,
+        Err(e) => {
+            eprintln!("agentseg: refusing to start {program}: {e}");
+            return ExitCode::from(REFUSED);
+        }
     };
     let (agent_id, cgroup) = match control::call(
         socket,
@@ -61,7 +86,7 @@ pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
         "agentseg: agent {agent_id} segment {segment} cgroup {}",
         cgroup.display()
     );
-    let code = match spawn_in_cgroup(&cgroup, &agent_id, program, args) {
+    let code = match spawn_in_cgroup(&cgroup, &agent_id, ids, program, args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agentseg: starting {program}: {e}");
@@ -82,6 +107,7 @@ pub fn run(socket: &Path, segment: &str, command: &[String]) -> ExitCode {
 fn spawn_in_cgroup(
     cgroup: &Path,
     agent_id: &str,
+    ids: Option<(u32, u32)>,
     program: &str,
     args: &[String],
 ) -> std::io::Result<u8> {
@@ -91,11 +117,20 @@ fn spawn_in_cgroup(
     let procs_fd = procs.as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.args(args).env(AGENT_ID_ENV, agent_id);
-    // SAFETY: the closure only makes async-signal-safe calls (getpid, write, close_range) on
-    // stack memory; no allocation between fork and exec.
+    // SAFETY: the closure only makes async-signal-safe calls (getpid, write, setgroups,
+    // setgid, setuid, close_range) on stack memory; no allocation between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Join first, as root; then drop privileges (groups, gid, uid, in that order) so
+            // the agent cannot write a cgroup.procs to leave.
             join_cgroup(procs_fd)?;
+            if let Some((uid, gid)) = ids
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             // Descriptors inherited from whoever started us must not reach the agent (a socket
             // passed in keeps its creator's cgroup and bypasses enforcement).
             libc::syscall(

@@ -20,6 +20,7 @@ fn outcome(r: io::Result<()>) -> String {
             Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
             Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
             Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+            Some(libc::EACCES) => "EACCES".into(),
             _ => format!("error:{e}"),
         },
     }
@@ -105,6 +106,17 @@ fn act(action: &[String]) -> String {
         Some("ping") => ping(addr(1), false),
         Some("rawping") => ping(addr(1), true),
         Some("env") => std::env::var("AGENTSEG_AGENT_ID").unwrap_or_else(|_| "unset".into()),
+        // Who the agent runs as, and whether it can move itself to the cgroup2 root.
+        Some("uid") => {
+            // SAFETY: plain getters.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            let groups = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+            format!("uid={uid} gid={gid} groups={groups}")
+        }
+        Some("escape") => {
+            let procs = format!("{}/cgroup.procs", cgroup2_mount());
+            outcome(std::fs::write(&procs, std::process::id().to_string()))
+        }
         Some("cgroup") => std::fs::read_to_string("/proc/self/cgroup")
             .ok()
             .and_then(|t| {
