@@ -194,6 +194,25 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
         1
     );
     assert_eq!(metric(&m, "agentseg_events_lost_total"), 0);
+    // Hits count from when the policy was applied: two reloads bring the first half back,
+    // and it must not carry the old count.
+    for _ in 0..2 {
+        assert!(d.cli(&["reload"]).status.success());
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["audit", "--json"]).stdout).expect("audit json");
+    let tcp = report["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| {
+            r["origin"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("bot.toml:3"))
+        })
+        .cloned()
+        .expect("tcp rule");
+    assert_eq!(tcp["hits"], 0, "{report}");
     // `events` shows them too.
     let out = d.cli(&["events", "--json", "--agent", &agent_id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);

@@ -51,6 +51,10 @@ impl Engine {
                 .context("clearing the inactive policy generation")?;
         }
         self.inactive_clean = false;
+        // The half may hold the hit counts of the policy before last: `audit` counts from here.
+        self.dp
+            .clear_rule_hits(next, compiled.rules.len())
+            .context("resetting the rule counters of the inactive generation")?;
         self.dp
             .write_generation(next, &compiled, &self.quarantined_segments())
             .context("writing the new policy generation")?;

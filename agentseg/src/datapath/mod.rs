@@ -208,10 +208,6 @@ impl Datapath {
         self.adopted
     }
 
-    pub fn pins(&self) -> &PinDirs {
-        &self.pins
-    }
-
     /// Instruction counts of the loaded programs (verifier blow-ups show up here first).
     pub fn program_sizes(&self) -> Vec<(&'static str, usize)> {
         PROGRAMS
@@ -319,14 +315,14 @@ impl Datapath {
         out
     }
 
-    /// Zero the hit counters of a generation (before it is written anew).
-    pub fn clear_rule_hits(&mut self, generation: u32) -> Result<(), DatapathError> {
+    /// Zero the first `rules` hit counters of a generation (before it is written anew).
+    pub fn clear_rule_hits(&mut self, generation: u32, rules: usize) -> Result<(), DatapathError> {
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Bpffs(format!("nr_cpus: {e}")))?;
         let mut hits: PerCpuArray<&mut MapData, u64> =
             map_mut!(self, PerCpuArray, map_names::RULE_HITS);
         let base = (generation & 1) * RULES_PER_GEN;
-        for i in 0..RULES_PER_GEN {
+        for i in 0..(rules as u32).min(RULES_PER_GEN) {
             let zero = aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus])
                 .map_err(|e| DatapathError::Capacity(format!("per-CPU values: {e}")))?;
             hits.set(base + i, zero, 0)
