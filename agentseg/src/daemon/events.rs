@@ -168,16 +168,6 @@ fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Wall-clock milliseconds of a CLOCK_BOOTTIME timestamp.
-fn wall_ms(ts_ns: u64) -> u64 {
-    let now_boot = crate::datapath::boottime_ns();
-    let now_wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    now_wall.saturating_sub(now_boot.saturating_sub(ts_ns) / 1_000_000)
-}
-
 impl Engine {
     /// Enrich, log, publish and judge a batch of kernel records.
     pub fn on_events(&mut self, batch: Vec<Event>) {
@@ -185,8 +175,9 @@ impl Engine {
         // A batch nearly always comes from a few members: name each once. Membership cannot
         // change within a batch (this thread owns it), so the memo cannot go stale.
         let mut who: HashMap<(u64, u32), Rc<Who>> = HashMap::new();
-        let wall_now = wall_ms(crate::datapath::boottime_ns());
+        // Kernel timestamps are CLOCK_BOOTTIME: wall time = now - age, both read once.
         let boot_now = crate::datapath::boottime_ns();
+        let wall_now = super::engine::now_unix_ms();
         for e in &batch {
             let w = who
                 .entry((e.cgroup_id, e.segment_id))

@@ -276,20 +276,7 @@ fn socket2_tcp(src: SocketAddr) -> io::Result<i32> {
 
 /// connect(2) with a 1 s send timeout (a dropped SYN shows up as ETIMEDOUT).
 fn connect_timeout(fd: i32, dst: SocketAddr) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt with a valid timeval.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    one_second_timeout(fd, libc::SO_SNDTIMEO);
     let (storage, len) = sockaddr(dst);
     // SAFETY: storage holds a valid sockaddr of `len` bytes.
     let r = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
@@ -360,20 +347,7 @@ fn ping(dst: SocketAddr, raw: bool) -> String {
     if fd < 0 {
         return outcome(Err(io::Error::last_os_error()));
     }
-    let tv = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt with a valid timeval.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    one_second_timeout(fd, libc::SO_RCVTIMEO);
     // Echo request: type 8, code 0, checksum, id, seq, payload.
     let mut pkt = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'g', b's', b'g'];
     let sum = checksum(&pkt);
@@ -472,4 +446,22 @@ fn stream(server: bool, a: SocketAddr, log: &str) -> ! {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::process::exit(0)
+}
+
+/// A 1 s send or receive timeout (`opt`) on `fd`.
+fn one_second_timeout(fd: i32, opt: libc::c_int) {
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
 }
