@@ -27,17 +27,39 @@ pub mod map_names {
     pub const EVENTS: &str = "AS_EVENTS";
     /// rule id (generation offset included) → per-CPU count of connects/sends/packets it allowed.
     pub const RULE_HITS: &str = "AS_RULE_HITS";
+    /// (table id, AF_UNIX address bytes) → [`crate::UnixValue`]: `[[unix]]` rules.
+    pub const UNIX: &str = "AS_UNIX";
+    /// socket cookie → [`crate::FlowVerdict`]: the verdict the egress packet hook remembers for
+    /// a socket's current destination (LRU: an evicted entry is judged again).
+    pub const FLOWS: &str = "AS_FLOWS";
 
     /// Every map, in the order the loader pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG, EVENTS,
-        RULE_HITS,
+        RULE_HITS, UNIX, FLOWS,
     ];
 }
 
-/// Version of the pinned layout (maps, keys, values). A daemon only adopts pins of its own
-/// version: `/sys/fs/bpf/agentseg/v1/`.
-pub const PIN_LAYOUT: &str = "v1";
+/// Map capacities (`max_entries`), shared so that the layout version covers them and the
+/// daemon can check adopted pins against them.
+pub mod capacity {
+    pub const MEMBERS: u32 = 65536;
+    pub const POLICY_V4: u32 = 1 << 20;
+    pub const POLICY_V6: u32 = 1 << 20;
+    pub const RULESETS: u32 = 2 * crate::RULESETS_PER_GEN;
+    pub const SEGMENTS: u32 = 8192;
+    pub const COUNTERS: u32 = 65536;
+    pub const STATS: u32 = crate::STAT_COUNT;
+    pub const CONFIG: u32 = 1;
+    pub const RULE_HITS: u32 = 2 * crate::RULES_PER_GEN;
+    pub const UNIX: u32 = 65536;
+    pub const FLOWS: u32 = 262144;
+}
+
+mod layout;
+mod matching;
+pub use layout::{LAYOUT_HASH, PIN_LAYOUT};
+pub use matching::{has_ports, proto_class, ruleset_allows};
 
 /// Program names (the Rust function names in `agentseg-ebpf`).
 pub mod prog_names {
@@ -49,6 +71,15 @@ pub mod prog_names {
     pub const SKB_EGRESS: &str = "agentseg_skb_egress";
     /// cgroup_skb ingress: `[[ingress]]` rules, quarantine.
     pub const SKB_INGRESS: &str = "agentseg_skb_ingress";
+    /// cgroup_skb egress at the enforcement root: sockets made outside every pen and used by
+    /// a member (handed in), and member cgroups whose own packet programs are not attached yet.
+    pub const SKB_HANDOFF: &str = "agentseg_skb_handoff";
+    /// cgroup/setsockopt: members may not set IP options or IPv6 routing/option headers.
+    pub const SETSOCKOPT: &str = "agentseg_setsockopt";
+    /// cgroup/connect_unix and sendmsg_unix (second object, raw loader: aya 0.14 has no
+    /// attach type for them).
+    pub const CONNECT_UNIX: &str = "agentseg_connect_unix";
+    pub const SENDMSG_UNIX: &str = "agentseg_sendmsg_unix";
 }
 
 /// Deepest cgroup level the kernel programs walk when looking for a member ancestor.
@@ -71,15 +102,31 @@ pub const INGRESS_BIT: u32 = 1 << 29;
 /// Compiled segment ids stay below this (the bits above select generation and table).
 pub const MAX_SEGMENT_ID: u32 = INGRESS_BIT - 1;
 /// [`Member::segment_ids`] value: in this generation the cgroup belongs to no segment (it is
-/// being released): allowed, as any cgroup outside all segments.
-pub const SEGMENT_NONE: u32 = 0;
+/// being released): allowed, as any cgroup outside all segments. An explicit value: 0 (an
+/// entry never written) is not a segment and is denied.
+pub const SEGMENT_RELEASED: u32 = 0x7fff_fffe;
 /// [`Member::segment_ids`] value: the agent's segment no longer exists: everything is denied.
 pub const SEGMENT_GONE: u32 = 0x7fff_ffff;
 
-/// Protocol bits in [`PortRule::protocols`].
+/// Protocol classes in [`PortRule::protocols`]: `tcp` (IPPROTO_TCP and MPTCP), `udp`
+/// (IPPROTO_UDP only: UDP-Lite is its own protocol), `icmp` (ICMP and ICMPv6).
 pub const PROTO_TCP: u8 = 1 << 0;
 pub const PROTO_UDP: u8 = 1 << 1;
 pub const PROTO_ICMP: u8 = 1 << 2;
+/// [`PortRule::proto_num`] holds one more IP protocol number the rule allows (UDP-Lite, SCTP,
+/// or any number a rule names).
+pub const PROTO_NUMBERED: u8 = 1 << 3;
+
+/// IP protocol numbers the kernel programs and the compiler name.
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_DCCP: u32 = 33;
+pub const IPPROTO_ICMPV6: u32 = 58;
+pub const IPPROTO_SCTP: u32 = 132;
+pub const IPPROTO_UDPLITE: u32 = 136;
+/// MPTCP sockets say 262 in `socket()` and in the sock_addr context; on the wire it is TCP.
+pub const IPPROTO_MPTCP: u32 = 262;
 
 /// [`SegmentInfo::mode`]: deny what the rules do not allow.
 pub const MODE_ENFORCE: u32 = 0;
@@ -90,12 +137,15 @@ pub const MODE_AUDIT: u32 = 1;
 pub const MEMBER_CGROUP: u32 = 0;
 /// [`Member::kind`]: an agent started with `agentseg run`.
 pub const MEMBER_AGENT: u32 = 1;
+/// [`Member::kind`]: a cgroup the daemon knows is in no segment (a known child of a
+/// [`MEMBER_GUARD`] cgroup, or a guard that is not a member itself). Never a match.
+pub const MEMBER_OUTSIDER: u32 = 2;
 
 // Global per-CPU statistics (indices into the STATS array).
-/// A program found no member entry on the task's cgroup path although it runs on a member
-/// cgroup's socket: denied (fail closed).
+/// A packet program attached to a member cgroup found no member entry on the socket's cgroup
+/// path: denied (fail closed).
 pub const STAT_NO_MEMBER: u32 = 0;
-/// A member pointed at a segment id the SEGMENTS map does not hold: denied (fail closed).
+/// A member pointed at a segment id the SEGMENTS map does not hold (or at 0): denied.
 pub const STAT_NO_SEGMENT: u32 = 1;
 /// A ruleset id with no entry: denied (fail closed).
 pub const STAT_NO_RULESET: u32 = 2;
@@ -104,7 +154,19 @@ pub const STAT_DEADMAN: u32 = 3;
 /// An event could not be reserved in the ring buffer (full): the verdict stood, the record
 /// was lost.
 pub const STAT_EVENTS_LOST: u32 = 4;
-pub const STAT_COUNT: u32 = 8;
+/// Denied: a child of a guarded cgroup that the daemon has not registered yet (a declared
+/// member cgroup in its first instants).
+pub const STAT_PENDING: u32 = 5;
+/// Denied: a member's packet the hook could not parse, or a non-canonical AF_UNIX path.
+pub const STAT_MALFORMED: u32 = 6;
+/// Denied: a member whose registration or attachment failed ([`MEMBER_FAILED`]).
+pub const STAT_FAILED_MEMBER: u32 = 7;
+/// Denied: IPv4 options, an IPv6 routing header, or a setsockopt that would set them.
+pub const STAT_IP_OPTIONS: u32 = 8;
+/// The egress packet hook judged a flow's destination on the wire (first packet, or a new
+/// destination): its verdict is now remembered per socket.
+pub const STAT_FLOW_JUDGED: u32 = 9;
+pub const STAT_COUNT: u32 = 16;
 
 /// Size of the event ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;
@@ -117,6 +179,18 @@ pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 pub const RULE_QUARANTINE: u32 = u32::MAX - 1;
 /// [`Event::rule_id`] for a denial by the dead-man switch.
 pub const RULE_DEADMAN: u32 = u32::MAX - 2;
+/// [`Event::rule_id`]: a declared member cgroup not registered yet (fail closed).
+pub const RULE_PENDING: u32 = u32::MAX - 3;
+/// [`Event::rule_id`]: a packet the hook could not parse, or a non-canonical AF_UNIX path.
+pub const RULE_MALFORMED: u32 = u32::MAX - 4;
+/// [`Event::rule_id`]: IPv4 options / IPv6 routing header on the wire, or a setsockopt of them.
+pub const RULE_IP_OPTIONS: u32 = u32::MAX - 5;
+/// [`Event::rule_id`]: the daemon's own control socket, refused to every member.
+pub const RULE_CONTROL_SOCKET: u32 = u32::MAX - 6;
+/// [`Event::rule_id`]: a member whose registration or attachment failed.
+pub const RULE_FAILED_MEMBER: u32 = u32::MAX - 7;
+/// Every value from here up is a sentinel, not a rule id.
+pub const RULE_FIRST_SENTINEL: u32 = RULE_FAILED_MEMBER;
 
 /// [`Event::hook`] values.
 pub const HOOK_CONNECT4: u8 = 1;
@@ -125,6 +199,12 @@ pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SKB_EGRESS: u8 = 5;
 pub const HOOK_SKB_INGRESS: u8 = 6;
+pub const HOOK_CONNECT_UNIX: u8 = 7;
+pub const HOOK_SENDMSG_UNIX: u8 = 8;
+pub const HOOK_SETSOCKOPT: u8 = 9;
+/// The enforcement root's egress packet hook: a socket made outside every pen, used by a
+/// member (handed in), or a member cgroup whose packet programs are not attached yet.
+pub const HOOK_SKB_HANDOFF: u8 = 10;
 
 /// [`Event::verdict`] values.
 pub const VERDICT_DENY: u8 = 0;
@@ -166,17 +246,35 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
+/// Bytes of an AF_UNIX address (`sun_path`).
+pub const UNIX_PATH_LEN: usize = 108;
+
+/// An AF_UNIX decision: the [`Event`] (family 1, no addresses or ports) followed by the
+/// address. Told apart from an [`Event`] by its size in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixEvent {
+    pub event: Event,
+    /// `sun_path` as the caller gave it: a path (NUL terminated when shorter), or an abstract
+    /// name (first byte 0).
+    pub path: [u8; UNIX_PATH_LEN],
+    /// Bytes of `path` that belong to the address (abstract names may hold NULs).
+    pub path_len: u32,
+}
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 88 + UNIX_PATH_LEN + 4);
+
 /// Value of MEMBERS, keyed by the cgroup id (the cgroup directory's inode number, host u64).
 /// Written by the daemon when it applies policy or starts an agent; read by every hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {
     /// Segment this cgroup and all its descendants belong to, per generation (index =
-    /// generation; each id carries its [`GEN_BIT`]), or [`SEGMENT_NONE`]/[`SEGMENT_GONE`].
+    /// generation; each id carries its [`GEN_BIT`]), or [`SEGMENT_RELEASED`]/[`SEGMENT_GONE`].
     pub segment_ids: [u32; 2],
-    /// [`MEMBER_CGROUP`] or [`MEMBER_AGENT`].
+    /// [`MEMBER_CGROUP`], [`MEMBER_AGENT`] or [`MEMBER_OUTSIDER`].
     pub kind: u32,
-    /// `MEMBER_*` flags ([`MEMBER_QUARANTINED`]).
+    /// `MEMBER_*` flags ([`MEMBER_QUARANTINED`], [`MEMBER_GUARD`], [`MEMBER_FAILED`],
+    /// [`MEMBER_ATTACHED`]).
     pub flags: u32,
     /// Random 128-bit agent id (all zero for plain member cgroups).
     pub agent_id: [u8; 16],
@@ -198,16 +296,20 @@ pub struct Config {
     /// always counted per rule.
     pub sample_allows: u32,
     /// `CONFIG_*` flags: whether any quarantine or dead-man switch is armed anywhere. When
-    /// neither is, the packet hooks pass the packets of established flows without resolving
-    /// who they belong to (their peer was judged at connect or send time).
+    /// neither is, the packet hooks pass the packets of flows whose destination they already
+    /// judged without resolving who they belong to.
     pub flags: u32,
+    /// Bumped by the daemon at every policy switch, quarantine and release: a remembered
+    /// [`FlowVerdict`] of an older epoch is judged again.
+    pub epoch: u32,
+    pub _pad: u32,
 }
 
 /// [`Config::flags`]: some agent or segment is quarantined.
 pub const CONFIG_ANY_QUARANTINE: u32 = 1 << 0;
 /// [`Config::flags`]: some segment has `on_daemon_loss = "quarantine"`.
 pub const CONFIG_ANY_DEADMAN: u32 = 1 << 1;
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 /// [`SegmentInfo::flags`]: quarantine the segment when the daemon's heartbeat stops.
 pub const SEG_DEADMAN_QUARANTINE: u32 = 1 << 0;
@@ -216,6 +318,14 @@ pub const SEG_DEADMAN_QUARANTINE: u32 = 1 << 0;
 pub const SEG_QUARANTINED: u32 = 1 << 1;
 /// [`Member::flags`]: this agent (or member cgroup) is quarantined.
 pub const MEMBER_QUARANTINED: u32 = 1 << 0;
+/// [`Member::flags`]: every child cgroup must be registered; a task or socket in an
+/// unregistered child is denied (a declared member cgroup in its first instants).
+pub const MEMBER_GUARD: u32 = 1 << 1;
+/// [`Member::flags`]: registering or attaching this member failed: everything is denied.
+pub const MEMBER_FAILED: u32 = 1 << 2;
+/// [`Member::flags`]: the member's own packet programs are attached (until then the
+/// enforcement root's handoff hook judges its packets).
+pub const MEMBER_ATTACHED: u32 = 1 << 3;
 /// Bytes of a segment name kept in [`SegmentInfo::name`] (names are at most 98 bytes; the
 /// name only serves to re-map members after a restart, and is NUL padded).
 pub const SEGMENT_NAME_LEN: usize = 104;
@@ -261,9 +371,11 @@ pub struct PortRule {
     pub port_lo: u16,
     /// Last allowed destination port (inclusive), host byte order.
     pub port_hi: u16,
-    /// Bitmask of `PROTO_*`. ICMP ignores the port range.
+    /// Bitmask of `PROTO_*`. The range applies to protocols with ports (see [`has_ports`]).
     pub protocols: u8,
-    pub _pad: [u8; 3],
+    /// With [`PROTO_NUMBERED`]: the IP protocol number this entry allows.
+    pub proto_num: u8,
+    pub _pad: [u8; 2],
     /// Index of the policy rule that produced this entry (for counters and audit).
     pub rule_id: u32,
 }
@@ -291,6 +403,61 @@ pub struct SegmentInfo {
     pub name: [u8; SEGMENT_NAME_LEN],
 }
 const _: () = assert!(core::mem::size_of::<SegmentInfo>() == 8 + SEGMENT_NAME_LEN);
+
+/// Key of UNIX: an LPM key whose first 32 bits are the table id (segment id, with
+/// [`QUARANTINE_BIT`] for the quarantine allow list), then the AF_UNIX address as `sun_path`
+/// holds it. An exact path ends with its NUL (`/run/x.sock\0`); a prefix pattern
+/// (`/run/tools/*`) stops before the `*`. Abstract names start with their 0 byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixKey {
+    pub table_be: [u8; 4],
+    pub path: [u8; UNIX_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<UnixKey>() == 4 + UNIX_PATH_LEN);
+
+/// [`UnixValue::verdict`]: connecting or sending to the address is allowed.
+pub const UNIX_ALLOW: u32 = 1;
+/// [`UnixValue::verdict`]: refused even when a shorter pattern allows it (the daemon's own
+/// control socket).
+pub const UNIX_DENY: u32 = 2;
+
+/// Value of UNIX.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixValue {
+    /// Rule that decides (generation offset included), or a `RULE_*` sentinel.
+    pub rule_id: u32,
+    /// [`UNIX_ALLOW`] or [`UNIX_DENY`].
+    pub verdict: u32,
+}
+const _: () = assert!(core::mem::size_of::<UnixValue>() == 8);
+
+/// [`FlowVerdict::verdict`] values.
+pub const FLOW_ALLOW: u8 = 1;
+pub const FLOW_DENY: u8 = 2;
+/// The socket is in no segment and was used by a task in no segment.
+pub const FLOW_UNTOUCHED: u8 = 3;
+
+/// Value of FLOWS: what the egress packet hook decided for a socket's destination, so that
+/// only the first packet of a flow (or of a new destination) is judged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowVerdict {
+    /// Destination on the wire, network byte order (IPv4 in the first 4 bytes).
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub dport: u16,
+    pub protocol: u8,
+    /// `FLOW_*`.
+    pub verdict: u8,
+    /// [`Config::epoch`] when judged.
+    pub epoch: u32,
+    /// For [`FLOW_UNTOUCHED`]: the cgroup of the task that sent (a handed-in socket is judged
+    /// again when another task uses it).
+    pub task_cgroup: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 32);
 
 /// Per-CPU decision counters of one member cgroup (agent or member cgroup), summed by user space.
 #[repr(C)]
@@ -321,6 +488,10 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for UnixEvent {}
+    unsafe impl aya::Pod for UnixKey {}
+    unsafe impl aya::Pod for UnixValue {}
+    unsafe impl aya::Pod for FlowVerdict {}
 
     impl Default for RuleSet {
         fn default() -> Self {

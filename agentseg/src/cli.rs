@@ -21,6 +21,47 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Flags of `agentseg daemon`; each one overrides the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DaemonArgs {
+    /// Daemon config file (TOML); a missing default file means defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory of segment policy files (*.toml) [default: /etc/agentseg/policies].
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount
+    /// [default: agentseg/agents].
+    #[arg(long)]
+    pub agent_root: Option<String>,
+    /// Where maps and links are pinned, on a bpffs [default: /sys/fs/bpf/agentseg].
+    #[arg(long)]
+    pub pin_root: Option<PathBuf>,
+    /// Seconds without a heartbeat before segments with on_daemon_loss = "quarantine" are
+    /// cut off [default: 10].
+    #[arg(long)]
+    pub deadman_secs: Option<u32>,
+    /// Directory for quarantine state and history [default: /var/lib/agentseg].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Hash-chained audit log [default: /var/log/agentseg/audit.jsonl].
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log at this many bytes [default: 64 MiB].
+    #[arg(long)]
+    pub audit_max_bytes: Option<u64>,
+    /// Prometheus metrics on this loopback IP:PORT, or "off" [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Report one allowed connect or send in N as an event (0: none) [default: 0].
+    #[arg(long)]
+    pub sample_allows: Option<u32>,
+    /// Where the task-judging programs attach, relative to the cgroup2 mount ("" = its root)
+    /// [default: ""].
+    #[arg(long)]
+    pub enforcement_root: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditAction {
     /// Check the audit log's hash chain; names the first bad line.
@@ -72,40 +113,7 @@ impl Cli {
 pub enum Command {
     /// Run the enforcement daemon in the foreground (root). Settings come from the config
     /// file, then these flags.
-    Daemon {
-        /// Daemon config file (TOML); a missing default file means defaults.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Directory of segment policy files (*.toml) [default: /etc/agentseg/policies].
-        #[arg(long)]
-        policies: Option<PathBuf>,
-        /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount
-        /// [default: agentseg/agents].
-        #[arg(long)]
-        agent_root: Option<String>,
-        /// Where maps and links are pinned, on a bpffs [default: /sys/fs/bpf/agentseg].
-        #[arg(long)]
-        pin_root: Option<PathBuf>,
-        /// Seconds without a heartbeat before segments with on_daemon_loss = "quarantine" are
-        /// cut off [default: 10].
-        #[arg(long)]
-        deadman_secs: Option<u32>,
-        /// Directory for quarantine state and history [default: /var/lib/agentseg].
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Hash-chained audit log [default: /var/log/agentseg/audit.jsonl].
-        #[arg(long)]
-        audit_log: Option<PathBuf>,
-        /// Rotate the audit log at this many bytes [default: 64 MiB].
-        #[arg(long)]
-        audit_max_bytes: Option<u64>,
-        /// Prometheus metrics on this loopback IP:PORT, or "off" [default: 127.0.0.1:9464].
-        #[arg(long)]
-        metrics: Option<String>,
-        /// Report one allowed connect or send in N as an event (0: none) [default: 0].
-        #[arg(long)]
-        sample_allows: Option<u32>,
-    },
+    Daemon(DaemonArgs),
     /// Show events: the recent ones, or every new one with --follow.
     Events {
         /// Keep streaming new events until interrupted.

@@ -31,6 +31,41 @@ pub struct DaemonConfig {
     pub metrics: String,
     /// Report one allowed connect/send in this many as an event (0: none).
     pub sample_allows: u32,
+    /// Uids handed to agents that `agentseg run` starts without `--user` ("LO-HI").
+    pub agent_uids: crate::daemon::UidRange,
+    /// Where the programs that judge the calling task (connect, sendmsg, AF_UNIX, setsockopt,
+    /// handed-in sockets) attach, relative to the cgroup2 mount; "" is the mount's root, so
+    /// that a socket made anywhere and used by a member is judged.
+    pub enforcement_root: String,
+    /// `[unix]`: the AF_UNIX baseline every segment gets.
+    pub unix: UnixConfig,
+    /// The file these settings came from (not a key: set by the command).
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
+}
+
+/// `[unix]` of the daemon config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnixConfig {
+    /// AF_UNIX addresses every member may connect or send to (patterns as in `[[unix]]`).
+    pub allow: Vec<crate::policy::UnixPattern>,
+}
+
+impl Default for UnixConfig {
+    /// The journal and syslog sockets: logging must keep working inside every pen.
+    fn default() -> Self {
+        let allow = [
+            "/run/systemd/journal/socket",
+            "/run/systemd/journal/stdout",
+            "/run/systemd/journal/dev-log",
+            "/dev/log",
+        ]
+        .iter()
+        .filter_map(|p| crate::policy::UnixPattern::parse(p).ok())
+        .collect();
+        Self { allow }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -47,6 +82,10 @@ impl Default for DaemonConfig {
             audit_keep: 8,
             metrics: "127.0.0.1:9464".into(),
             sample_allows: 0,
+            agent_uids: Default::default(),
+            enforcement_root: String::new(),
+            unix: UnixConfig::default(),
+            config_file: None,
         }
     }
 }

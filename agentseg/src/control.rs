@@ -19,9 +19,23 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     Status,
     /// Create a cgroup for a new agent of `segment` and register it; the caller then starts
-    /// the agent's process inside it.
+    /// the agent's process inside it, confined as the reply's [`LaunchSpec`] says.
     StartAgent {
         segment: String,
+        /// The uid `--user` asked for; `None` for a uid of the agent's own (allocated by the
+        /// daemon, released when the agent is gone). 0 is refused unless the segment says
+        /// `allow_root = true`.
+        #[serde(default)]
+        uid: Option<u32>,
+        /// The primary gid that goes with `uid`.
+        #[serde(default)]
+        gid: Option<u32>,
+    },
+    /// What the launcher's seccomp supervisor refused for an agent since its last report
+    /// (syscall name → count).
+    SandboxReport {
+        agent_id: String,
+        refusals: Vec<(String, u64)>,
     },
     /// The agent's main process exited: the daemon forgets it once its cgroup is empty.
     AgentExited {
@@ -94,6 +108,8 @@ pub enum Reply {
         agent_id: String,
         segment: String,
         cgroup: PathBuf,
+        /// How to confine it.
+        launch: LaunchSpec,
     },
     /// Event lines (JSON objects as text), oldest first.
     Events {
@@ -108,6 +124,22 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+/// How `agentseg run` must confine a new agent: decided by the daemon (which knows the
+/// policy and its own files), applied by the launcher between fork and exec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LaunchSpec {
+    /// Credentials of the agent: a uid of its own, the `--user` asked for, or 0 when the
+    /// segment allows root and root was asked for.
+    pub uid: u32,
+    pub gid: u32,
+    /// The segment's sandbox settings (capabilities, socket families, io_uring, writable).
+    pub sandbox: crate::policy::Sandbox,
+    /// Paths no agent may write beneath, whatever its uid (Landlock): the cgroup2 mount, the
+    /// pin root, the policy directory, the config file, the state directory, the audit log's
+    /// directory, the control socket's directory, the agentseg binary.
+    pub protected: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

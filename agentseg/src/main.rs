@@ -12,32 +12,8 @@ fn main() -> ExitCode {
     let socket = cli.socket();
     let socket_flag = cli.socket_flag();
     match cli.command {
-        Command::Daemon {
-            config,
-            policies,
-            agent_root,
-            pin_root,
-            deadman_secs,
-            state_dir,
-            audit_log,
-            audit_max_bytes,
-            metrics,
-            sample_allows,
-        } => {
-            let flags = commands::daemon::Overrides {
-                config,
-                socket: socket_flag,
-                policies,
-                agent_root,
-                pin_root,
-                deadman_secs,
-                state_dir,
-                audit_log,
-                audit_max_bytes,
-                metrics,
-                sample_allows,
-            };
-            match commands::daemon::daemon(flags) {
+        Command::Daemon(args) => {
+            match commands::daemon::daemon(&args, socket_flag) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("agentseg: {e:#}");

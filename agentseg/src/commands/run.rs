@@ -64,6 +64,8 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
         socket,
         &Request::StartAgent {
             segment: segment.into(),
+            uid: ids.map(|(uid, _)| uid),
+            gid: ids.map(|(_, gid)| gid),
         },
     ) {
         Ok(Reply::AgentStarted {

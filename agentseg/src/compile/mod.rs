@@ -57,6 +57,34 @@ pub struct CompiledSegment {
     pub member_units: Vec<String>,
     /// `[monitor]`, passed through for the daemon's detectors (not a kernel map).
     pub monitor: crate::policy::Monitor,
+    /// AF_UNIX entries (`[[unix]]`, the daemon's `[unix] allow` baseline, the always-refused
+    /// control socket), sorted by key bytes, one entry per key (a deny wins over an allow).
+    pub unix: Vec<UnixEntry>,
+    /// `[quarantine] unix`: what stays reachable over AF_UNIX while quarantined.
+    pub quarantine_unix: Vec<UnixEntry>,
+    /// Passed through for `agentseg run` (sent to the launcher with the agent's uid).
+    pub sandbox: crate::policy::Sandbox,
+}
+
+/// One AF_UNIX trie entry of a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixEntry {
+    pub pattern: crate::policy::UnixPattern,
+    /// Rule id (index into [`Compiled::rules`]) or a `RULE_*` sentinel for the control socket.
+    pub rule_id: u32,
+    /// `agentseg_common::UNIX_ALLOW` or `UNIX_DENY`.
+    pub verdict: u32,
+}
+
+/// What the host (the daemon's config) adds to every segment: the AF_UNIX baseline and the
+/// addresses no member may ever reach.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostPolicy {
+    /// `[unix] allow` of the daemon config, with where it is defined (rule origin).
+    pub unix_allow: Vec<crate::policy::UnixPattern>,
+    pub unix_allow_origin: Option<Origin>,
+    /// Exact paths refused to every member whatever its rules say (the control socket).
+    pub unix_deny: Vec<crate::policy::UnixPattern>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,6 +93,10 @@ pub enum Direction {
     Ingress,
     /// A segment's `[quarantine] allow` list (both directions, during quarantine only).
     Quarantine,
+    /// A `[[unix]]` rule, or the daemon's `[unix] allow` baseline.
+    Unix,
+    /// A segment's `[quarantine] unix` list.
+    QuarantineUnix,
 }
 
 impl fmt::Display for Direction {
@@ -73,6 +105,8 @@ impl fmt::Display for Direction {
             Direction::Egress => "egress",
             Direction::Ingress => "ingress",
             Direction::Quarantine => "quarantine",
+            Direction::Unix => "unix",
+            Direction::QuarantineUnix => "quarantine-unix",
         })
     }
 }
@@ -147,6 +181,9 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
             member_cgroups: seg.members.cgroups.clone(),
             member_units: seg.members.units.clone(),
             monitor: seg.monitor.clone(),
+            unix: Vec::new(),
+            quarantine_unix: Vec::new(),
+            sandbox: seg.sandbox.clone(),
         };
         let quarantine = quarantine_rule(seg);
         for (direction, dir_rules) in [
@@ -186,6 +223,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
                 Direction::Egress => (out.egress_v4, out.egress_v6) = (v4, v6),
                 Direction::Ingress => (out.ingress_v4, out.ingress_v6) = (v4, v6),
                 Direction::Quarantine => (out.quarantine_v4, out.quarantine_v6) = (v4, v6),
+                Direction::Unix | Direction::QuarantineUnix => {}
             }
         }
         segments.push(out);

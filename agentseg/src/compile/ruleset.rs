@@ -3,20 +3,22 @@
 use std::collections::HashMap;
 
 use agentseg_common::{
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY, RULESET_EMPTY, RuleSet,
+    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY, RULESET_EMPTY, RuleSet,
 };
 
 use crate::policy::{Protocol, Rule};
 
 /// The kernel entries one policy rule contributes to every ruleset it is part of.
 pub(super) fn port_rules(rule: &Rule, rule_id: u32) -> Vec<PortRule> {
-    let entry = |lo: u16, hi: u16, protocols: u8| PortRule {
+    let numbered = |lo: u16, hi: u16, protocols: u8, proto_num: u8| PortRule {
         port_lo: lo,
         port_hi: hi,
         protocols,
-        _pad: [0; 3],
+        proto_num,
+        _pad: [0; 2],
         rule_id,
     };
+    let entry = |lo: u16, hi: u16, protocols: u8| numbered(lo, hi, protocols, 0);
     let ranged = |protocols: u8| -> Vec<PortRule> {
         if rule.ports.is_empty() {
             vec![entry(0, u16::MAX, protocols)]
@@ -37,6 +39,14 @@ pub(super) fn port_rules(rule: &Rule, rule_id: u32) -> Vec<PortRule> {
         }
         // "any" with ports only makes sense for the protocols that have ports.
         Protocol::Any => ranged(PROTO_TCP | PROTO_UDP),
+        Protocol::Number(n) if rule.ports.is_empty() || !rule.protocol.has_ports() => {
+            vec![numbered(0, u16::MAX, PROTO_NUMBERED, n)]
+        }
+        Protocol::Number(n) => rule
+            .ports
+            .iter()
+            .map(|p| numbered(p.lo, p.hi, PROTO_NUMBERED, n))
+            .collect(),
     }
 }
 
@@ -45,7 +55,8 @@ pub(super) fn port_rules(rule: &Rule, rule_id: u32) -> Vec<PortRule> {
 /// still too many, returns `Err(count after merging)`.
 pub(super) fn normalize(mut rules: Vec<PortRule>) -> Result<Vec<PortRule>, usize> {
     let same = |a: &PortRule, b: &PortRule| {
-        (a.port_lo, a.port_hi, a.protocols) == (b.port_lo, b.port_hi, b.protocols)
+        (a.port_lo, a.port_hi, a.protocols, a.proto_num)
+            == (b.port_lo, b.port_hi, b.protocols, b.proto_num)
     };
     rules.sort_unstable();
     // Sorted with rule_id last, so the first of equal entries has the lowest id.
@@ -54,11 +65,14 @@ pub(super) fn normalize(mut rules: Vec<PortRule>) -> Result<Vec<PortRule>, usize
         return Ok(rules);
     }
 
-    rules.sort_unstable_by_key(|r| (r.protocols, r.port_lo, r.port_hi, r.rule_id));
+    rules.sort_unstable_by_key(|r| (r.protocols, r.proto_num, r.port_lo, r.port_hi, r.rule_id));
     let mut merged: Vec<PortRule> = Vec::with_capacity(rules.len());
     for r in rules {
         match merged.last_mut() {
-            Some(m) if m.protocols == r.protocols && r.port_lo <= m.port_hi.saturating_add(1) => {
+            Some(m)
+                if (m.protocols, m.proto_num) == (r.protocols, r.proto_num)
+                    && r.port_lo <= m.port_hi.saturating_add(1) =>
+            {
                 m.port_hi = m.port_hi.max(r.port_hi);
                 m.rule_id = m.rule_id.min(r.rule_id);
             }

@@ -27,6 +27,8 @@ use crate::{
 
 pub(super) struct Agent {
     pub segment: String,
+    /// The uid handed to it from the agent range (released when the agent is forgotten).
+    pub dynamic_uid: Option<u32>,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     /// The launcher reported its main process gone (or the agent was adopted after a
@@ -67,6 +69,12 @@ pub struct Engine {
     /// Decision counts of agents and member cgroups that are gone, by segment name, so that
     /// totals (status, metrics) never go down.
     pub(super) retired: std::collections::HashMap<String, agentseg_common::Counters>,
+    /// Uids of their own for agents.
+    pub(super) uids: super::uids::Uids,
+    /// Syscalls the launchers' seccomp supervisors refused, by (segment, syscall).
+    pub(super) sandbox_refusals: BTreeMap<(String, String), u64>,
+    /// What no agent may write, whatever its uid (sent to the launcher).
+    pub(super) protected: Vec<PathBuf>,
 }
 
 pub struct StartOptions {
@@ -83,6 +91,10 @@ pub struct StartOptions {
     pub policies: PathBuf,
     pub agent_root: PathBuf,
     pub deadman_secs: u32,
+    /// Agent uid range.
+    pub agent_uids: super::uids::UidRange,
+    /// Paths no agent may write (see `control::LaunchSpec::protected`).
+    pub protected: Vec<PathBuf>,
 }
 
 impl Engine {
@@ -123,6 +135,9 @@ impl Engine {
             store,
             sink,
             retired: Default::default(),
+            uids: super::uids::Uids::new(opts.agent_uids),
+            sandbox_refusals: BTreeMap::new(),
+            protected: opts.protected,
         };
         if engine.dp.adopted() {
             engine.adopt_agents();
@@ -181,6 +196,7 @@ impl Engine {
                     info!(agent = %id, segment = %segment, "adopted agent");
                     let agent = Agent {
                         segment: segment.clone(),
+                        dynamic_uid: None,
                         cgroup: dir.path(),
                         cgroup_id,
                         exited: true,
@@ -321,8 +337,8 @@ impl Engine {
         }
     }
 
-    pub fn start_agent(&mut self, segment: &str) -> Reply {
-        match self.try_start_agent(segment) {
+    pub fn start_agent(&mut self, segment: &str, uid: Option<u32>, gid: Option<u32>) -> Reply {
+        match self.try_start_agent(segment, uid, gid) {
             Ok(reply) => reply,
             Err(e) => Reply::Error {
                 message: format!("{e:#}"),
@@ -330,7 +346,12 @@ impl Engine {
         }
     }
 
-    fn try_start_agent(&mut self, segment: &str) -> anyhow::Result<Reply> {
+    fn try_start_agent(
+        &mut self,
+        segment: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> anyhow::Result<Reply> {
         let generation = self.generation;
         let seg = self
             .live()
@@ -343,7 +364,50 @@ impl Engine {
                     self.policies.display()
                 )
             })?;
-        let (name, compiled_id) = (seg.name.clone(), seg.id);
+        let (name, compiled_id, sandbox) = (seg.name.clone(), seg.id, seg.sandbox.clone());
+        if uid == Some(0) && !sandbox.allow_root {
+            anyhow::bail!(
+                "segment {name:?} does not allow root agents (it would need allow_root = true); \
+                 omit --user to give the agent a uid of its own"
+            );
+        }
+        let dynamic_uid = match uid {
+            Some(_) => None,
+            None => Some(
+                self.uids
+                    .allocate(super::uids::in_use_on_host)
+                    .ok_or_else(|| anyhow::anyhow!("no free uid left in the agent uid range"))?,
+            ),
+        };
+        let (uid, gid) = match (uid, dynamic_uid) {
+            (Some(uid), _) => (uid, gid.unwrap_or(uid)),
+            (None, Some(dynamic)) => (dynamic, dynamic),
+            (None, None) => unreachable!("a uid was asked for or allocated"),
+        };
+        let launch = crate::control::LaunchSpec {
+            uid,
+            gid,
+            sandbox,
+            protected: self.protected.clone(),
+        };
+        let result = self.register_agent(&name, compiled_id, dynamic_uid, launch);
+        if result.is_err()
+            && let Some(u) = dynamic_uid
+        {
+            self.uids.release(u);
+        }
+        result
+    }
+
+    fn register_agent(
+        &mut self,
+        name: &str,
+        compiled_id: u32,
+        dynamic_uid: Option<u32>,
+        launch: crate::control::LaunchSpec,
+    ) -> anyhow::Result<Reply> {
+        let generation = self.generation;
+        let name = name.to_owned();
         let id = AgentId::random()
             .map_err(|e| anyhow::anyhow!("drawing an agent id from the OS: {e}"))?;
         let cgroup = self.agent_root.join(&name).join(id.to_string());
@@ -366,17 +430,46 @@ impl Engine {
             agent_id: id.to_string(),
             segment: name.clone(),
             cgroup: cgroup.clone(),
+            launch,
         };
         self.agents.insert(
             id,
             Agent {
                 segment: name,
+                dynamic_uid,
                 cgroup,
                 cgroup_id,
                 exited: false,
             },
         );
         Ok(reply)
+    }
+
+    /// The launcher's seccomp supervisor refused these syscalls of an agent: an audit record
+    /// (the kernel gives no per-filter count, the supervisor does).
+    pub fn sandbox_report(&mut self, agent_id: &str, refusals: Vec<(String, u64)>) -> Reply {
+        let Ok(id) = agent_id.parse::<AgentId>() else {
+            return Reply::Error {
+                message: format!("{agent_id:?} is not an agent id"),
+            };
+        };
+        let Some(agent) = self.agents.get(&id) else {
+            return Reply::Error {
+                message: format!("no agent {id}"),
+            };
+        };
+        let segment = agent.segment.clone();
+        for (syscall, count) in refusals {
+            *self
+                .sandbox_refusals
+                .entry((segment.clone(), syscall.clone()))
+                .or_default() += count;
+            self.audit(serde_json::json!({
+                "kind": "sandbox", "action": "refused", "agent": id.to_string(),
+                "segment": segment, "syscall": syscall, "count": count,
+            }));
+        }
+        Reply::Ok
     }
 
     pub fn agent_exited(&mut self, agent_id: &str) -> Reply {
@@ -420,6 +513,9 @@ impl Engine {
                 let _ = std::fs::remove_dir(parent);
             }
             self.retire(&agent.segment, agent.cgroup_id);
+            if let Some(uid) = agent.dynamic_uid {
+                self.uids.release(uid);
+            }
             if let Err(e) = self.dp.remove_member(agent.cgroup_id) {
                 warn!(agent = %id, "removing membership: {e}");
             }

@@ -11,6 +11,9 @@ mod quarantine;
 mod reconcile;
 mod revoke;
 mod status;
+mod uids;
+
+pub use uids::UidRange;
 
 use std::{
     future::Future, io::Write as _, os::unix::fs::PermissionsExt as _, path::Path, time::Duration,
@@ -97,6 +100,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             audit_keep: config.audit_keep,
             sample_allows: config.sample_allows,
             bus: bus.clone(),
+            agent_uids: config.agent_uids,
+            protected: protected_paths(&config, &cgroup2),
         },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
@@ -160,6 +165,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// What no agent may write, whatever its uid: the cgroup2 mount (or it could leave its pen),
+/// and every file of agentseg's own.
+fn protected_paths(config: &Config, cgroup2: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![
+        cgroup2.to_owned(),
+        config.pin_root.clone(),
+        config.policies.clone(),
+        config.state_dir.clone(),
+    ];
+    out.extend(config.config_file.clone());
+    out.extend(config.audit_log.parent().map(Path::to_owned));
+    out.extend(config.socket.parent().map(Path::to_owned));
+    out.extend(std::env::current_exe().ok());
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn spawn_ticker(
     tx: mpsc::Sender<Job>,
     every: Duration,
@@ -199,7 +222,12 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                     Err(message) => Reply::Error { message },
                     Ok(()) => match request {
                         Request::Status => Reply::Status(engine.status()),
-                        Request::StartAgent { segment } => engine.start_agent(&segment),
+                        Request::StartAgent { segment, uid, gid } => {
+                            engine.start_agent(&segment, uid, gid)
+                        }
+                        Request::SandboxReport { agent_id, refusals } => {
+                            engine.sandbox_report(&agent_id, refusals)
+                        }
                         Request::AgentExited { agent_id } => engine.agent_exited(&agent_id),
                         Request::Reload => engine.reload(),
                         Request::Quarantine {

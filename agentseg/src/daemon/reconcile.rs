@@ -3,7 +3,7 @@
 //!
 //! Order of a switch (`Engine::apply`):
 //! 1. clear leftovers of the inactive generation, write the new policy there;
-//! 2. give every member entry its id in the new generation (released cgroups: SEGMENT_NONE,
+//! 2. give every member entry its id in the new generation (released cgroups: SEGMENT_RELEASED,
 //!    agents whose segment vanished: SEGMENT_GONE) and register new member cgroups;
 //! 3. attach (pin) new member cgroups;
 //! 4. flip `active_gen` — one map write;
@@ -13,7 +13,7 @@ use std::{
     path::PathBuf,
 };
 
-use agentseg_common::{MEMBER_AGENT, MEMBER_CGROUP, Member, SEGMENT_GONE, SEGMENT_NONE};
+use agentseg_common::{MEMBER_AGENT, MEMBER_CGROUP, Member, SEGMENT_GONE, SEGMENT_RELEASED};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
@@ -95,14 +95,14 @@ impl Engine {
                     // An agent entry whose cgroup we no longer see: its cgroup is gone.
                     None => {
                         released.push(id);
-                        SEGMENT_NONE
+                        SEGMENT_RELEASED
                     }
                 }
             } else if let Some((index, _)) = desired.get(&id) {
                 segment_id(next, compiled.segments[*index].id)
             } else {
                 released.push(id);
-                SEGMENT_NONE
+                SEGMENT_RELEASED
             };
             member.segment_ids[next as usize] = value;
             self.dp.set_member(id, member)?;

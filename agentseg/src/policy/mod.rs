@@ -10,6 +10,8 @@ mod monitor;
 mod parse;
 mod peers;
 mod raw;
+pub mod sandbox;
+pub mod unix;
 mod validate;
 
 #[cfg(test)]
@@ -28,6 +30,8 @@ use ipnet::IpNet;
 
 pub use error::{PolicyError, PolicyErrors};
 pub use monitor::{Action, IdleRule, Monitor, RateRule};
+pub use sandbox::{Capability, Family, NetlinkProtocol, Sandbox, Sockets};
+pub use unix::{UnixKind, UnixPattern};
 
 /// Everything a policy directory defines.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -57,6 +61,20 @@ pub struct Segment {
     pub quarantine_origin: Option<Origin>,
     /// `[monitor]`: behaviour detectors; [`Monitor::default`] when the table is absent.
     pub monitor: Monitor,
+    /// `[[unix]]`: the AF_UNIX peers members may connect or send to (besides the daemon's
+    /// `[unix] allow` baseline). Everything else is refused.
+    pub unix: Vec<UnixRule>,
+    /// `[quarantine] unix`: AF_UNIX peers that stay reachable while quarantined.
+    pub quarantine_unix: Vec<UnixPattern>,
+    /// `allow_root`, `capabilities`, `writable`, `[sockets]`: what `agentseg run` gives agents.
+    pub sandbox: Sandbox,
+    pub origin: Origin,
+}
+
+/// One `[[unix]]` rule: `paths = [...]` (see [`UnixPattern`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixRule {
+    pub patterns: Vec<UnixPattern>,
     pub origin: Origin,
 }
 
@@ -136,23 +154,55 @@ pub struct PortRange {
     pub hi: u16,
 }
 
+/// A rule's protocol. `any` means TCP, UDP and ICMP; every other protocol (UDP-Lite, SCTP,
+/// GRE...) is denied unless a rule names it (`Number`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
+    /// IPPROTO_TCP and MPTCP.
     Tcp,
+    /// IPPROTO_UDP only.
     Udp,
+    /// ICMP and ICMPv6.
     Icmp,
     #[default]
     Any,
+    /// One IP protocol number that is not TCP, UDP or ICMP (`"udplite"`, `"sctp"`, `47`).
+    Number(u8),
+}
+
+impl Protocol {
+    /// Names accepted for protocols other than tcp/udp/icmp/any.
+    pub const NAMED: &[(&str, u8)] = &[
+        ("dccp", 33),
+        ("gre", 47),
+        ("esp", 50),
+        ("ah", 51),
+        ("sctp", 132),
+        ("udplite", 136),
+    ];
+
+    /// Whether rules of this protocol may list ports.
+    pub fn has_ports(self) -> bool {
+        match self {
+            Protocol::Tcp | Protocol::Udp | Protocol::Any => true,
+            Protocol::Icmp => false,
+            Protocol::Number(n) => agentseg_common::has_ports(u32::from(n)),
+        }
+    }
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Icmp => "icmp",
-            Protocol::Any => "any",
-        })
+        match self {
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
+            Protocol::Icmp => f.write_str("icmp"),
+            Protocol::Any => f.write_str("any"),
+            Protocol::Number(n) => match Protocol::NAMED.iter().find(|(_, v)| v == n) {
+                Some((name, _)) => f.write_str(name),
+                None => write!(f, "{n}"),
+            },
+        }
     }
 }
 

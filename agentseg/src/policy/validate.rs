@@ -169,6 +169,9 @@ impl Ctx<'_> {
             quarantine_allow,
             quarantine_origin,
             monitor,
+            unix: Vec::new(),
+            quarantine_unix: Vec::new(),
+            sandbox: Default::default(),
             origin: seg_origin,
         })
     }
