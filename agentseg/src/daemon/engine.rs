@@ -352,7 +352,6 @@ impl Engine {
         uid: Option<u32>,
         gid: Option<u32>,
     ) -> anyhow::Result<Reply> {
-        let generation = self.generation;
         let seg = self
             .live()
             .segments
