@@ -1,6 +1,8 @@
 use std::{path::Path, process::ExitCode};
 
-use crate::{compile, policy};
+use crate::config::{DEFAULT_CONFIG, DaemonConfig};
+use crate::policy::{self, Origin, systemd};
+use crate::{compile, compile::HostPolicy};
 
 pub fn check(dir: &Path, show: bool) -> ExitCode {
     let set = match policy::load_dir(dir) {
@@ -13,13 +15,25 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match compile::compile(&set) {
+    let warnings = policy::warnings(&set);
+    for w in &warnings {
+        eprintln!("{w}");
+    }
+    let host = host_policy();
+    match compile::compile_with(&set, &host) {
         Ok(compiled) => {
             if show {
                 print!("{}", compiled.to_text());
+                for seg in &set.segments {
+                    print_sandbox(seg);
+                }
             }
+            let warned = match warnings.len() {
+                0 => String::new(),
+                n => format!(", {n} warning(s)"),
+            };
             println!(
-                "agentseg: {} ok: {} segments, {} map entries",
+                "agentseg: {} ok: {} segments, {} map entries{warned}",
                 dir.display(),
                 compiled.segments.len(),
                 compiled.entry_count()
@@ -37,5 +51,51 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What the daemon on this host adds to every segment: its `[unix] allow` baseline and its
+/// control socket, from the default config file (all defaults when there is none). The
+/// baseline's rules point at the config file's `[unix]` table (line 1 when it has none).
+fn host_policy() -> HostPolicy {
+    let path = Path::new(DEFAULT_CONFIG);
+    let config = DaemonConfig::load(path, false).unwrap_or_else(|e| {
+        eprintln!("agentseg: {e}; checking with the default daemon settings");
+        DaemonConfig::default()
+    });
+    let line = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with("[unix]"))
+        })
+        .map_or(1, |i| i + 1);
+    let origin = Origin {
+        file: path.to_path_buf(),
+        line,
+    };
+    let allow = config.unix.allow.clone();
+    HostPolicy::new(allow, Some(origin), &config.socket).unwrap_or_else(|e| {
+        eprintln!("agentseg: daemon settings: {e}; checking without the control socket denial");
+        HostPolicy {
+            unix_allow: config.unix.allow,
+            ..HostPolicy::default()
+        }
+    })
+}
+
+fn print_sandbox(seg: &policy::Segment) {
+    println!("segment {} sandbox:", seg.name);
+    for line in systemd::describe(&seg.sandbox) {
+        println!("  {line}");
+    }
+    let units = if seg.members.units.is_empty() {
+        "none in [members]".to_owned()
+    } else {
+        seg.members.units.join(", ")
+    };
+    println!("  systemd settings for members agentseg does not launch (units: {units}):");
+    for line in systemd::unit_settings(&seg.sandbox) {
+        println!("    {line}");
     }
 }

@@ -2,17 +2,21 @@
 //! policy always gives the same ids and the same [`Compiled::to_text`].
 //!
 //! Segment id = index + 1 (0 is never used), ruleset 0 = the empty set (deny), rule id =
-//! index into [`Compiled::rules`] (segments in order, egress then ingress in file order, then
-//! the segment's quarantine allow list if it has one).
+//! index into [`Compiled::rules`] (segments in order; within one: egress then ingress in file
+//! order, the quarantine allow list if it has one, `[[unix]]` rules in file order, the host's
+//! AF_UNIX baseline if it has one, `[quarantine] unix` if present).
 
 mod cover;
 mod ruleset;
 mod text;
+mod unix;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_semantics;
+#[cfg(test)]
+mod tests_unix;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -155,7 +159,13 @@ fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// [`compile_with`] a host that adds nothing (no AF_UNIX baseline, nothing refused).
 pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
+    compile_with(set, &HostPolicy::default())
+}
+
+/// Compiles `set` for a host whose daemon adds `host` to every segment.
+pub fn compile_with(set: &PolicySet, host: &HostPolicy) -> Result<Compiled, CompileErrors> {
     let mut interner = ruleset::Interner::new();
     let mut rules = Vec::new();
     let mut errors = Vec::new();
@@ -226,6 +236,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileErrors> {
                 Direction::Unix | Direction::QuarantineUnix => {}
             }
         }
+        (out.unix, out.quarantine_unix) = unix::tables(seg, &out.name, host, &mut rules);
         segments.push(out);
     }
     if !errors.is_empty() {
@@ -309,8 +320,8 @@ impl DirCompiler<'_> {
 }
 
 impl Compiled {
-    /// Number of LPM (policy) entries over all segments, directions (quarantine included) and
-    /// families.
+    /// Number of LPM entries over all segments, directions (quarantine included) and
+    /// families, AF_UNIX entries included.
     pub fn entry_count(&self) -> usize {
         self.segments
             .iter()
@@ -321,6 +332,8 @@ impl Compiled {
                     + s.ingress_v6.len()
                     + s.quarantine_v4.len()
                     + s.quarantine_v6.len()
+                    + s.unix.len()
+                    + s.quarantine_unix.len()
             })
             .sum()
     }

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use agentseg_common::{
-    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY, RULESET_EMPTY, RuleSet,
+    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY, RULESET_EMPTY,
+    RuleSet,
 };
 
 use crate::policy::{Protocol, Rule};

@@ -116,6 +116,10 @@ fn segment(egress: Vec<policy::Rule>) -> PolicySet {
             quarantine_allow: vec![],
             quarantine_origin: None,
             monitor: policy::Monitor::default(),
+            unix: vec![],
+            quarantine_unix: vec![],
+            sandbox: policy::Sandbox::default(),
+            positions: policy::Positions::default(),
             origin: Origin {
                 file: PathBuf::from("big.toml"),
                 line: 1,
@@ -167,7 +171,8 @@ fn normalize_dedupes_keeping_lowest_rule_id() {
         port_lo: lo,
         port_hi: hi,
         protocols: PROTO_TCP,
-        _pad: [0; 3],
+        proto_num: 0,
+        _pad: [0; 2],
         rule_id,
     };
     let out = ruleset::normalize(vec![pr(5, 5, 3), pr(1, 2, 9), pr(5, 5, 1)]).expect("fits");
@@ -301,14 +306,15 @@ fn quarantine_allow_list_compiles_to_an_allow_all_ruleset() {
 #[test]
 fn quarantine_lookup_allows_everything_to_listed_peers_only() {
     use super::tests_semantics::{allows, lookup};
+    use agentseg_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
     let text = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"0.0.0.0/0\"]\nports = [443]\n\
         protocol = \"tcp\"\n[quarantine]\nallow = [\"10.0.0.0/8\", \"fd00::1\"]\n";
     let c = compile(&set(text)).expect("compiles");
     for (ip, proto, port) in [
-        ("10.2.3.4", PROTO_UDP, 514),
-        ("10.2.3.4", PROTO_TCP, 1),
-        ("10.2.3.4", PROTO_ICMP, 0),
-        ("fd00::1", PROTO_TCP, 65535),
+        ("10.2.3.4", IPPROTO_UDP, 514),
+        ("10.2.3.4", IPPROTO_TCP, 1),
+        ("10.2.3.4", IPPROTO_ICMP, 0),
+        ("fd00::1", IPPROTO_TCP, 65535),
     ] {
         assert!(
             allows(lookup(&c, 0, Direction::Quarantine, ip), proto, port),
@@ -317,18 +323,18 @@ fn quarantine_lookup_allows_everything_to_listed_peers_only() {
     }
     assert!(!allows(
         lookup(&c, 0, Direction::Quarantine, "11.0.0.1"),
-        PROTO_TCP,
+        IPPROTO_TCP,
         443
     ));
     assert!(!allows(
         lookup(&c, 0, Direction::Quarantine, "fd00::2"),
-        PROTO_UDP,
+        IPPROTO_UDP,
         53
     ));
     // Outside quarantine the rules are unchanged.
     assert!(!allows(
         lookup(&c, 0, Direction::Egress, "10.2.3.4"),
-        PROTO_UDP,
+        IPPROTO_UDP,
         514
     ));
     assert_eq!(Direction::Quarantine.to_string(), "quarantine");

@@ -3,7 +3,10 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use agentseg_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleSet};
+use agentseg_common::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_UDPLITE, RULE_DEFAULT_DENY, RuleSet, ruleset_allows,
+};
 use ipnet::IpNet;
 
 use super::*;
@@ -37,6 +40,7 @@ pub(super) fn lookup<'c>(c: &'c Compiled, seg: usize, dir: Direction, ip: &str) 
             .map(|(n, r)| ((*n).into(), *r))
             .chain(s.quarantine_v6.iter().map(|(n, r)| ((*n).into(), *r)))
             .collect(),
+        Direction::Unix | Direction::QuarantineUnix => panic!("not an IP table: {dir}"),
     };
     let id = entries
         .iter()
@@ -46,13 +50,12 @@ pub(super) fn lookup<'c>(c: &'c Compiled, seg: usize, dir: Direction, ip: &str) 
     &c.rulesets[id as usize]
 }
 
-pub(super) fn allows(rs: &RuleSet, proto: u8, port: u16) -> bool {
-    rs.rules[..rs.len as usize].iter().any(|r| {
-        r.protocols & proto != 0 && (proto == PROTO_ICMP || (r.port_lo..=r.port_hi).contains(&port))
-    })
+/// The kernel's own match (`agentseg_common::ruleset_allows`) on an IP protocol number.
+pub(super) fn allows(rs: &RuleSet, proto: u32, port: u16) -> bool {
+    ruleset_allows(rs, proto, port) != RULE_DEFAULT_DENY
 }
 
-fn allowed(c: &Compiled, ip: &str, proto: u8, port: u16) -> bool {
+fn allowed(c: &Compiled, ip: &str, proto: u32, port: u16) -> bool {
     allows(lookup(c, 0, Direction::Egress, ip), proto, port)
 }
 
@@ -62,12 +65,12 @@ fn overlap_gives_the_union() {
          [[egress]]\ncidrs = [\"192.0.2.0/24\"]\nports = [80]\nprotocol = \"tcp\"\n\
          [[egress]]\ncidrs = [\"192.0.2.7\"]\nports = [443]\nprotocol = \"tcp\"\n"))
     .expect("compiles");
-    assert!(allowed(&c, "192.0.2.7", PROTO_TCP, 80));
-    assert!(allowed(&c, "192.0.2.7", PROTO_TCP, 443));
-    assert!(allowed(&c, "192.0.2.8", PROTO_TCP, 80));
-    assert!(!allowed(&c, "192.0.2.8", PROTO_TCP, 443));
-    assert!(!allowed(&c, "192.0.2.7", PROTO_UDP, 443));
-    assert!(!allowed(&c, "192.0.3.7", PROTO_TCP, 80));
+    assert!(allowed(&c, "192.0.2.7", IPPROTO_TCP, 80));
+    assert!(allowed(&c, "192.0.2.7", IPPROTO_TCP, 443));
+    assert!(allowed(&c, "192.0.2.8", IPPROTO_TCP, 80));
+    assert!(!allowed(&c, "192.0.2.8", IPPROTO_TCP, 443));
+    assert!(!allowed(&c, "192.0.2.7", IPPROTO_UDP, 443));
+    assert!(!allowed(&c, "192.0.3.7", IPPROTO_TCP, 80));
     let s = &c.segments[0];
     assert_eq!(s.egress_v4.len(), 2);
     let host = s
@@ -84,11 +87,11 @@ fn except_carves_a_hole_that_other_rules_can_fill() {
          [[egress]]\ncidrs = [\"10.0.0.0/8\"]\nexcept = [\"10.1.0.0/16\"]\nprotocol = \"tcp\"\n\
          [[egress]]\ncidrs = [\"10.1.2.0/24\"]\nports = [53]\nprotocol = \"udp\"\n";
     let c = compile(&set(text)).expect("compiles");
-    assert!(allowed(&c, "10.9.9.9", PROTO_TCP, 22));
-    assert!(!allowed(&c, "10.1.9.9", PROTO_TCP, 22));
+    assert!(allowed(&c, "10.9.9.9", IPPROTO_TCP, 22));
+    assert!(!allowed(&c, "10.1.9.9", IPPROTO_TCP, 22));
     // The other rule still applies inside the hole, and only with its own ports.
-    assert!(allowed(&c, "10.1.2.3", PROTO_UDP, 53));
-    assert!(!allowed(&c, "10.1.2.3", PROTO_TCP, 22));
+    assert!(allowed(&c, "10.1.2.3", IPPROTO_UDP, 53));
+    assert!(!allowed(&c, "10.1.2.3", IPPROTO_TCP, 22));
     let hole = c.segments[0]
         .egress_v4
         .iter()
@@ -108,15 +111,15 @@ fn v4_and_v6_are_separate_and_both_work() {
     assert_eq!(s.egress_v6.len(), 2);
     assert!(s.ingress_v4.is_empty());
     assert_eq!(s.ingress_v6.len(), 1);
-    assert!(allowed(&c, "203.0.113.1", PROTO_TCP, 443));
-    assert!(allowed(&c, "2001:db8::1", PROTO_TCP, 443));
-    assert!(!allowed(&c, "fd00::1", PROTO_TCP, 443));
+    assert!(allowed(&c, "203.0.113.1", IPPROTO_TCP, 443));
+    assert!(allowed(&c, "2001:db8::1", IPPROTO_TCP, 443));
+    assert!(!allowed(&c, "fd00::1", IPPROTO_TCP, 443));
     let ing = lookup(&c, 0, Direction::Ingress, "2001:db8::9");
-    assert!(allows(ing, PROTO_ICMP, 0));
-    assert!(!allows(ing, PROTO_TCP, 22));
+    assert!(allows(ing, IPPROTO_ICMP, 0));
+    assert!(!allows(ing, IPPROTO_TCP, 22));
     assert!(!allows(
         lookup(&c, 0, Direction::Ingress, "192.0.2.1"),
-        PROTO_ICMP,
+        IPPROTO_ICMP,
         0
     ));
 }
@@ -132,9 +135,34 @@ impl Rng {
     }
 }
 
+/// Protocols whose packets carry ports, written out here rather than shared with the
+/// kernel's match, so that the oracle stays independent of it.
+const WITH_PORTS: [u32; 6] = [6, 262, 17, 136, 132, 33];
+
+/// Whether a policy rule's protocol (and ports) admit one packet, read straight from the
+/// policy's meaning: tcp is TCP and MPTCP, udp only UDP, icmp ICMP and ICMPv6, any the three
+/// (only the two with ports when ports are listed), a number only itself.
+fn oracle_admits(r: &policy::Rule, proto: u32, port: u16) -> bool {
+    let tcp = [IPPROTO_TCP, IPPROTO_MPTCP].contains(&proto);
+    let icmp = [IPPROTO_ICMP, IPPROTO_ICMPV6].contains(&proto);
+    let proto_ok = match r.protocol {
+        policy::Protocol::Tcp => tcp,
+        policy::Protocol::Udp => proto == IPPROTO_UDP,
+        policy::Protocol::Icmp => icmp,
+        policy::Protocol::Any if r.ports.is_empty() => tcp || proto == IPPROTO_UDP || icmp,
+        policy::Protocol::Any => tcp || proto == IPPROTO_UDP,
+        policy::Protocol::Number(n) => proto == u32::from(n),
+    };
+    proto_ok
+        && (r.ports.is_empty()
+            || !WITH_PORTS.contains(&proto)
+            || r.ports.iter().any(|p| (p.lo..=p.hi).contains(&port)))
+}
+
 /// Random nested rules compared with direct evaluation of the policy on random addresses.
 #[test]
 fn matches_a_naive_oracle() {
+    const GRE: u32 = 47;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     for round in 0..20 {
         let mut text = String::from("name = \"a.b.c\"\n");
@@ -154,9 +182,15 @@ fn matches_a_naive_oracle() {
                     .expect("len ok");
             }
             let port = 1 + rng.next() % 3;
-            let proto = ["tcp", "udp", "any"][(rng.next() % 3) as usize];
+            let proto = ["tcp", "udp", "any", "udplite", "sctp", "gre", "icmp", "136"]
+                [(rng.next() % 8) as usize];
+            let ports = if ["gre", "icmp"].contains(&proto) {
+                String::new()
+            } else {
+                format!("ports = [{port}]\n")
+            };
             text.push_str(&format!(
-                "[[egress]]\ncidrs = [\"{cidr}\"]\nexcept = [\"{except}\"]\nports = [{port}]\nprotocol = \"{proto}\"\n"
+                "[[egress]]\ncidrs = [\"{cidr}\"]\nexcept = [\"{except}\"]\n{ports}protocol = \"{proto}\"\n"
             ));
         }
         let policy = set(&text);
@@ -165,21 +199,22 @@ fn matches_a_naive_oracle() {
         for _ in 0..300 {
             let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 | (rng.next() as u32 & 0xffff));
             for (proto, port) in [
-                (PROTO_TCP, 1),
-                (PROTO_UDP, 2),
-                (PROTO_TCP, 3),
-                (PROTO_UDP, 9),
+                (IPPROTO_TCP, 1),
+                (IPPROTO_UDP, 2),
+                (IPPROTO_TCP, 3),
+                (IPPROTO_UDP, 9),
+                (IPPROTO_MPTCP, 1),
+                (IPPROTO_UDPLITE, 2),
+                (IPPROTO_SCTP, 3),
+                (GRE, 0),
+                (IPPROTO_ICMP, 0),
+                (IPPROTO_ICMPV6, 0),
             ] {
                 let want = rules.iter().any(|r| {
                     let ip = IpAddr::V4(ip);
                     r.cidrs.iter().any(|n| n.contains(&ip))
                         && !r.except.iter().any(|n| n.contains(&ip))
-                        && r.ports.iter().any(|p| (p.lo..=p.hi).contains(&port))
-                        && match r.protocol {
-                            policy::Protocol::Tcp => proto == PROTO_TCP,
-                            policy::Protocol::Udp => proto == PROTO_UDP,
-                            _ => true,
-                        }
+                        && oracle_admits(r, proto, port)
                 });
                 let got = allowed(&c, &ip.to_string(), proto, port);
                 assert_eq!(
@@ -188,6 +223,46 @@ fn matches_a_naive_oracle() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn numbered_protocols_match_only_themselves() {
+    let text = "name = \"a.b.c\"\n\
+         [[egress]]\ncidrs = [\"192.0.2.1\"]\nports = [53]\nprotocol = \"udp\"\n\
+         [[egress]]\ncidrs = [\"192.0.2.2\"]\nports = [\"5000-5001\"]\nprotocol = \"udplite\"\n\
+         [[egress]]\ncidrs = [\"192.0.2.3\"]\nprotocol = 47\n\
+         [[egress]]\ncidrs = [\"192.0.2.4\"]\nprotocol = \"132\"\nports = [9]\n\
+         [[egress]]\ncidrs = [\"192.0.2.5\"]\nprotocol = 6\nports = [443]\n";
+    let c = compile(&set(text)).expect("compiles");
+    // UDP-Lite is not udp, and udp is not UDP-Lite.
+    assert!(allowed(&c, "192.0.2.1", IPPROTO_UDP, 53));
+    assert!(!allowed(&c, "192.0.2.1", IPPROTO_UDPLITE, 53));
+    assert!(allowed(&c, "192.0.2.2", IPPROTO_UDPLITE, 5001));
+    assert!(!allowed(&c, "192.0.2.2", IPPROTO_UDPLITE, 5002));
+    assert!(!allowed(&c, "192.0.2.2", IPPROTO_UDP, 5000));
+    // GRE has no ports: every GRE packet, nothing else.
+    assert!(allowed(&c, "192.0.2.3", 47, 0));
+    assert!(allowed(&c, "192.0.2.3", 47, 4789));
+    assert!(!allowed(&c, "192.0.2.3", IPPROTO_TCP, 80));
+    assert!(!allowed(&c, "192.0.2.3", 50, 0));
+    // SCTP as a numeric string, with its port.
+    assert!(allowed(&c, "192.0.2.4", IPPROTO_SCTP, 9));
+    assert!(!allowed(&c, "192.0.2.4", IPPROTO_SCTP, 10));
+    assert!(!allowed(&c, "192.0.2.4", IPPROTO_TCP, 9));
+    // 6 is tcp, MPTCP included.
+    assert!(allowed(&c, "192.0.2.5", IPPROTO_MPTCP, 443));
+    assert!(!allowed(&c, "192.0.2.5", IPPROTO_UDP, 443));
+    // "any" is tcp, udp and icmp only.
+    let any = compile(&set(
+        "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"0.0.0.0/0\"]\n",
+    ))
+    .expect("compiles");
+    for p in [IPPROTO_TCP, IPPROTO_MPTCP, IPPROTO_UDP, IPPROTO_ICMP] {
+        assert!(allowed(&any, "198.51.100.1", p, 1), "{p}");
+    }
+    for p in [IPPROTO_UDPLITE, IPPROTO_SCTP, 47] {
+        assert!(!allowed(&any, "198.51.100.1", p, 1), "{p}");
     }
 }
 

@@ -3,9 +3,13 @@
 
 use std::fmt::{Display, Write};
 
-use agentseg_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRule, RuleSet};
+use agentseg_common::{
+    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULE_CONTROL_SOCKET, RuleSet,
+    UNIX_DENY,
+};
 
-use super::Compiled;
+use super::{Compiled, UnixEntry};
+use crate::policy::Protocol;
 
 impl Compiled {
     pub fn to_text(&self) -> String {
@@ -32,6 +36,8 @@ impl Compiled {
             entries(&mut out, s.id, "ingress", &s.ingress_v6);
             entries(&mut out, s.id, "quarantine", &s.quarantine_v4);
             entries(&mut out, s.id, "quarantine", &s.quarantine_v6);
+            self.unix_entries(&mut out, s.id, "unix", &s.unix);
+            self.unix_entries(&mut out, s.id, "quarantine-unix", &s.quarantine_unix);
         }
         for (id, set) in self.rulesets.iter().enumerate() {
             line(&mut out, format_args!("ruleset {id} {}", ruleset(set)));
@@ -50,6 +56,28 @@ impl Compiled {
             );
         }
         out
+    }
+}
+
+impl Compiled {
+    /// `segment 1 unix "/run/x.sock" -> allow rule 3 (a.toml:7)`; the pattern is quoted so
+    /// that any byte in it stays on the line.
+    fn unix_entries(&self, out: &mut String, id: u32, table: &str, list: &[UnixEntry]) {
+        for e in list {
+            let pattern = e.pattern.to_string();
+            let verdict = match (e.verdict, e.rule_id) {
+                (UNIX_DENY, RULE_CONTROL_SOCKET) => "deny (control socket)".to_owned(),
+                (UNIX_DENY, rule) => format!("deny rule {rule}"),
+                (_, rule) => match self.rules.get(rule as usize) {
+                    Some(r) => format!("allow rule {rule} ({}:{})", r.file.display(), r.line),
+                    None => format!("allow rule {rule}"),
+                },
+            };
+            line(
+                out,
+                format_args!("segment {id} {table} {pattern:?} -> {verdict}"),
+            );
+        }
     }
 }
 
@@ -79,13 +107,20 @@ fn ruleset(set: &RuleSet) -> String {
 }
 
 fn port_rule(r: &PortRule) -> String {
-    let protos: Vec<&str> = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_ICMP, "icmp")]
+    let mut protos: Vec<String> = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_ICMP, "icmp")]
         .into_iter()
         .filter(|(bit, _)| r.protocols & bit != 0)
-        .map(|(_, name)| name)
+        .map(|(_, name)| name.to_owned())
         .collect();
+    let numbered = r.protocols & PROTO_NUMBERED != 0;
+    if numbered {
+        // "udplite", "gre", or the number.
+        protos.push(Protocol::Number(r.proto_num).to_string());
+    }
     let protos = protos.join("|");
-    let ports = if r.protocols & (PROTO_TCP | PROTO_UDP) == 0 {
+    let with_ports = r.protocols & (PROTO_TCP | PROTO_UDP) != 0
+        || (numbered && agentseg_common::has_ports(u32::from(r.proto_num)));
+    let ports = if !with_ports {
         String::new()
     } else if r.port_lo == r.port_hi {
         format!(" {}", r.port_lo)

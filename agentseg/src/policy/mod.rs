@@ -6,20 +6,27 @@
 //! `validate`.
 
 mod error;
+mod local;
 mod monitor;
 mod parse;
 mod peers;
 mod raw;
 pub mod sandbox;
+pub mod systemd;
 pub mod unix;
 mod validate;
+mod warnings;
 
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_errors;
 #[cfg(test)]
+mod tests_local;
+#[cfg(test)]
 mod tests_monitor;
+#[cfg(test)]
+mod tests_warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +39,7 @@ pub use error::{PolicyError, PolicyErrors};
 pub use monitor::{Action, IdleRule, Monitor, RateRule};
 pub use sandbox::{Capability, Family, NetlinkProtocol, Sandbox, Sockets};
 pub use unix::{UnixKind, UnixPattern};
+pub use warnings::{PolicyWarning, warnings};
 
 /// Everything a policy directory defines.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -68,10 +76,36 @@ pub struct Segment {
     pub quarantine_unix: Vec<UnixPattern>,
     /// `allow_root`, `capabilities`, `writable`, `[sockets]`: what `agentseg run` gives agents.
     pub sandbox: Sandbox,
+    /// Where some values are written, so that [`warnings`] can point at them.
+    pub positions: Positions,
     pub origin: Origin,
 }
 
-/// One `[[unix]]` rule: `paths = [...]` (see [`UnixPattern`]).
+/// 1-based line and column (in characters) of a value in its segment's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+/// Where the values [`warnings`] may point at are written; the file is the segment's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Positions {
+    /// Per `[[unix]]` rule, per pattern: the same shape as `Segment::unix[i].patterns`.
+    pub unix: Vec<Vec<Position>>,
+    /// Per `[quarantine] unix` pattern (same order as `Segment::quarantine_unix`).
+    pub quarantine_unix: Vec<Position>,
+    /// Each listed capability, where it is first written.
+    pub capabilities: BTreeMap<Capability, Position>,
+    /// Each `[sockets] families` entry, where it is first written.
+    pub families: BTreeMap<Family, Position>,
+    /// Each `writable` entry (same order as `Sandbox::writable`).
+    pub writable: Vec<Position>,
+    /// The `io_uring` value, when written.
+    pub io_uring: Option<Position>,
+}
+
+/// One `[[unix]]` rule: `paths = [...]` (see [`UnixPattern`]), duplicates dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixRule {
     pub patterns: Vec<UnixPattern>,
@@ -155,7 +189,9 @@ pub struct PortRange {
 }
 
 /// A rule's protocol. `any` means TCP, UDP and ICMP; every other protocol (UDP-Lite, SCTP,
-/// GRE...) is denied unless a rule names it (`Number`).
+/// GRE...) is denied unless a rule names it (`Number`). In a policy file: `"tcp"`, `"udp"`,
+/// `"icmp"`, `"any"`, a name from [`Protocol::NAMED`], or a number 0-255 (6, 17, 1 and 58 are
+/// read as tcp, udp, icmp, icmp).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
     /// IPPROTO_TCP and MPTCP.

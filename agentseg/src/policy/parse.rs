@@ -3,8 +3,9 @@
 //! value cannot break the one-error-per-line output.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::{DaemonLoss, Mode, PortRange, Protocol};
 
@@ -98,7 +99,21 @@ pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
     if trunc != net {
         return Err(format!("host bits set in {net}; did you mean {trunc}?"));
     }
+    if let Some(v4) = ipv4_mapped(&net) {
+        return Err(format!(
+            "{net} is IPv4-mapped: the kernel judges mapped addresses by the IPv4 rules, \
+             write {v4}"
+        ));
+    }
     Ok(net)
+}
+
+/// The IPv4 prefix an IPv6 prefix inside `::ffff:0:0/96` stands for. Prefixes that merely
+/// contain that range (`::/0`, `::/64`) are not mapped.
+fn ipv4_mapped(net: &IpNet) -> Option<Ipv4Net> {
+    let IpNet::V6(v6) = net else { return None };
+    let len = v6.prefix_len().checked_sub(96)?;
+    Ipv4Net::new(v6.network().to_ipv4_mapped()?, len).ok()
 }
 
 /// One entry of `ports`: an integer, `"N"` or `"LO-HI"`.
@@ -147,16 +162,101 @@ fn port_number(n: i64, text: &str) -> Result<u16, String> {
     }
 }
 
-pub(super) fn protocol(s: &str) -> Result<Protocol, String> {
-    match s {
+const MPTCP: &str = "MPTCP is judged as tcp: use protocol = \"tcp\"";
+
+/// `protocol`: a name, an integer 0-255 or the same number as a string.
+pub(super) fn protocol(v: &toml::Value) -> Result<Protocol, String> {
+    let s = match v {
+        toml::Value::Integer(n) => return protocol_number(*n, &n.to_string()),
+        toml::Value::String(s) => s,
+        other => {
+            return Err(format!(
+                "invalid protocol: expected a name like \"tcp\" or a number 0-255, found a {}",
+                other.type_str()
+            ));
+        }
+    };
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for i64 is out of range too.
+        return protocol_number(s.parse::<i64>().unwrap_or(i64::MAX), s);
+    }
+    match s.as_str() {
         "tcp" => Ok(Protocol::Tcp),
         "udp" => Ok(Protocol::Udp),
         "icmp" => Ok(Protocol::Icmp),
         "any" => Ok(Protocol::Any),
-        _ => Err(format!(
-            "unknown protocol {s:?}; valid protocols are \"tcp\", \"udp\", \"icmp\" and \"any\""
-        )),
+        "mptcp" => Err(MPTCP.to_string()),
+        _ => match Protocol::NAMED.iter().find(|(name, _)| name == s) {
+            Some(&(_, n)) => Ok(Protocol::Number(n)),
+            None => {
+                let names: Vec<String> = ["tcp", "udp", "icmp", "any"]
+                    .iter()
+                    .chain(Protocol::NAMED.iter().map(|(n, _)| n))
+                    .map(|n| format!("{n:?}"))
+                    .collect();
+                Err(format!(
+                    "unknown protocol {s:?}; valid protocols are {} or an IP protocol number \
+                     0-255",
+                    names.join(", ")
+                ))
+            }
+        },
     }
+}
+
+/// Whether a rule of `protocol` may list `ports`; the error is the reason.
+pub(super) fn ports_allowed(protocol: Protocol) -> Result<(), String> {
+    match protocol {
+        Protocol::Icmp => {
+            Err("ICMP has no ports: remove `ports` or use protocol \"tcp\" or \"udp\"".into())
+        }
+        Protocol::Number(n) if !protocol.has_ports() => Err(format!(
+            "protocol {protocol} (IP protocol {n}) has no ports: remove `ports` (the rule then \
+             allows every {protocol} packet to its cidrs)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// An IP protocol number; the ones with a name of their own become that protocol.
+fn protocol_number(n: i64, text: &str) -> Result<Protocol, String> {
+    let p = u32::try_from(n).unwrap_or(u32::MAX);
+    match p {
+        agentseg_common::IPPROTO_TCP => Ok(Protocol::Tcp),
+        agentseg_common::IPPROTO_UDP => Ok(Protocol::Udp),
+        agentseg_common::IPPROTO_ICMP | agentseg_common::IPPROTO_ICMPV6 => Ok(Protocol::Icmp),
+        agentseg_common::IPPROTO_MPTCP => Err(MPTCP.to_string()),
+        _ => u8::try_from(p).map(Protocol::Number).map_err(|_| {
+            format!("protocol number {text} is out of range; IP protocol numbers are 0-255")
+        }),
+    }
+}
+
+/// One `writable` entry: an absolute, canonical directory path other than `/`.
+pub(super) fn writable_dir(s: &str) -> Result<PathBuf, String> {
+    if !s.starts_with('/') {
+        return Err(format!(
+            "writable {s:?} must be an absolute path (start with '/')"
+        ));
+    }
+    if s.contains('\0') {
+        return Err(format!("writable {s:?} contains a NUL byte"));
+    }
+    if s == "/" {
+        return Err(
+            "writable \"/\" would let a root agent write everywhere; name the directories it \
+             needs"
+                .to_string(),
+        );
+    }
+    let non_canonical = ["//", "/./", "/../"].iter().any(|p| s.contains(p))
+        || ["/.", "/..", "/"].iter().any(|p| s.ends_with(p));
+    if non_canonical {
+        return Err(format!(
+            "writable {s:?}: write the path without `//`, `/./`, `/../` or a trailing '/'"
+        ));
+    }
+    Ok(PathBuf::from(s))
 }
 
 pub(super) fn mode(s: &str) -> Result<Mode, String> {

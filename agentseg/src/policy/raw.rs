@@ -8,7 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// One policy file: either a single segment at the top level or `[[segment]]` tables, plus
-/// optional `[peers.NAME]` groups.
+/// optional `[peers.NAME]` groups. `allow_root`, `capabilities`, `writable` and `[sockets]`
+/// are the segment's sandbox (see `super::sandbox`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
@@ -21,6 +22,11 @@ pub(super) struct RawFile {
     pub members: Option<Spanned<RawMembers>>,
     pub quarantine: Option<Spanned<RawQuarantine>>,
     pub monitor: Option<Spanned<RawMonitor>>,
+    pub unix: Option<Vec<Spanned<RawUnix>>>,
+    pub allow_root: Option<Spanned<bool>>,
+    pub capabilities: Option<Spanned<Vec<Spanned<String>>>>,
+    pub writable: Option<Spanned<Vec<Spanned<String>>>>,
+    pub sockets: Option<Spanned<RawSockets>>,
     pub segment: Option<Vec<Spanned<RawSegment>>>,
     pub peers: Option<BTreeMap<Spanned<String>, Spanned<RawPeer>>>,
 }
@@ -38,6 +44,11 @@ pub(super) struct RawSegment {
     pub members: Option<Spanned<RawMembers>>,
     pub quarantine: Option<Spanned<RawQuarantine>>,
     pub monitor: Option<Spanned<RawMonitor>>,
+    pub unix: Option<Vec<Spanned<RawUnix>>>,
+    pub allow_root: Option<Spanned<bool>>,
+    pub capabilities: Option<Spanned<Vec<Spanned<String>>>>,
+    pub writable: Option<Spanned<Vec<Spanned<String>>>>,
+    pub sockets: Option<Spanned<RawSockets>>,
 }
 
 /// One `[[egress]]` / `[[ingress]]` rule.
@@ -48,7 +59,26 @@ pub(super) struct RawRule {
     pub except: Option<Vec<Spanned<String>>>,
     /// Integers or strings ("443", "8000-8100"): kept as raw values and checked by hand.
     pub ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
-    pub protocol: Option<Spanned<String>>,
+    /// A name or a protocol number (integer or numeric string): checked by hand.
+    pub protocol: Option<Spanned<toml::Value>>,
+}
+
+/// One `[[unix]]` / `[[segment.unix]]` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUnix {
+    /// Spanned as a whole so that `paths = []` can be reported.
+    pub paths: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[sockets]` / `[segment.sockets]`: every key optional, absent keys keep the defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSockets {
+    pub families: Option<Vec<Spanned<String>>>,
+    pub raw: Option<Spanned<bool>>,
+    pub netlink: Option<Vec<Spanned<String>>>,
+    pub io_uring: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +95,8 @@ pub(super) struct RawMembers {
 pub(super) struct RawQuarantine {
     /// Same syntax as a rule's `cidrs`. Spanned as a whole so that `allow = []` can be reported.
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    /// AF_UNIX patterns, as in `[[unix]] paths`.
+    pub unix: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[monitor]` / `[segment.monitor]`: each detector is an optional inline table.
@@ -112,6 +144,11 @@ impl RawFile {
             || self.members.is_some()
             || self.quarantine.is_some()
             || self.monitor.is_some()
+            || self.unix.is_some()
+            || self.allow_root.is_some()
+            || self.capabilities.is_some()
+            || self.writable.is_some()
+            || self.sockets.is_some()
     }
 
     /// Splits the file into its top-level segment (if any single-segment key is present), its
@@ -127,6 +164,11 @@ impl RawFile {
             members: self.members,
             quarantine: self.quarantine,
             monitor: self.monitor,
+            unix: self.unix,
+            allow_root: self.allow_root,
+            capabilities: self.capabilities,
+            writable: self.writable,
+            sockets: self.sockets,
         });
         FileParts {
             top,
@@ -161,6 +203,14 @@ impl RawSegment {
             self.members.as_ref().map(|s| s.span().start),
             self.quarantine.as_ref().map(|s| s.span().start),
             self.monitor.as_ref().map(|s| s.span().start),
+            self.unix
+                .as_ref()
+                .and_then(|r| r.first())
+                .map(|s| s.span().start),
+            self.allow_root.as_ref().map(|s| s.span().start),
+            self.capabilities.as_ref().map(|s| s.span().start),
+            self.writable.as_ref().map(|s| s.span().start),
+            self.sockets.as_ref().map(|s| s.span().start),
         ];
         spans.into_iter().flatten().min()
     }

@@ -272,9 +272,15 @@ mod tests {
         assert_eq!("net_raw".parse::<Capability>(), Ok(Capability::NET_RAW));
         assert_eq!(Capability::NET_RAW.upper(), "CAP_NET_RAW");
         assert_eq!("AF_PACKET".parse::<Family>(), Ok(Family::PACKET));
-        assert_eq!("route".parse::<NetlinkProtocol>(), Ok(NetlinkProtocol::ROUTE));
+        assert_eq!(
+            "route".parse::<NetlinkProtocol>(),
+            Ok(NetlinkProtocol::ROUTE)
+        );
         let e = "cap_fly".parse::<Capability>().unwrap_err();
-        assert!(e.contains("unknown capability") && e.contains("net_raw"), "{e}");
+        assert!(
+            e.contains("unknown capability") && e.contains("net_raw"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -90,6 +90,10 @@ fn spec_example_loads_to_the_expected_model() {
         quarantine_allow: vec![],
         quarantine_origin: None,
         monitor: Monitor::default(),
+        unix: vec![],
+        quarantine_unix: vec![],
+        sandbox: Sandbox::default(),
+        positions: Positions::default(),
         origin: origin("a.toml", 1),
     };
     assert_eq!(set.segments, vec![expected]);
@@ -222,6 +226,30 @@ fn bundled_examples_load() {
             .iter()
             .any(|s| s.monitor.fan_out.threshold == 300)
     );
+    // summarizer.toml documents [[unix]] and [quarantine] unix; netdiag.toml the capabilities
+    // and [sockets]; ci-runners.toml allow_root and writable.
+    let proxy = UnixPattern::parse("/run/agent-proxy/proxy.sock").expect("pattern");
+    assert!(set.segments.iter().any(
+        |s| s.unix.iter().any(|r| r.patterns.contains(&proxy)) && !s.quarantine_unix.is_empty()
+    ));
+    assert!(set.segments.iter().any(|s| {
+        s.sandbox.capabilities.contains(&Capability::NET_RAW)
+            && s.sandbox.sockets.raw
+            && s.sandbox
+                .sockets
+                .netlink
+                .contains(&NetlinkProtocol::SOCK_DIAG)
+    }));
+    assert!(
+        set.segments
+            .iter()
+            .any(|s| s.sandbox.allow_root && !s.sandbox.writable.is_empty())
+    );
+    // No bundled example hands an agent a deputy or a capability that opens the pen: the only
+    // warnings are netdiag's AF_PACKET, which it explains.
+    let warned: Vec<String> = warnings(&set).iter().map(|w| w.message.clone()).collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(warned[0].contains("socket family packet"), "{warned:#?}");
     for seg in &set.segments {
         for c in &seg.members.cgroups {
             assert!(c.starts_with("agentseg-examples/"), "{c}");

@@ -266,7 +266,7 @@ fn quarantine_allow() {
     );
     check_one(
         "name = \"a.b.c\"\n[quarantine]\nallow = []\n",
-        &[(3, 9, "omit [quarantine] to allow nothing during quarantine")],
+        &[(3, 9, "omit it to allow no peer during quarantine")],
     );
     check_one(
         "[[segment]]\nname = \"a.b.c\"\n[segment.quarantine]\nallow = []\n\

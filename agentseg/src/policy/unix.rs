@@ -63,11 +63,10 @@ impl UnixPattern {
                          names start with '@'"
                     ));
                 }
-                let canonical = !literal.contains("//")
-                    && !literal.contains("/./")
-                    && !literal.contains("/../")
-                    && !(literal.ends_with("/.") || literal.ends_with("/.."));
-                if !canonical {
+                let non_canonical = ["//", "/./", "/../"].iter().any(|p| literal.contains(p))
+                    || literal.ends_with("/.")
+                    || literal.ends_with("/..");
+                if non_canonical {
                     return Err(format!(
                         "{s:?}: write the path without `//`, `/./` or `/../` (the kernel \
                          refuses non-canonical addresses)"

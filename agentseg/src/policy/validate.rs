@@ -11,11 +11,15 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
+use super::local;
 use super::monitor::{self, Monitor};
 use super::parse::{self, CidrEntry};
 use super::peers::PeerGroup;
 use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawRule, RawSegment};
-use super::{DaemonLoss, Members, Mode, Origin, PolicySet, Protocol, Rule, Segment, SegmentName};
+use super::{
+    DaemonLoss, Members, Mode, Origin, PolicySet, Positions, Protocol, Rule, Segment, SegmentName,
+    UnixPattern,
+};
 
 pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
@@ -142,18 +146,22 @@ impl Ctx<'_> {
                 DaemonLoss::Keep
             }),
         };
+        let mut positions = Positions::default();
+        let sandbox = local::sandbox(src, &raw, &mut positions, &mut self.errors);
+        let unix = local::unix_rules(src, raw.unix, &mut positions, &mut self.errors);
         let egress = self.rules(src, raw.egress);
         let ingress = self.rules(src, raw.ingress);
         let members = match raw.members {
             Some(m) => self.members(src, m.into_inner(), &label),
             None => Members::default(),
         };
-        let (quarantine_allow, quarantine_origin) = match raw.quarantine {
+        let (quarantine_allow, quarantine_unix, quarantine_origin) = match raw.quarantine {
             Some(q) => {
                 let at = origin(src, q.span().start);
-                (self.quarantine(src, q.into_inner()), Some(at))
+                let (allow, unix) = self.quarantine(src, q.into_inner(), &mut positions);
+                (allow, unix, Some(at))
             }
-            None => (Vec::new(), None),
+            None => (Vec::new(), Vec::new(), None),
         };
         let monitor = raw.monitor.map_or_else(Monitor::default, |m| {
             monitor::check(src, m.into_inner(), &mut self.errors)
@@ -169,9 +177,10 @@ impl Ctx<'_> {
             quarantine_allow,
             quarantine_origin,
             monitor,
-            unix: Vec::new(),
-            quarantine_unix: Vec::new(),
-            sandbox: Default::default(),
+            unix,
+            quarantine_unix,
+            sandbox,
+            positions,
             origin: seg_origin,
         })
     }
@@ -261,8 +270,7 @@ impl Ctx<'_> {
                 let msg = "`ports` must not be empty; omit the key to allow all ports";
                 self.errors.push(src.error_at(list, msg));
             }
-            if protocol == Some(Protocol::Icmp) {
-                let msg = "ICMP has no ports: remove `ports` or use protocol \"tcp\" or \"udp\"";
+            if let Some(Err(msg)) = protocol.map(parse::ports_allowed) {
                 self.errors.push(src.error_at(list, msg));
             }
             for p in list.get_ref() {
@@ -309,17 +317,24 @@ impl Ctx<'_> {
         (nets, ok)
     }
 
-    fn quarantine(&mut self, src: &Source<'_>, raw: RawQuarantine) -> Vec<IpNet> {
-        match &raw.allow {
+    /// `[quarantine]`: the `allow` peers and the `unix` patterns (either may be absent).
+    fn quarantine(
+        &mut self,
+        src: &Source<'_>,
+        raw: RawQuarantine,
+        positions: &mut Positions,
+    ) -> (Vec<IpNet>, Vec<UnixPattern>) {
+        let allow = match &raw.allow {
             None => Vec::new(),
             Some(list) if list.get_ref().is_empty() => {
-                let msg = "`allow` must not be empty; omit [quarantine] to allow nothing \
-                           during quarantine";
+                let msg = "`allow` must not be empty; omit it to allow no peer during quarantine";
                 self.errors.push(src.error_at(list, msg));
                 Vec::new()
             }
             Some(list) => self.cidr_list(src, list.get_ref()).0,
-        }
+        };
+        let unix = local::quarantine_unix(src, raw.unix.as_ref(), positions, &mut self.errors);
+        (allow, unix)
     }
 
     fn members(&mut self, src: &Source<'_>, raw: RawMembers, segment: &str) -> Members {
