@@ -14,3 +14,4 @@ pub mod daemon;
 pub mod datapath;
 pub mod detect;
 pub mod policy;
+pub mod sandbox;

@@ -15,6 +15,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// attachments independently of agentseg.
 const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 
+/// Debian packages the build links against, each known by a file it installs: the launcher's
+/// seccomp filters go through the system libseccomp (`libseccomp.so` and its header).
+const BUILD_PACKAGES: &[(&str, &str)] = &[("/usr/include/seccomp.h", "libseccomp-dev")];
+
 /// What `cargo xtask bench` compares against; nsenter (util-linux) enters the namespaces.
 const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -31,6 +35,7 @@ pub fn bench_packages() -> anyhow::Result<()> {
 pub fn all(for_tests: bool) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    debian_libraries(BUILD_PACKAGES)?;
     if for_tests {
         debian_packages(TEST_PACKAGES)?;
     }
@@ -149,12 +154,26 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Install the packages of `wanted` (file, package) whose file is missing.
+fn debian_libraries(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    apt_install(&missing)
+}
+
 fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !on_path(tool))
         .map(|(_, pkg)| *pkg)
         .collect();
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -165,6 +184,6 @@ fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -1,34 +1,28 @@
-//! `agentseg run`: start a command as a new agent, inside its own cgroup before its first
-//! instruction. The daemon creates the cgroup and registers the membership first; the child
-//! joins it between fork and exec, so CMD never runs a single instruction unconfined.
+//! `agentseg run`: start a command as a new agent, in its own cgroup and sandbox before its
+//! first instruction. The daemon creates the cgroup, registers the membership and says how to
+//! confine the agent (`LaunchSpec`); the launcher builds the sandbox (`crate::sandbox`), forks,
+//! and the child joins the cgroup, drops privileges and locks itself in between fork and exec.
+//!
+//! Exit codes: 125 when agentseg refuses (the daemon refused, bad `--user`, sandbox setup
+//! failed: the command never ran), 126 when the command cannot be executed, else the
+//! command's own (128 + signal when it was killed).
 use std::{
-    fs::File,
-    os::{
-        fd::AsRawFd as _,
-        unix::process::{CommandExt as _, ExitStatusExt as _},
-    },
+    ffi::CString,
+    os::unix::ffi::{OsStrExt as _, OsStringExt as _},
     path::Path,
-    process::{Command, ExitCode},
-    sync::atomic::{AtomicI32, Ordering},
+    process::ExitCode,
 };
 
 use crate::{
     agent::AGENT_ID_ENV,
-    control::{self, Reply, Request},
+    control::{self, LaunchSpec, Reply, Request},
+    sandbox::{self, Outcome},
 };
 
 /// Exit code when agentseg itself refuses to start the agent.
 const REFUSED: u8 = 125;
-
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward_signal(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
+/// Exit code when the command cannot be executed.
+const CANNOT_EXECUTE: u8 = 126;
 
 /// Resolve `--user` (a name or a numeric uid) to (uid, primary gid).
 fn resolve_user(user: &str) -> Result<(u32, u32), String> {
@@ -47,12 +41,22 @@ fn resolve_user(user: &str) -> Result<(u32, u32), String> {
     }
 }
 
+/// The C library's text for an errno, without Rust's " (os error N)".
+fn errno_text(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
 pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String]) -> ExitCode {
-    let Some((program, args)) = command.split_first() else {
+    let Some(program) = command.first() else {
         eprintln!("agentseg: run needs a command");
         return ExitCode::from(REFUSED);
     };
-    // Resolved before the daemon registers anything: a bad --user starts nothing.
+    // Resolved before the daemon registers anything: a bad --user or a missing command starts
+    // nothing.
     let ids = match user.map(resolve_user).transpose() {
         Ok(ids) => ids,
         Err(e) => {
@@ -60,7 +64,25 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
             return ExitCode::from(REFUSED);
         }
     };
-    let (agent_id, cgroup) = match control::call(
+    let path = match sandbox::resolve(program, std::env::var_os("PATH").as_deref()) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!(
+                "agentseg: cannot execute {program}: {}",
+                errno_text(e.raw_os_error().unwrap_or(libc::ENOENT))
+            );
+            return ExitCode::from(CANNOT_EXECUTE);
+        }
+    };
+    let Some(argv) = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).ok())
+        .collect::<Option<Vec<_>>>()
+    else {
+        eprintln!("agentseg: refusing to start {program}: an argument contains a NUL byte");
+        return ExitCode::from(REFUSED);
+    };
+    let (agent_id, cgroup, launch) = match control::call(
         socket,
         &Request::StartAgent {
             segment: segment.into(),
@@ -69,8 +91,11 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
         },
     ) {
         Ok(Reply::AgentStarted {
-            agent_id, cgroup, ..
-        }) => (agent_id, cgroup),
+            agent_id,
+            cgroup,
+            launch,
+            ..
+        }) => (agent_id, cgroup, launch),
         Ok(Reply::Error { message }) => {
             eprintln!("agentseg: refusing to start {program}: {message}");
             return ExitCode::from(REFUSED);
@@ -84,17 +109,8 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
             return ExitCode::from(REFUSED);
         }
     };
-    eprintln!(
-        "agentseg: agent {agent_id} segment {segment} cgroup {}",
-        cgroup.display()
-    );
-    let code = match spawn_in_cgroup(&cgroup, &agent_id, ids, program, args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("agentseg: starting {program}: {e}");
-            127
-        }
-    };
+    print_start(&agent_id, segment, &cgroup, &launch);
+    let code = start(socket, &agent_id, &cgroup, &launch, program, path, argv);
     if let Err(e) = control::call(
         socket,
         &Request::AgentExited {
@@ -106,88 +122,101 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
     ExitCode::from(code)
 }
 
-fn spawn_in_cgroup(
-    cgroup: &Path,
-    agent_id: &str,
-    ids: Option<(u32, u32)>,
-    program: &str,
-    args: &[String],
-) -> std::io::Result<u8> {
-    let procs = File::options()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))?;
-    let procs_fd = procs.as_raw_fd();
-    let mut cmd = Command::new(program);
-    cmd.args(args).env(AGENT_ID_ENV, agent_id);
-    // SAFETY: the closure only makes async-signal-safe calls (getpid, write, setgroups,
-    // setgid, setuid, close_range) on stack memory; no allocation between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Join first, as root; then drop privileges (groups, gid, uid, in that order) so
-            // the agent cannot write a cgroup.procs to leave.
-            join_cgroup(procs_fd)?;
-            if let Some((uid, gid)) = ids
-                && (libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Descriptors inherited from whoever started us must not reach the agent (a socket
-            // passed in keeps its creator's cgroup and bypasses enforcement).
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    drop(procs);
-    CHILD.store(child.id() as i32, Ordering::SeqCst);
-    // SAFETY: installing plain handlers; forward_signal only calls kill.
-    unsafe {
-        libc::signal(
-            libc::SIGTERM,
-            forward_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGHUP,
-            forward_signal as *const () as libc::sighandler_t,
-        );
-        // The terminal delivers ^C to the agent too; we wait for it to finish and report.
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-    }
-    let status = child.wait()?;
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
-        _ => 1,
-    })
+/// The one line at start: who, where, as whom, and what the segment relaxes.
+fn print_start(agent_id: &str, segment: &str, cgroup: &Path, launch: &LaunchSpec) {
+    let relaxed = launch.sandbox.relaxations();
+    eprintln!(
+        "agentseg: agent {agent_id} segment {segment} cgroup {} uid {}{}",
+        cgroup.display(),
+        launch.uid,
+        if relaxed.is_empty() {
+            String::new()
+        } else {
+            format!("; relaxed: {}", relaxed.join("; "))
+        }
+    );
 }
 
-/// Move the calling (child) process into the cgroup whose `cgroup.procs` is open as `fd`.
-fn join_cgroup(fd: i32) -> std::io::Result<()> {
-    // SAFETY: getpid cannot fail.
-    let mut pid = unsafe { libc::getpid() } as u32;
-    let mut buf = [0u8; 12];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (pid % 10) as u8;
-        pid /= 10;
-        if pid == 0 {
-            break;
+/// Build the sandbox and run the command in it; the exit code.
+fn start(
+    socket: &Path,
+    agent_id: &str,
+    cgroup: &Path,
+    launch: &LaunchSpec,
+    program: &str,
+    path: std::path::PathBuf,
+    argv: Vec<CString>,
+) -> u8 {
+    // The daemon does not say yet whether the segment's [[unix]] names abstract sockets:
+    // until it does, abstract AF_UNIX sockets are always scoped to the agent's domain.
+    let allow_abstract_unix = false;
+    let prepared = match sandbox::prepare(launch, allow_abstract_unix) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentseg: refusing to start {program}: {e}");
+            return REFUSED;
+        }
+    };
+    let procs = match std::fs::File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "agentseg: refusing to start {program}: opening {}: {e}",
+                cgroup.join("cgroup.procs").display()
+            );
+            return REFUSED;
+        }
+    };
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != AGENT_ID_ENV)
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend(v.into_vec());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.extend(CString::new(format!("{AGENT_ID_ENV}={agent_id}")).ok());
+    let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
+        eprintln!("agentseg: refusing to start {program}: its path contains a NUL byte");
+        return REFUSED;
+    };
+    let cmd = sandbox::Command {
+        path: cpath,
+        argv,
+        env,
+    };
+    let (socket, id) = (socket.to_owned(), agent_id.to_owned());
+    let report: sandbox::Reporter = Box::new(move |refusals| {
+        // Best effort: a daemon that cannot be told never affects the agent.
+        let _ = control::call(
+            &socket,
+            &Request::SandboxReport {
+                agent_id: id.clone(),
+                refusals,
+            },
+        );
+    });
+    match sandbox::spawn(prepared, procs, &cmd, report) {
+        Ok(Outcome::Exited(code)) => code,
+        Ok(Outcome::SetupFailed { step, errno }) => {
+            eprintln!(
+                "agentseg: refusing to start {program}: sandbox setup failed {}: {}",
+                step.describe(),
+                errno_text(errno)
+            );
+            REFUSED
+        }
+        Ok(Outcome::ExecFailed { errno }) => {
+            eprintln!("agentseg: cannot execute {program}: {}", errno_text(errno));
+            CANNOT_EXECUTE
+        }
+        Err(e) => {
+            eprintln!("agentseg: refusing to start {program}: {e}");
+            REFUSED
         }
     }
-    let digits = &buf[i..];
-    // SAFETY: writing from a valid stack buffer to an open descriptor.
-    let n = unsafe { libc::write(fd, digits.as_ptr().cast(), digits.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
