@@ -22,7 +22,9 @@ fn main() -> anyhow::Result<()> {
                 "bpf-linker not found"
             }
         );
-        fs::write(out_dir.join("agentseg"), b"").context("writing empty eBPF stub")?;
+        for object in ["agentseg", "agentseg-unix"] {
+            fs::write(out_dir.join(object), b"").context("writing empty eBPF stub")?;
+        }
         return Ok(());
     }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()

@@ -5,8 +5,8 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    Config, Counters, Event, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue,
-    PortRule, RuleSet, SegmentInfo, UnixEvent, UnixKey, UnixValue, capacity,
+    Config, Counters, Event, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule,
+    RuleSet, SegmentInfo, UnixEvent, UnixKey, UnixValue, capacity,
 };
 
 /// Bump when the meaning of a field or constant changes without any size or offset changing.
@@ -19,21 +19,74 @@ macro_rules! shape {
 }
 
 const SHAPES: &[u64] = &shape![
-    Event { ts_ns, cgroup_id, pid_tgid, comm, segment_id, rule_id, hook, verdict, family,
-            protocol, sport, dport, saddr, daddr },
-    UnixEvent { event, path, path_len },
-    Member { segment_ids, kind, flags, agent_id },
-    Config { active_gen, deadman_secs, heartbeat_ns, sample_allows, flags, epoch },
-    PolicyKeyV4 { segment_id_be, addr_be },
-    PolicyKeyV6 { segment_id_be, addr_be },
+    Event {
+        ts_ns,
+        cgroup_id,
+        pid_tgid,
+        comm,
+        segment_id,
+        rule_id,
+        hook,
+        verdict,
+        family,
+        protocol,
+        sport,
+        dport,
+        saddr,
+        daddr
+    },
+    UnixEvent {
+        event,
+        path,
+        path_len
+    },
+    Member {
+        segment_ids,
+        kind,
+        flags,
+        agent_id
+    },
+    Config {
+        active_gen,
+        deadman_secs,
+        heartbeat_ns,
+        sample_allows,
+        flags,
+        epoch
+    },
+    PolicyKeyV4 {
+        segment_id_be,
+        addr_be
+    },
+    PolicyKeyV6 {
+        segment_id_be,
+        addr_be
+    },
     PolicyValue { ruleset_id },
-    PortRule { port_lo, port_hi, protocols, proto_num, rule_id },
+    PortRule {
+        port_lo,
+        port_hi,
+        protocols,
+        proto_num,
+        rule_id
+    },
     RuleSet { len, rules },
     SegmentInfo { mode, flags, name },
-    Counters { allowed, denied, audit_denied },
+    Counters {
+        allowed,
+        denied,
+        audit_denied
+    },
     UnixKey { table_be, path },
     UnixValue { rule_id, verdict },
-    FlowVerdict { daddr, dport, protocol, verdict, epoch, task_cgroup },
+    FlowVerdict {
+        daddr,
+        dport,
+        protocol,
+        verdict,
+        epoch,
+        task_cgroup
+    },
 ];
 
 const CAPACITIES: [u64; 11] = [
@@ -100,7 +153,11 @@ mod tests {
     fn layout_name_is_stable_hex() {
         assert_eq!(super::PIN_LAYOUT.len(), 18);
         assert!(super::PIN_LAYOUT.starts_with("l-"));
-        assert!(super::PIN_LAYOUT[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(
+            super::PIN_LAYOUT[2..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit())
+        );
         // Any change of a shape changes the hash.
         let mut shapes = super::SHAPES.to_vec();
         shapes[0] += 1;

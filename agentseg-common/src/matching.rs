@@ -79,7 +79,10 @@ mod tests {
     fn classes_are_exact() {
         let udp = entry(53, 53, PROTO_UDP, 0);
         assert!(rule_allows(&udp, IPPROTO_UDP, 53));
-        assert!(!rule_allows(&udp, IPPROTO_UDPLITE, 53), "UDP-Lite is not udp");
+        assert!(
+            !rule_allows(&udp, IPPROTO_UDPLITE, 53),
+            "UDP-Lite is not udp"
+        );
         assert!(!rule_allows(&udp, IPPROTO_UDP, 54));
         let tcp = entry(443, 443, PROTO_TCP, 0);
         assert!(rule_allows(&tcp, IPPROTO_MPTCP, 443), "MPTCP is tcp");
@@ -96,7 +99,11 @@ mod tests {
         assert!(!rule_allows(&lite, IPPROTO_UDP, 5000));
         let gre = entry(0, 0, PROTO_NUMBERED, 47);
         assert!(rule_allows(&gre, 47, 12345), "no ports for GRE");
-        assert!(!rule_allows(&entry(0, u16::MAX, PROTO_TCP | PROTO_UDP | PROTO_ICMP, 0), 47, 0));
+        assert!(!rule_allows(
+            &entry(0, u16::MAX, PROTO_TCP | PROTO_UDP | PROTO_ICMP, 0),
+            47,
+            0
+        ));
     }
 
     #[test]

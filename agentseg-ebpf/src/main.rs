@@ -1,11 +1,11 @@
-//! agentseg kernel programs: one ELF object, embedded in the `agentseg` binary.
+//! agentseg kernel programs loaded by aya: one ELF object, embedded in the `agentseg` binary.
+//! (The AF_UNIX hooks are in `unix_main.rs`, a second object.)
 #![no_std]
 #![no_main]
 
-mod maps;
-mod policy;
 mod skb;
 mod sock_addr;
+mod sockopt;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,46 +1,50 @@
-//! Every map the kernel programs use. All are pinned by the daemon and adopted on restart, so
-//! their capacities are fixed here (LPM tries allocate per entry; the rest are small).
+//! Every map the kernel programs use. All are pinned by the daemon and adopted on restart;
+//! their capacities come from `agentseg_common::capacity` so that the pinned layout version
+//! covers them.
 use agentseg_common::{
-    Config, Counters, EVENTS_RING_BYTES, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue,
-    RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, STAT_COUNT, SegmentInfo,
+    Config, Counters, EVENTS_RING_BYTES, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6,
+    PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// cgroup id → membership. Written by the daemon, read by every hook (ancestor walk).
 #[map(name = "AS_MEMBERS")]
-pub static MEMBERS: HashMap<u64, Member> = HashMap::with_max_entries(65536, 0);
+pub static MEMBERS: HashMap<u64, Member> = HashMap::with_max_entries(capacity::MEMBERS, 0);
 
 /// (segment, IPv4 prefix) → ruleset. Written by the daemon (compiled policy).
 #[map(name = "AS_POLICY_V4")]
-pub static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> = LpmTrie::with_max_entries(1 << 20, 0);
+pub static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_V4, 0);
 
 /// (segment, IPv6 prefix) → ruleset. Written by the daemon (compiled policy).
 #[map(name = "AS_POLICY_V6")]
-pub static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> = LpmTrie::with_max_entries(1 << 20, 0);
+pub static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY_V6, 0);
 
 /// ruleset id → merged port rules. Written by the daemon; the first id of each generation's
 /// half is the empty (deny) set.
 #[map(name = "AS_RULESETS")]
-pub static RULESETS: Array<RuleSet> = Array::with_max_entries(2 * RULESETS_PER_GEN, 0);
+pub static RULESETS: Array<RuleSet> = Array::with_max_entries(capacity::RULESETS, 0);
 
 /// segment id (with generation bit) → mode, flags, name. Written by the daemon.
 #[map(name = "AS_SEGMENTS")]
-pub static SEGMENTS: HashMap<u32, SegmentInfo> = HashMap::with_max_entries(8192, 0);
+pub static SEGMENTS: HashMap<u32, SegmentInfo> = HashMap::with_max_entries(capacity::SEGMENTS, 0);
 
-/// Entry 0: active generation and daemon heartbeat. Written by the daemon.
+/// Entry 0: active generation, epoch and daemon heartbeat. Written by the daemon.
 #[map(name = "AS_CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<Config> = Array::with_max_entries(capacity::CONFIG, 0);
 
 /// member cgroup id → decision counters (per CPU). Written here, read and pruned by the daemon.
 #[map(name = "AS_COUNTERS")]
-pub static COUNTERS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::with_max_entries(65536, 0);
+pub static COUNTERS: PerCpuHashMap<u64, Counters> =
+    PerCpuHashMap::with_max_entries(capacity::COUNTERS, 0);
 
 /// Fail-closed events that point at a daemon bug or a race (per CPU), by `STAT_*` index.
 #[map(name = "AS_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::STATS, 0);
 
 /// Every deny and would-be deny, for the daemon's audit log and detectors. A full ring never
 /// blocks a hook: the loss is counted in STATS and the verdict stands.
@@ -49,4 +53,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// rule id → allows it decided (per CPU). Written here; read by the daemon for `audit`.
 #[map(name = "AS_RULE_HITS")]
-pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * RULES_PER_GEN, 0);
+pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::RULE_HITS, 0);
+
+/// (table id, AF_UNIX address) → verdict. Written by the daemon (compiled `[[unix]]` rules,
+/// the `[unix] allow` baseline and the control socket's deny); read by the AF_UNIX hooks.
+#[map(name = "AS_UNIX")]
+pub static UNIX: LpmTrie<UnixKey, UnixValue> = LpmTrie::with_max_entries(capacity::UNIX, 0);
+
+/// socket cookie → the egress verdict for its current destination: only the first packet of
+/// a flow (or of a new destination) is judged. Written and read by the packet hooks; LRU, so an
+/// evicted entry only costs a new judgement.
+#[map(name = "AS_FLOWS")]
+pub static FLOWS: LruHashMap<u64, FlowVerdict> = LruHashMap::with_max_entries(capacity::FLOWS, 0);

@@ -1,26 +1,32 @@
 //! The decision shared by every hook: who is asking (the deepest member on a cgroup path) and
 //! whether its segment allows a peer.
 //!
-//! Precedence, first row that applies wins:
+//! Who is asking, first row that applies wins:
 //!
-//! | situation                                          | verdict                       |
-//! |----------------------------------------------------|-------------------------------|
-//! | no member on the cgroup path                       | deny (STAT_NO_MEMBER)         |
-//! | member released in the live generation             | allow (in no segment)         |
-//! | member's segment missing from SEGMENTS             | deny (STAT_NO_SEGMENT)        |
-//! | segment has the dead-man flag, heartbeat stale     | deny (STAT_DEADMAN)           |
-//! | agent or segment quarantined                       | allow only `[quarantine] allow` peers, in any mode |
-//! | longest prefix's ruleset has (proto, port)         | allow                         |
-//! | no prefix, empty ruleset, or no matching entry     | deny, or allow if mode=audit  |
+//! | situation on the cgroup path                            | result                          |
+//! |---------------------------------------------------------|---------------------------------|
+//! | a child of a guard (`MEMBER_GUARD`) is not registered   | deny (STAT_PENDING, RULE_PENDING) |
+//! | no member (outsiders do not count)                      | caller's choice: deny (a program attached to a member cgroup: STAT_NO_MEMBER) or untouched (the enforcement root) |
+//! | member flagged `MEMBER_FAILED`                          | deny (RULE_FAILED_MEMBER)       |
+//! | member released in the live generation (`SEGMENT_RELEASED`) | untouched                  |
+//! | member's segment id 0, or missing from SEGMENTS         | deny (STAT_NO_SEGMENT)          |
 //!
-//! A program only runs for sockets of cgroups it is attached to (member cgroups and the agent
-//! root), so "no member" means the socket is a member's but the path walked is not: deny.
+//! What its segment allows, first row that applies wins:
+//!
+//! | situation                                          | verdict                         |
+//! |----------------------------------------------------|---------------------------------|
+//! | segment has the dead-man flag, heartbeat stale     | deny (RULE_DEADMAN)             |
+//! | agent or segment quarantined                       | only `[quarantine] allow` peers, in any mode |
+//! | longest prefix's ruleset has (protocol, port)      | allow                           |
+//! | otherwise                                          | deny, or allow if mode = audit  |
 use agentseg_common::{
-    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_QUARANTINED, MODE_AUDIT, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
-    RULE_DEFAULT_DENY, RULE_QUARANTINE, RULESET_CAPACITY, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
-    SEGMENT_NONE, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_NO_MEMBER, STAT_NO_RULESET, STAT_NO_SEGMENT,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD,
+    MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT,
+    RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS,
+    RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
+    SEGMENT_RELEASED, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER,
+    STAT_NO_RULESET, STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    ruleset_allows,
 };
 use aya_ebpf::{
     helpers::{
@@ -34,27 +40,9 @@ use crate::maps::{
     CONFIG, COUNTERS, EVENTS, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS, SEGMENTS, STATS,
 };
 
-/// Return codes of cgroup sock_addr and cgroup_skb programs alike.
+/// Return codes of cgroup sock_addr, sockopt and cgroup_skb programs alike.
 pub const ALLOW: i32 = 1;
 pub const DENY: i32 = 0;
-
-pub const IPPROTO_ICMP: u32 = 1;
-pub const IPPROTO_TCP: u32 = 6;
-pub const IPPROTO_UDP: u32 = 17;
-pub const IPPROTO_ICMPV6: u32 = 58;
-pub const IPPROTO_UDPLITE: u32 = 136;
-const IPPROTO_MPTCP: u32 = 262;
-
-/// Protocol bit for a protocol number; 0 (matches no rule) for anything else.
-#[inline(always)]
-pub fn proto_bit(protocol: u32) -> u8 {
-    match protocol {
-        IPPROTO_TCP | IPPROTO_MPTCP => PROTO_TCP,
-        IPPROTO_UDP | IPPROTO_UDPLITE => PROTO_UDP,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => PROTO_ICMP,
-        _ => 0,
-    }
-}
 
 /// A peer address as the hooks see it (network byte order). A plain struct, always fully
 /// initialised: an enum with a 4- and a 16-byte variant leaves bytes the verifier calls
@@ -82,7 +70,7 @@ impl Peer {
 }
 
 #[inline(always)]
-fn stat(index: u32) {
+pub fn stat(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
@@ -114,34 +102,56 @@ pub struct Subject {
     pub quarantined: bool,
     /// The daemon's heartbeat is stale and the segment asked to be cut off then.
     pub deadman: bool,
+    /// The member's own packet programs are attached.
+    pub attached: bool,
     /// One allow in this many becomes an event (0: none).
     pub sample_allows: u32,
+}
+
+/// A refusal decided before any segment applies (pending or failed member).
+#[derive(Clone, Copy)]
+pub struct Refusal {
+    /// The cgroup the refusal is about: the unregistered child, or the failed member.
+    pub cgroup: u64,
+    /// `RULE_PENDING`, `RULE_FAILED_MEMBER`, or `RULE_DEFAULT_DENY` for the counted-only cases
+    /// (no member, no segment).
+    pub rule: u32,
 }
 
 pub enum Resolved {
     /// Not (or no longer) in a segment: untouched.
     Untouched,
     /// Fail closed.
-    Deny,
+    Deny(Refusal),
     Subject(Subject),
+}
+
+/// What a path without any member means to the caller.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NoMember {
+    /// A program attached to a member cgroup: the socket is a member's, so the path must have
+    /// one (fail closed).
+    Deny,
+    /// A program at the enforcement root: most paths are not members'.
+    Untouched,
 }
 
 /// Resolve the deepest member on a cgroup path. `ancestor(level)` returns the path's cgroup
 /// id at `level` or 0 past its end. Plain values, not `Option`, in the walk: LLVM leaves an
 /// `Option` payload uninitialised and the verifier rejects the read.
 #[inline(always)]
-pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64) -> Resolved {
-    // (own: the cgroup the hook runs for, or 0.)
+pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resolved {
+    // (own: the cgroup the hook is about, or 0.)
     let mut found_id: u64 = 0;
     // Only the fields a decision needs are copied (the agent id stays in the map): the packet
     // hooks' frames are close to the 512-byte limit.
     let (mut seg0, mut seg1, mut member_flags) = (0u32, 0u32, 0u32);
     // An agent almost always runs in its own member cgroup, the deepest possible match: one
-    // lookup instead of one per level. `own == 0` skips it (the packet hooks, whose frames
-    // cannot afford the extra copy; their fast path rarely resolves at all).
+    // lookup instead of one per level.
     // SAFETY: read at once; MEMBERS values are plain integers.
     if own != 0
         && let Some(m) = unsafe { MEMBERS.get(own) }
+        && m.kind != MEMBER_OUTSIDER
     {
         found_id = own;
         (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
@@ -151,21 +161,55 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64) -> Resolved {
     } else {
         1
     };
+    // The previous level was a guard: this level's cgroup must be registered.
+    let mut guarded = false;
+    let mut pending: u64 = 0;
     while level < MAX_CGROUP_DEPTH as i32 {
         let id = ancestor(level);
         if id == 0 {
             break;
         }
         // SAFETY: read at once; MEMBERS values are plain integers.
-        if let Some(m) = unsafe { MEMBERS.get(id) } {
-            found_id = id;
-            (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
+        match unsafe { MEMBERS.get(id) } {
+            Some(m) => {
+                if m.kind != MEMBER_OUTSIDER {
+                    found_id = id;
+                    (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
+                }
+                guarded = m.flags & MEMBER_GUARD != 0;
+            }
+            None => {
+                if guarded {
+                    pending = id;
+                    break;
+                }
+            }
         }
         level += 1;
     }
+    if pending != 0 {
+        stat(STAT_PENDING);
+        return Resolved::Deny(Refusal {
+            cgroup: pending,
+            rule: RULE_PENDING,
+        });
+    }
     if found_id == 0 {
+        if none == NoMember::Untouched {
+            return Resolved::Untouched;
+        }
         stat(STAT_NO_MEMBER);
-        return Resolved::Deny;
+        return Resolved::Deny(Refusal {
+            cgroup: 0,
+            rule: RULE_DEFAULT_DENY,
+        });
+    }
+    if member_flags & MEMBER_FAILED != 0 {
+        stat(STAT_FAILED_MEMBER);
+        return Resolved::Deny(Refusal {
+            cgroup: found_id,
+            rule: RULE_FAILED_MEMBER,
+        });
     }
     let (generation, deadman_secs, heartbeat_ns, sample_allows) = match CONFIG.get(0) {
         Some(c) => (
@@ -177,13 +221,16 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64) -> Resolved {
         None => (0, 0, 0, 0),
     };
     let segment_id = if generation == 0 { seg0 } else { seg1 };
-    if segment_id == SEGMENT_NONE {
+    if segment_id == SEGMENT_RELEASED {
         return Resolved::Untouched;
     }
-    // SAFETY: copied out at once; plain integers.
+    // SAFETY: copied out at once; plain integers. Id 0 is never written: denied here too.
     let Some(seg) = (unsafe { SEGMENTS.get(segment_id) }).copied() else {
         stat(STAT_NO_SEGMENT);
-        return Resolved::Deny;
+        return Resolved::Deny(Refusal {
+            cgroup: found_id,
+            rule: RULE_DEFAULT_DENY,
+        });
     };
     let mut deadman = false;
     if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
@@ -200,6 +247,7 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64) -> Resolved {
         audit: seg.mode == MODE_AUDIT,
         quarantined: member_flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
         deadman,
+        attached: member_flags & MEMBER_ATTACHED != 0,
         sample_allows,
     })
 }
@@ -212,10 +260,30 @@ pub enum Table {
     QuarantineAllow,
 }
 
-/// The rule of `table` of the subject's segment that allows (peer, protocol bit, port), or
-/// [`RULE_DEFAULT_DENY`] (quarantine: [`RULE_QUARANTINE`]; dead-man: [`RULE_DEADMAN`]).
+/// The table an egress decision of `s` reads: its rules, or its quarantine allow list.
 #[inline(always)]
-pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> u32 {
+pub fn egress_table(s: &Subject) -> Table {
+    if s.quarantined || s.deadman {
+        Table::QuarantineAllow
+    } else {
+        Table::Egress
+    }
+}
+
+/// The table id an LPM key of `table` starts with.
+#[inline(always)]
+pub fn table_id(s: &Subject, table: Table) -> u32 {
+    match table {
+        Table::Egress => s.segment_id,
+        Table::Ingress => s.segment_id | INGRESS_BIT,
+        Table::QuarantineAllow => s.segment_id | QUARANTINE_BIT,
+    }
+}
+
+/// The rule of `table` of the subject's segment that allows (peer, IP protocol number, port),
+/// or [`RULE_DEFAULT_DENY`] (quarantine: [`RULE_QUARANTINE`]; dead-man: [`RULE_DEADMAN`]).
+#[inline(always)]
+pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -> u32 {
     if s.deadman {
         return RULE_DEADMAN;
     }
@@ -224,12 +292,7 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> u3
     } else {
         RULE_DEFAULT_DENY
     };
-    let key_id = match table {
-        Table::Egress => s.segment_id,
-        Table::Ingress => s.segment_id | INGRESS_BIT,
-        Table::QuarantineAllow => s.segment_id | QUARANTINE_BIT,
-    };
-    let seg_be = key_id.to_be_bytes();
+    let seg_be = table_id(s, table).to_be_bytes();
     let a = peer.addr;
     let found = if peer.v6 {
         POLICY_V6.get(Key::new(
@@ -255,28 +318,25 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, proto: u8, port: u16) -> u3
         stat(STAT_NO_RULESET);
         return none;
     };
-    let len = if (rs.len as usize) < RULESET_CAPACITY {
-        rs.len as usize
+    let rule = ruleset_allows(rs, protocol, port);
+    if rule == RULE_DEFAULT_DENY {
+        none
     } else {
-        RULESET_CAPACITY
-    };
-    let mut i = 0;
-    while i < len {
-        let r = &rs.rules[i];
-        if r.protocols & proto != 0
-            && (proto == PROTO_ICMP || (port >= r.port_lo && port <= r.port_hi))
-        {
-            return r.rule_id;
-        }
-        i += 1;
+        rule
     }
-    none
 }
 
 /// Whether a value returned by [`allows`] is a rule (an allow) rather than a sentinel.
 #[inline(always)]
 pub fn is_rule(rule: u32) -> bool {
-    rule < RULE_DEADMAN
+    rule < RULE_FIRST_SENTINEL
+}
+
+/// Whether an audit-mode segment lets this refusal through (counted as a would-be denial).
+/// Quarantine, the dead-man switch, pending and failed members, the control socket: never.
+#[inline(always)]
+fn auditable(rule: u32) -> bool {
+    rule == RULE_DEFAULT_DENY || rule == RULE_IP_OPTIONS || rule == RULE_MALFORMED
 }
 
 /// What a decision was about, for its event.
@@ -292,11 +352,9 @@ pub struct Flow {
     pub daddr: [u8; 16],
 }
 
-/// Write one event; a full ring loses the record (counted), never the verdict. Out of line
-/// (a BPF-to-BPF call): the 88-byte record gets its own frame, which keeps the packet hooks'
-/// frames under the 512-byte limit.
+/// Write one event; a full ring loses the record (counted), never the verdict.
 #[inline(always)]
-fn emit(s: &Subject, verdict: u8, rule: u32, flow: &Flow) {
+pub fn emit(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         stat(STAT_EVENTS_LOST);
         return;
@@ -312,10 +370,10 @@ fn emit(s: &Subject, verdict: u8, rule: u32, flow: &Flow) {
     entry.write(Event {
         // SAFETY: plain helper call.
         ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-        cgroup_id: s.cgroup,
+        cgroup_id: cgroup,
         pid_tgid,
         comm,
-        segment_id: s.segment_id,
+        segment_id,
         rule_id: rule,
         hook: flow.hook,
         verdict,
@@ -329,29 +387,50 @@ fn emit(s: &Subject, verdict: u8, rule: u32, flow: &Flow) {
     entry.submit(0);
 }
 
-/// Turn a rule lookup into a verdict: an allow counts its rule; a denial (or a would-be denial
-/// of an audit-mode segment) is reported as an event. Quarantine and the dead-man switch deny
-/// in every mode.
+/// A refusal decided before any segment applied: reported when it has a reason of its own
+/// (pending or failed member), only counted otherwise (in STATS).
 #[inline(always)]
-pub fn finish(s: &Subject, rule: u32, flow: &Flow) -> i32 {
+pub fn refuse(r: &Refusal, flow: &Flow) -> i32 {
+    if r.rule != RULE_DEFAULT_DENY {
+        emit(r.cgroup, 0, VERDICT_DENY, r.rule, flow);
+    }
+    DENY
+}
+
+/// Turn a rule lookup into a verdict: an allow counts its rule (unless `count_allow` is false:
+/// the packet hook re-checking what connect or sendmsg already counted); a denial (or a
+/// would-be denial of an audit-mode segment) is reported as an event.
+#[inline(always)]
+pub fn finish(s: &Subject, rule: u32, flow: &Flow, count_allow: bool) -> i32 {
+    finish_with(s, rule, count_allow, |verdict, rule| {
+        emit(s.cgroup, s.segment_id, verdict, rule, flow)
+    })
+}
+
+/// [`finish`] with the report written by `report(verdict, rule)` (the AF_UNIX hooks send a
+/// record with the address).
+#[inline(always)]
+pub fn finish_with(s: &Subject, rule: u32, count_allow: bool, report: impl Fn(u8, u32)) -> i32 {
     if is_rule(rule) {
-        if let Some(p) = RULE_HITS.get_ptr_mut(rule) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-            unsafe { *p += 1 };
-        }
-        count(s.cgroup, |c| c.allowed += 1);
-        // SAFETY: plain helper call.
-        if s.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % s.sample_allows == 0 {
-            emit(s, VERDICT_ALLOW, rule, flow);
+        if count_allow {
+            if let Some(p) = RULE_HITS.get_ptr_mut(rule) {
+                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+                unsafe { *p += 1 };
+            }
+            count(s.cgroup, |c| c.allowed += 1);
+            // SAFETY: plain helper call.
+            if s.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % s.sample_allows == 0 {
+                report(VERDICT_ALLOW, rule);
+            }
         }
         ALLOW
-    } else if s.audit && rule == RULE_DEFAULT_DENY {
+    } else if s.audit && auditable(rule) {
         count(s.cgroup, |c| c.audit_denied += 1);
-        emit(s, VERDICT_AUDIT, rule, flow);
+        report(VERDICT_AUDIT, rule);
         ALLOW
     } else {
         count(s.cgroup, |c| c.denied += 1);
-        emit(s, VERDICT_DENY, rule, flow);
+        report(VERDICT_DENY, rule);
         DENY
     }
 }

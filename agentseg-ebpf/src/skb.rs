@@ -1,29 +1,48 @@
-//! `cgroup_skb/egress` and `cgroup_skb/ingress`: the packet-level backstop, judged against the
-//! membership of the packet's *socket* (not the task: this hook runs in softirq too).
+//! `cgroup_skb/egress` and `cgroup_skb/ingress` on member cgroups, and the enforcement root's
+//! handoff egress hook. The member hooks judge against the membership of the packet's
+//! *socket* (this hook also runs in softirq, where the current task means nothing).
 //!
-//! What each direction judges (connect/sendmsg already judged TCP and UDP sends):
+//! Egress, on a member's socket (first row that applies):
 //!
-//! | packet                                    | egress                   | ingress                          |
-//! |-------------------------------------------|--------------------------|----------------------------------|
-//! | quarantined agent or segment              | `[quarantine] allow` only | `[quarantine] allow` only        |
-//! | TCP socket                                | pass (judged at connect) | judged by `[[ingress]]` on a listener (the SYN); pass otherwise |
-//! | UDP socket, connected                     | pass                     | pass (the kernel filters the peer) |
-//! | UDP socket, unconnected                   | pass (judged at sendmsg) | `[[ingress]]`, or egress rules for the sender (a reply) |
-//! | ping and raw sockets (ICMP, any protocol) | egress rules             | `[[ingress]]`, or egress rules for the sender (a reply) |
+//! | packet                                          | verdict                                   |
+//! |-------------------------------------------------|-------------------------------------------|
+//! | cannot be parsed                                | deny (RULE_MALFORMED)                     |
+//! | IPv4 options, IPv6 routing header               | deny (RULE_IP_OPTIONS): source routing    |
+//! | quarantined agent or segment, dead-man          | `[quarantine] allow` only, every packet   |
+//! | TCP socket, not a SYN                           | pass: the flow's SYN was judged           |
+//! | TCP SYN, and every other packet                 | egress rules for the destination *on the wire* (after NAT, routing headers, `0.0.0.0`), remembered per socket and destination in FLOWS |
+//!
+//! Ingress, on a member's socket:
+//!
+//! | packet                                    | verdict                                       |
+//! |-------------------------------------------|-----------------------------------------------|
+//! | cannot be parsed                          | deny (RULE_MALFORMED)                         |
+//! | quarantined agent or segment, dead-man    | `[quarantine] allow` only                     |
+//! | TCP, not to a listener                    | pass (its flow was judged at its start)       |
+//! | UDP or UDP-Lite to a connected socket     | pass (the kernel filters the peer)            |
+//! | to a listener, unconnected UDP, ping, raw | `[[ingress]]`, or egress rules for the sender (a reply) |
 use aya_ebpf::{
-    helpers::generated::{bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 
 use agentseg_common::{
-    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, FLOW_ALLOW, FLOW_DENY, FLOW_UNTOUCHED, FlowVerdict,
+    HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    RULE_IP_OPTIONS, RULE_MALFORMED, STAT_FLOW_JUDGED, STAT_IP_OPTIONS, STAT_MALFORMED, has_ports,
+    proto_class,
 };
 
-use crate::maps::CONFIG;
-use crate::policy::{
-    ALLOW, DENY, Flow, IPPROTO_TCP, IPPROTO_UDP, Peer, Resolved, Subject, Table, allows, finish,
-    is_rule, proto_bit, resolve,
+use agentseg_ebpf::{
+    maps::{CONFIG, FLOWS},
+    policy::{
+        ALLOW, DENY, Flow, NoMember, Peer, Resolved, Subject, Table, allows, egress_table, finish,
+        is_rule, refuse, resolve, stat,
+    },
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -31,6 +50,17 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const TCP_LISTEN: u32 = 10;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// IPv6 extension headers walked to the transport header (a longer chain denies).
+const MAX_EXT_HEADERS: usize = 8;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_NONE: u8 = 59;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
 
 struct Packet {
     src: Peer,
@@ -39,6 +69,10 @@ struct Packet {
     /// Host byte order; 0 when the packet has none (ICMP, later fragments).
     sport: u16,
     dport: u16,
+    /// IPv4 options or an IPv6 routing header: the packet may go somewhere else than `dst`.
+    routed: bool,
+    /// TCP flags (0 for other protocols).
+    tcp_flags: u8,
 }
 
 impl Packet {
@@ -51,14 +85,16 @@ impl Packet {
             proto: 0,
             sport: 0,
             dport: 0,
+            routed: false,
+            tcp_flags: 0,
         }
     }
 
     #[inline(always)]
-    fn flow(&self, hook: u8) -> Flow {
+    fn flow(&self, hook: u8, task: bool) -> Flow {
         Flow {
             hook,
-            task: false,
+            task,
             family: if self.src.v6 { 6 } else { 4 },
             protocol: self.proto as u8,
             sport: self.sport,
@@ -69,52 +105,110 @@ impl Packet {
     }
 }
 
-/// Parse the IP header (cgroup_skb data starts at the network header). All reads go through
-/// `bpf_skb_load_bytes`, which bounds-checks for us. No `Option` fields inside: see [`Peer`].
+/// Parse the IP header and, for IPv6, the extension header chain (bounded) down to the
+/// transport header. All reads go through `bpf_skb_load_bytes`, which bounds-checks for us.
+/// False when the packet cannot be read as IP: the caller denies a member's.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, p: &mut Packet) -> bool {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    // Offset of the L4 header, 0 when there is none to read (a later fragment).
+    // Offset of the transport header, 0 when there is none to read (a later fragment).
     let l4: usize;
     if ethertype == ETH_P_IP {
-        let (Ok(vihl), Ok(frag), Ok(proto), Ok(src), Ok(dst)) = (
-            ctx.load::<u8>(0),
-            ctx.load::<u16>(6),
-            ctx.load::<u8>(9),
-            ctx.load::<[u8; 4]>(12),
-            ctx.load::<[u8; 4]>(16),
-        ) else {
+        let Ok(h) = ctx.load::<[u8; 20]>(0) else {
             return false;
         };
-        l4 = if u16::from_be(frag) & 0x1fff == 0 {
-            usize::from(vihl & 0x0f) * 4
+        let ihl = usize::from(h[0] & 0x0f);
+        if h[0] >> 4 != 4 || ihl < 5 {
+            return false;
+        }
+        p.routed = ihl > 5;
+        l4 = if u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0 {
+            ihl * 4
         } else {
             0
         };
-        p.src = Peer::v4(src);
-        p.dst = Peer::v4(dst);
-        p.proto = u32::from(proto);
+        p.src = Peer::v4([h[12], h[13], h[14], h[15]]);
+        p.dst = Peer::v4([h[16], h[17], h[18], h[19]]);
+        p.proto = u32::from(h[9]);
     } else if ethertype == ETH_P_IPV6 {
-        let (Ok(next), Ok(src), Ok(dst)) = (
+        let (Ok(first), Ok(next), Ok(src), Ok(dst)) = (
+            ctx.load::<u8>(0),
             ctx.load::<u8>(6),
             ctx.load::<[u8; 16]>(8),
             ctx.load::<[u8; 16]>(24),
         ) else {
             return false;
         };
-        l4 = 40;
+        if first >> 4 != 6 {
+            return false;
+        }
         p.src = Peer::v6(src);
         p.dst = Peer::v6(dst);
+        let mut next = next;
+        let mut off: usize = 40;
+        let mut fragment_tail = false;
+        let mut i = 0;
+        let mut done = false;
+        while i < MAX_EXT_HEADERS {
+            match next {
+                NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_MOBILITY => {
+                    let (Ok(nh), Ok(len)) = (ctx.load::<u8>(off), ctx.load::<u8>(off + 1)) else {
+                        return false;
+                    };
+                    if next == NEXTHDR_ROUTING {
+                        p.routed = true;
+                    }
+                    next = nh;
+                    off += (usize::from(len) + 1) * 8;
+                }
+                NEXTHDR_FRAGMENT => {
+                    let (Ok(nh), Ok(frag)) = (ctx.load::<u8>(off), ctx.load::<u16>(off + 2)) else {
+                        return false;
+                    };
+                    if u16::from_be(frag) & 0xfff8 != 0 {
+                        fragment_tail = true;
+                    }
+                    next = nh;
+                    off += 8;
+                }
+                NEXTHDR_AUTH => {
+                    let (Ok(nh), Ok(len)) = (ctx.load::<u8>(off), ctx.load::<u8>(off + 1)) else {
+                        return false;
+                    };
+                    next = nh;
+                    off += (usize::from(len) + 2) * 4;
+                }
+                _ => {
+                    done = true;
+                    break;
+                }
+            }
+            i += 1;
+        }
+        if !done {
+            return false;
+        }
         p.proto = u32::from(next);
+        l4 = if fragment_tail || next == NEXTHDR_NONE {
+            0
+        } else {
+            off
+        };
     } else {
         return false;
     }
-    if l4 != 0 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+    if l4 != 0 && has_ports(p.proto) {
         let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) else {
             return false;
         };
         p.sport = u16::from_be(sport);
         p.dport = u16::from_be(dport);
+        if p.proto == IPPROTO_TCP {
+            let Ok(flags) = ctx.load::<u8>(l4 + 13) else {
+                return false;
+            };
+            p.tcp_flags = flags;
+        }
     }
     true
 }
@@ -160,123 +254,315 @@ fn sock(ctx: &SkBuffContext) -> Sock {
     }
 }
 
+impl Sock {
+    #[inline(always)]
+    fn tcp(&self) -> bool {
+        self.full
+            && self.ty == SOCK_STREAM
+            && proto_class(self.protocol) == proto_class(IPPROTO_TCP)
+    }
+
+    /// A UDP socket: its allows were counted by connect4/6 or sendmsg4/6.
+    #[inline(always)]
+    fn udp(&self) -> bool {
+        self.full && self.ty == SOCK_DGRAM && self.protocol == IPPROTO_UDP
+    }
+}
+
+/// The socket's membership (walks the socket's cgroup ancestry).
 #[inline(always)]
-fn subject(ctx: &SkBuffContext) -> Result<Subject, i32> {
+fn socket_resolve(ctx: &SkBuffContext, none: NoMember) -> Resolved {
     // SAFETY: plain helper call on this program's skb; 0 past the socket's level.
-    match resolve(0, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level)
-    }) {
-        Resolved::Untouched => Err(ALLOW),
-        Resolved::Deny => Err(DENY),
-        Resolved::Subject(s) => Ok(s),
+    resolve(
+        0,
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) },
+        none,
+    )
+}
+
+/// (armed, epoch) from CONFIG: whether a quarantine or dead-man switch is armed anywhere (then
+/// nothing is remembered, every packet is resolved), and the epoch remembered verdicts carry.
+#[inline(always)]
+fn config() -> (bool, u32) {
+    match CONFIG.get(0) {
+        Some(c) => (
+            c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
+            c.epoch,
+        ),
+        None => (true, 0),
     }
 }
 
-/// Whether the packets of this socket were judged where the flow started (see the table):
-/// TCP except a listener's, UDP sends, and UDP received on a connected socket.
 #[inline(always)]
-fn judged_elsewhere(sk: &Sock, egress: bool) -> bool {
-    let udp = sk.ty == SOCK_DGRAM && proto_bit(sk.protocol) == proto_bit(IPPROTO_UDP);
-    if egress {
-        sk.ty == SOCK_STREAM || udp
-    } else {
-        (sk.ty == SOCK_STREAM && sk.state != TCP_LISTEN) || (udp && sk.connected)
-    }
-}
-
-/// Both directions share resolution, parsing and quarantine; they differ in which rules a
-/// packet of a live socket answers to (see the table above).
-#[inline(always)]
-fn judge(ctx: &SkBuffContext, egress: bool) -> i32 {
-    // Fast path: with no quarantine and no dead-man switch armed anywhere, a packet of a TCP
-    // flow or of a UDP socket that connect/sendmsg judged needs nothing from us.
-    let armed = match CONFIG.get(0) {
-        Some(c) => c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
-        None => true,
-    };
-    if !armed {
-        let sk = sock(ctx);
-        if sk.full && judged_elsewhere(&sk, egress) {
-            return ALLOW;
-        }
-    }
-    if egress {
-        judge_slow::<true>(ctx)
-    } else {
-        judge_slow::<false>(ctx)
-    }
-}
-
-/// Everything else. Inlined: the verifier counts a call's frames together (512 bytes in
-/// all), so splitting does not buy room; one copy per direction keeps only its branches.
-#[inline(always)]
-fn judge_slow<const EGRESS: bool>(ctx: &SkBuffContext) -> i32 {
-    let egress = EGRESS;
-    let s = match subject(ctx) {
-        Ok(s) => s,
-        Err(verdict) => return verdict,
-    };
-    let mut p = Packet::empty();
-    if !parse(ctx, &mut p) {
-        // Not IP: nothing to judge, unless the agent is cut off.
-        return if s.quarantined { DENY } else { ALLOW };
-    }
-    let bit = proto_bit(p.proto);
-    let (peer, peer_port) = if egress {
-        (p.dst, p.dport)
-    } else {
-        (p.src, p.sport)
-    };
-    let flow = p.flow(if egress {
-        HOOK_SKB_EGRESS
-    } else {
-        HOOK_SKB_INGRESS
-    });
-    if s.quarantined || s.deadman {
-        let rule = allows(&s, Table::QuarantineAllow, peer, bit, peer_port);
-        return finish(&s, rule, &flow);
-    }
-    let sk = sock(ctx);
+fn cookie(ctx: &SkBuffContext, sk: &Sock) -> u64 {
     if !sk.full {
-        return ALLOW;
+        return 0;
     }
-    if egress {
-        // TCP and UDP sockets were judged at connect/sendmsg; ping and raw sockets were not.
-        if sk.ty == SOCK_STREAM
-            || (sk.ty == SOCK_DGRAM && proto_bit(sk.protocol) == proto_bit(IPPROTO_UDP))
+    // SAFETY: helper on this program's skb (it has a full socket).
+    unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) }
+}
+
+/// The verdict remembered for this socket's current destination, if it is still valid.
+#[inline(always)]
+fn remembered(cookie: u64, p: &Packet, epoch: u32) -> u8 {
+    if cookie == 0 {
+        return 0;
+    }
+    // SAFETY: read at once; FlowVerdict is plain integers.
+    match unsafe { FLOWS.get(&cookie) } {
+        Some(v)
+            if v.epoch == epoch
+                && v.dport == p.dport
+                && u32::from(v.protocol) == p.proto
+                && v.daddr == p.dst.addr =>
         {
-            return ALLOW;
+            v.verdict
         }
-        return finish(&s, allows(&s, Table::Egress, p.dst, bit, p.dport), &flow);
+        _ => 0,
     }
-    if sk.ty == SOCK_STREAM {
-        // Only a listener's packets open a flow; an established socket's were judged at its
-        // start (connect, or this check on the SYN).
-        if sk.state != TCP_LISTEN {
-            return ALLOW;
-        }
-        return finish(&s, allows(&s, Table::Ingress, p.src, bit, p.dport), &flow);
+}
+
+#[inline(always)]
+fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64) {
+    if cookie == 0 {
+        return;
     }
-    if sk.ty == SOCK_DGRAM && sk.connected && bit == proto_bit(IPPROTO_UDP) {
+    let v = FlowVerdict {
+        daddr: p.dst.addr,
+        dport: p.dport,
+        protocol: p.proto as u8,
+        verdict,
+        epoch,
+        task_cgroup,
+    };
+    // A failed insert only means the next packet is judged again.
+    let _ = FLOWS.insert(&cookie, &v, 0);
+}
+
+/// Judge one egress packet of `s` (its parse outcome in `parsed`): the table above.
+#[inline(always)]
+fn judge_egress(
+    s: &Subject,
+    sk: &Sock,
+    p: &Packet,
+    parsed: bool,
+    flow: &Flow,
+    cookie: u64,
+    armed: bool,
+    epoch: u32,
+) -> i32 {
+    if !parsed {
+        stat(STAT_MALFORMED);
+        return finish(s, RULE_MALFORMED, flow, false);
+    }
+    if p.routed {
+        stat(STAT_IP_OPTIONS);
+        return finish(s, RULE_IP_OPTIONS, flow, false);
+    }
+    let table = egress_table(s);
+    if table == Table::Egress
+        && sk.tcp()
+        && (p.tcp_flags & TCP_FLAG_SYN == 0 || p.tcp_flags & TCP_FLAG_ACK != 0)
+    {
         return ALLOW;
     }
-    // Unconnected UDP, ping and raw sockets: an ingress rule, or a reply from a peer the
-    // egress rules let the agent talk to.
-    let rule = allows(&s, Table::Ingress, p.src, bit, p.dport);
-    let rule = if is_rule(rule) {
-        rule
+    if !armed {
+        match remembered(cookie, p, epoch) {
+            FLOW_ALLOW => return ALLOW,
+            FLOW_DENY => return DENY,
+            _ => {}
+        }
+    }
+    stat(STAT_FLOW_JUDGED);
+    let rule = allows(s, table, p.dst, p.proto, p.dport);
+    // TCP and UDP sockets had their allows counted by connect or sendmsg.
+    let verdict = finish(s, rule, flow, !(sk.tcp() || sk.udp()));
+    if !armed {
+        let v = if verdict == ALLOW {
+            FLOW_ALLOW
+        } else {
+            FLOW_DENY
+        };
+        remember(cookie, p, epoch, v, 0);
+    }
+    verdict
+}
+
+/// Whether a member TCP socket's packet is a plain one of an established flow: no IPv4
+/// options, no IPv6 extension headers, not a SYN. Two loads, no full parse: the fast path.
+#[inline(always)]
+fn tcp_established(ctx: &SkBuffContext) -> bool {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let flags_at = if ethertype == ETH_P_IP {
+        match ctx.load::<[u8; 10]>(0) {
+            Ok(h) if h[0] == 0x45 && h[9] == IPPROTO_TCP as u8 && h[6] & 0x3f == 0 && h[7] == 0 => {
+                20 + 13
+            }
+            _ => return false,
+        }
+    } else if ethertype == ETH_P_IPV6 {
+        match ctx.load::<[u8; 8]>(0) {
+            Ok(h) if h[0] >> 4 == 6 && h[6] == IPPROTO_TCP as u8 => 40 + 13,
+            _ => return false,
+        }
     } else {
-        allows(&s, Table::Egress, p.src, bit, p.sport)
+        return false;
     };
-    finish(&s, rule, &flow)
+    match ctx.load::<u8>(flags_at) {
+        Ok(flags) => flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0,
+        Err(_) => false,
+    }
 }
 
 #[cgroup_skb(egress)]
 pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
-    judge(&ctx, true)
+    let (armed, epoch) = config();
+    let sk = sock(&ctx);
+    // Fast path: a packet of an established TCP flow of a member (its SYN was judged).
+    if !armed && sk.tcp() && tcp_established(&ctx) {
+        return ALLOW;
+    }
+    let mut p = Packet::empty();
+    let parsed = parse(&ctx, &mut p);
+    let flow = p.flow(HOOK_SKB_EGRESS, false);
+    let s = match socket_resolve(&ctx, NoMember::Deny) {
+        Resolved::Untouched => return ALLOW,
+        Resolved::Deny(r) => return refuse(&r, &flow),
+        Resolved::Subject(s) => s,
+    };
+    let cookie = cookie(&ctx, &sk);
+    judge_egress(&s, &sk, &p, parsed, &flow, cookie, armed, epoch)
 }
 
 #[cgroup_skb(ingress)]
 pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
-    judge(&ctx, false)
+    let (armed, _) = config();
+    let sk = sock(&ctx);
+    // Fast path: with nothing armed, packets of established TCP flows and of connected UDP
+    // sockets were judged where the flow started.
+    if !armed
+        && sk.full
+        && ((sk.tcp() && sk.state != TCP_LISTEN)
+            || (sk.ty == SOCK_DGRAM
+                && sk.connected
+                && (sk.protocol == IPPROTO_UDP || sk.protocol == IPPROTO_UDPLITE)))
+    {
+        return ALLOW;
+    }
+    let mut p = Packet::empty();
+    let parsed = parse(&ctx, &mut p);
+    let flow = p.flow(HOOK_SKB_INGRESS, false);
+    let s = match socket_resolve(&ctx, NoMember::Deny) {
+        Resolved::Untouched => return ALLOW,
+        Resolved::Deny(r) => return refuse(&r, &flow),
+        Resolved::Subject(s) => s,
+    };
+    if !parsed {
+        stat(STAT_MALFORMED);
+        return finish(&s, RULE_MALFORMED, &flow, false);
+    }
+    if s.quarantined || s.deadman {
+        let rule = allows(&s, Table::QuarantineAllow, p.src, p.proto, p.sport);
+        return finish(&s, rule, &flow, true);
+    }
+    if !sk.full {
+        return ALLOW;
+    }
+    if sk.tcp() {
+        // Only a listener's packets open a flow.
+        if sk.state != TCP_LISTEN {
+            return ALLOW;
+        }
+        return finish(
+            &s,
+            allows(&s, Table::Ingress, p.src, p.proto, p.dport),
+            &flow,
+            true,
+        );
+    }
+    if sk.ty == SOCK_DGRAM
+        && sk.connected
+        && (sk.protocol == IPPROTO_UDP || sk.protocol == IPPROTO_UDPLITE)
+    {
+        return ALLOW;
+    }
+    // Unconnected datagram, ping and raw sockets: an ingress rule, or a reply from a peer the
+    // egress rules let the agent talk to.
+    let rule = allows(&s, Table::Ingress, p.src, p.proto, p.dport);
+    let rule = if is_rule(rule) {
+        rule
+    } else {
+        allows(&s, Table::Egress, p.src, p.proto, p.sport)
+    };
+    finish(&s, rule, &flow, true)
+}
+
+/// The enforcement root's egress hook, for packets the member hooks do not see: those of a
+/// socket made outside every pen and used by a member (handed in, inherited), and those of a
+/// member cgroup whose own programs are not attached yet. TCP is left to the connect hooks
+/// (this hook cannot tell a task's send from softirq work on another task's behalf, and TCP
+/// retransmits run in softirq): handed-in datagram, ping and raw sockets are judged here.
+#[cgroup_skb(egress)]
+pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
+    let sk = sock(&ctx);
+    if !sk.full || sk.tcp() {
+        return ALLOW;
+    }
+    let (armed, epoch) = config();
+    let mut p = Packet::empty();
+    let parsed = parse(&ctx, &mut p);
+    let cookie = cookie(&ctx, &sk);
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_cgroup_id() };
+    if !armed && parsed {
+        // SAFETY: read at once; FlowVerdict is plain integers.
+        if let Some(v) = unsafe { FLOWS.get(&cookie) }
+            && v.epoch == epoch
+        {
+            // A member's own socket (its hooks judge it), or an outsider's used by an outsider.
+            if v.verdict == FLOW_UNTOUCHED && v.task_cgroup == task {
+                return ALLOW;
+            }
+        }
+    }
+    let flow = p.flow(HOOK_SKB_HANDOFF, true);
+    let s = match socket_resolve(&ctx, NoMember::Untouched) {
+        Resolved::Deny(r) => return refuse(&r, &flow),
+        // A member whose own packet hooks are attached: they judge it.
+        Resolved::Subject(s) if s.attached => {
+            if !armed {
+                remember(cookie, &p, epoch, FLOW_UNTOUCHED, task);
+            }
+            return ALLOW;
+        }
+        // A member not attached yet: judge here, as its own hook would.
+        Resolved::Subject(s) => s,
+        // Made outside every pen: judged by the task using it.
+        Resolved::Untouched => match resolve(
+            task,
+            // SAFETY: plain helper call; 0 past the task's own level.
+            |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+            NoMember::Untouched,
+        ) {
+            Resolved::Untouched => {
+                if !armed {
+                    remember(cookie, &p, epoch, FLOW_UNTOUCHED, task);
+                }
+                return ALLOW;
+            }
+            Resolved::Deny(r) => return refuse(&r, &flow),
+            Resolved::Subject(s) => s,
+        },
+    };
+    // A handed-in socket's allows were not counted anywhere: count them here.
+    judge_egress(
+        &s,
+        &Sock { full: false, ..sk },
+        &p,
+        parsed,
+        &flow,
+        cookie,
+        armed,
+        epoch,
+    )
 }

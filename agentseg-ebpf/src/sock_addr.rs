@@ -1,5 +1,7 @@
-//! `cgroup/connect4|6` and `cgroup/sendmsg4|6`: judged once per connect and once per
-//! unconnected UDP message, against the calling task's membership.
+//! `cgroup/connect4|6` and `cgroup/sendmsg4|6`, attached once at the enforcement root: judged
+//! once per connect and once per unconnected UDP message against the *calling task's*
+//! membership, wherever the socket was made (a socket handed in from outside is judged as the
+//! member using it).
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
     macros::cgroup_sock_addr,
@@ -8,29 +10,30 @@ use aya_ebpf::{
 
 use agentseg_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
-use crate::policy::{ALLOW, DENY, Flow, Peer, Resolved, Table, allows, finish, proto_bit, resolve};
+use agentseg_ebpf::policy::{
+    ALLOW, Flow, NoMember, Peer, Resolved, allows, egress_table, finish, refuse, resolve,
+};
 
 /// `user_ip6[2]` of an IPv4-mapped address (`::ffff:0:0/96`), as read from the context.
 const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+/// 127.0.0.1 and ::1 in network byte order, as read from the context.
+const LOOPBACK4: u32 = u32::from_be(0x7f00_0001);
+const LOOPBACK6_LAST: u32 = u32::from_be(1);
+
+/// The calling task's membership: the sock_addr hooks run in its context.
+#[inline(always)]
+pub fn task_resolve() -> Resolved {
+    // SAFETY: plain helper calls; the ancestor helper returns 0 past the task's own level.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    resolve(
+        own,
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+        NoMember::Untouched,
+    )
+}
 
 #[inline(always)]
 fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
-    // SAFETY: plain helper call; returns 0 past the task's own level.
-    // SAFETY: plain helper call.
-    let own = unsafe { bpf_get_current_cgroup_id() };
-    let s = match resolve(own, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) {
-        Resolved::Untouched => return ALLOW,
-        Resolved::Deny => return DENY,
-        Resolved::Subject(s) => s,
-    };
-    let table = if s.quarantined {
-        Table::QuarantineAllow
-    } else {
-        Table::Egress
-    };
-    let rule = allows(&s, table, peer, proto_bit(protocol), port);
     let flow = Flow {
         hook,
         task: true,
@@ -41,7 +44,13 @@ fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
         saddr: [0; 16],
         daddr: peer.addr,
     };
-    finish(&s, rule, &flow)
+    let s = match task_resolve() {
+        Resolved::Untouched => return ALLOW,
+        Resolved::Deny(r) => return refuse(&r, &flow),
+        Resolved::Subject(s) => s,
+    };
+    let rule = allows(&s, egress_table(&s), peer, protocol, port);
+    finish(&s, rule, &flow, true)
 }
 
 #[inline(always)]
@@ -58,17 +67,23 @@ fn protocol(ctx: &SockAddrContext) -> u32 {
     unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) }
 }
 
+/// The unspecified address is judged as the loopback address the kernel delivers it to.
+#[inline(always)]
+fn v4_peer(ip: u32) -> Peer {
+    Peer::v4(if ip == 0 { LOOPBACK4 } else { ip }.to_ne_bytes())
+}
+
 #[inline(always)]
 fn judge4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: context read checked by the verifier; user_ip4 is in network byte order.
     let ip = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) };
-    judge(hook, Peer::v4(ip.to_ne_bytes()), protocol(ctx), port(ctx))
+    judge(hook, v4_peer(ip), protocol(ctx), port(ctx))
 }
 
 #[inline(always)]
 fn judge6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: four 32-bit context reads (the only width the kernel allows for user_ip6).
-    let w = unsafe {
+    let mut w = unsafe {
         let p = &(*ctx.sock_addr).user_ip6;
         [
             core::ptr::read_volatile(&p[0]),
@@ -79,7 +94,10 @@ fn judge6(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     // v4-mapped destinations are judged by the IPv4 rules: a v6-only check is a bypass.
     if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-        return judge(hook, Peer::v4(w[3].to_ne_bytes()), protocol(ctx), port(ctx));
+        return judge(hook, v4_peer(w[3]), protocol(ctx), port(ctx));
+    }
+    if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0 {
+        w[3] = LOOPBACK6_LAST;
     }
     judge(hook, Peer::v6(words_to_bytes(w)), protocol(ctx), port(ctx))
 }

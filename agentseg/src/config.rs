@@ -42,6 +42,10 @@ pub struct DaemonConfig {
     /// The file these settings came from (not a key: set by the command).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
+    /// The line of its `[unix]` table (not a key: found when the file is parsed), for the
+    /// origin of the baseline rule.
+    #[serde(skip)]
+    pub unix_line: Option<usize>,
 }
 
 /// `[unix]` of the daemon config.
@@ -86,6 +90,7 @@ impl Default for DaemonConfig {
             enforcement_root: String::new(),
             unix: UnixConfig::default(),
             config_file: None,
+            unix_line: None,
         }
     }
 }
@@ -135,8 +140,26 @@ impl DaemonConfig {
         Self::parse(path, &text)
     }
 
+    /// The host policy (`[unix]` baseline, the control socket refused) every segment gets.
+    pub fn host_policy(&self) -> Result<crate::compile::HostPolicy, String> {
+        let origin = self
+            .config_file
+            .as_ref()
+            .filter(|_| self.unix_line.is_some())
+            .map(|file| crate::policy::Origin {
+                file: file.clone(),
+                line: self.unix_line.unwrap_or(1),
+            });
+        crate::compile::HostPolicy::new(self.unix.allow.clone(), origin, &self.socket)
+    }
+
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| {
+        let unix_line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with("[unix]"))
+            .map(|i| i + 1);
+        let parsed: Result<Self, _> = toml::from_str(text);
+        parsed.map(|c| Self { unix_line, ..c }).map_err(|e| {
             let at = e.span().map_or(0, |s| s.start).min(text.len());
             let before = &text[..at];
             let line = before.matches('\n').count() + 1;

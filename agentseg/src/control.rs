@@ -162,8 +162,30 @@ pub struct Status {
     pub events_lost: u64,
     pub audit_log: PathBuf,
     pub agents: Vec<AgentStatus>,
-    /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset.
+    /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset, deadman,
+    /// pending_member, malformed, failed_member, ip_options.
     pub fail_closed: Vec<(String, u64)>,
+    /// Where the task-judging programs are attached.
+    #[serde(default)]
+    pub enforcement_root: PathBuf,
+    /// Links this daemon holds (and checks every tick).
+    #[serde(default)]
+    pub links: usize,
+    /// Links detached or pins removed from outside since the daemon started (each repaired
+    /// within a tick unless the alarm says otherwise), and the last one.
+    #[serde(default)]
+    pub alarms: u64,
+    #[serde(default)]
+    pub last_alarm: Option<String>,
+    /// Member cgroups whose registration or attachment failed: everything they do is denied.
+    #[serde(default)]
+    pub failed_members: Vec<String>,
+    /// Guarded directories (parents of member cgroups).
+    #[serde(default)]
+    pub guards: Vec<PathBuf>,
+    /// Agent uids handed out now.
+    #[serde(default)]
+    pub agent_uids: usize,
 }
 
 /// Outcome of the last policy load (start or reload).
@@ -196,6 +218,9 @@ pub struct SegmentStatus {
 pub struct AgentStatus {
     pub agent_id: String,
     pub segment: String,
+    /// The uid handed to it from the agent range (None: `--user`, or adopted).
+    #[serde(default)]
+    pub uid: Option<u32>,
     pub cgroup: PathBuf,
     pub pids: Vec<u32>,
     pub allowed: u64,
@@ -264,11 +289,22 @@ mod tests {
     fn requests_round_trip_as_single_json_lines() {
         let r = Request::StartAgent {
             segment: "a.b.c".into(),
+            uid: None,
+            gid: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(!s.contains('\n'));
-        assert_eq!(s, r#"{"request":"start_agent","segment":"a.b.c"}"#);
+        assert_eq!(
+            s,
+            r#"{"request":"start_agent","segment":"a.b.c","uid":null,"gid":null}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        // A client that sends no uid asks for a uid of the agent's own.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"request":"start_agent","segment":"a.b.c"}"#)
+                .unwrap(),
+            r
+        );
     }
 
     #[test]

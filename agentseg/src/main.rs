@@ -12,15 +12,13 @@ fn main() -> ExitCode {
     let socket = cli.socket();
     let socket_flag = cli.socket_flag();
     match cli.command {
-        Command::Daemon(args) => {
-            match commands::daemon::daemon(&args, socket_flag) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("agentseg: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Daemon(args) => match commands::daemon::daemon(&args, socket_flag) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentseg: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Reload => commands::maintenance::reload(&socket),
         Command::Quarantine {
             target,

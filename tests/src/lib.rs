@@ -103,6 +103,24 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Make `cmd` start inside this namespace (setns between fork and exec; the caller is
+    /// root). The cgroup2 mount stays visible, unlike with `ip netns exec`.
+    pub fn enter_on_exec(&self, cmd: &mut Command) {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
+        // SAFETY: setns is async-signal-safe; the fd stays open in the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -176,6 +194,8 @@ pub struct Daemon {
     pub policies: PathBuf,
     pub pin_root: PathBuf,
     agent_root: String,
+    /// Where the task-judging programs attach: the test's own tree, never the host's root.
+    enforcement_root: String,
     extra: Vec<String>,
     pub dir: tempfile::TempDir,
     pub stdout_lines: Vec<String>,
@@ -204,6 +224,12 @@ impl Daemon {
 
     fn prepare(tree: &CgroupTree, files: &[(&str, &str)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Agents (uids of their own) may pass through to `scratch()`, not list or read it.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("chmod tempdir");
+        }
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).expect("mkdir");
         for (name, text) in files {
@@ -215,6 +241,7 @@ impl Daemon {
             policies,
             pin_root: PathBuf::from("/sys/fs/bpf").join(&tree.rel),
             agent_root: tree.rel("agents"),
+            enforcement_root: tree.rel.clone(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
             stdout_lines: Vec::new(),
@@ -233,6 +260,8 @@ impl Daemon {
             .arg(&self.agent_root)
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .arg("--enforcement-root")
+            .arg(&self.enforcement_root)
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--audit-log")
@@ -330,6 +359,8 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// `agentseg run --segment SEG -- probe PROBE_ARGS`, the launcher started inside `ns`
+    /// (an agent cannot enter a namespace itself: no capabilities, `setns` refused).
     pub fn run_agent(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> Output {
         let probe = probe_bin();
         let mut args = vec![
@@ -338,11 +369,41 @@ impl Daemon {
             segment,
             "--",
             probe.to_str().expect("utf8"),
-            "--netns",
-            &ns.name,
         ];
         args.extend_from_slice(probe_args);
-        self.cli(&args)
+        self.cli_in(ns, &args)
+    }
+
+    /// The command `run_agent` runs, to spawn instead (a long-running agent).
+    pub fn agent_command(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> Command {
+        let mut cmd = Command::new(agentseg_bin());
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(["run", "--segment", segment, "--"])
+            .arg(probe_bin())
+            .args(probe_args);
+        ns.enter_on_exec(&mut cmd);
+        cmd
+    }
+
+    /// A directory agents can write whatever their uid (the test's own files are root's).
+    pub fn scratch(&self) -> PathBuf {
+        let dir = self.dir.path().join("scratch");
+        if !dir.exists() {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::create_dir(&dir).expect("scratch dir");
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
+                .expect("chmod scratch");
+        }
+        dir
+    }
+
+    /// `agentseg ARGS` against this daemon's socket, started inside `ns`.
+    pub fn cli_in(&self, ns: &Netns, args: &[&str]) -> Output {
+        let mut cmd = Command::new(agentseg_bin());
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        ns.enter_on_exec(&mut cmd);
+        cmd.output().expect("run agentseg")
     }
 
     pub fn pid(&self) -> u32 {
@@ -441,8 +502,11 @@ pub fn probe(ns: &Netns, join: Option<&Path>, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// Programs agentseg attaches to each member cgroup and the agent root.
-pub const PROGRAMS: usize = 6;
+/// Programs agentseg attaches to each member cgroup and the agent root (the packet hooks).
+pub const PROGRAMS: usize = 2;
+/// Programs agentseg attaches once, at the enforcement root (the test tree's root): connect,
+/// sendmsg (v4, v6), setsockopt, the handoff packet hook, AF_UNIX connect and sendmsg.
+pub const ROOT_PROGRAMS: usize = 8;
 
 /// How many agentseg programs are attached to a cgroup (`bpftool cgroup show`).
 pub fn attachments(cgroup: &Path) -> usize {

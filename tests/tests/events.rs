@@ -362,18 +362,11 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
             &format!("127.0.0.1:{port}"),
         ],
     );
-    let out = d.cli(&[
-        "run",
-        "--segment",
+    let out = d.run_agent(
         "bot.test.events",
-        "--",
-        agentseg_tests::probe_bin().to_str().expect("utf8"),
-        "--netns",
-        &ns.name,
-        "flood",
-        "127.0.0.2:53",
-        "1000000",
-    ]);
+        &ns,
+        &["flood", "127.0.0.2:53", "1000000"],
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "eperm=1000000 other=0"

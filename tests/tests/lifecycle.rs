@@ -6,8 +6,7 @@ use std::{
 };
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Netns, PROGRAMS, Server, agentseg_bin, attachments, kernel_ready, probe,
-    probe_bin,
+    CgroupTree, Daemon, Netns, PROGRAMS, ROOT_PROGRAMS, Server, attachments, kernel_ready, probe,
 };
 
 fn seg(name: &str, ports: &str, extra: &str) -> String {
@@ -24,14 +23,9 @@ struct Looper {
 
 impl Looper {
     fn agent(d: &Daemon, segment: &str, ns: &Netns, addr: &str, tag: &str) -> Self {
-        let stop = d.dir.path().join(format!("stop-{tag}"));
-        let child = Command::new(agentseg_bin())
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(["run", "--segment", segment, "--"])
-            .arg(probe_bin())
-            .args(["--netns", &ns.name, "loop", addr])
-            .arg(&stop)
+        let stop = d.scratch().join(format!("stop-{tag}"));
+        let child = d
+            .agent_command(segment, ns, &["loop", addr, stop.to_str().expect("utf8")])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -110,6 +104,7 @@ fn sigkill_leaves_enforcement_in_force_and_restart_adopts_it() {
     );
     // One set of attachments, not two.
     assert_eq!(attachments(&tree.abs("agents")), PROGRAMS);
+    assert_eq!(attachments(&tree.path), ROOT_PROGRAMS);
 }
 
 #[test]
@@ -380,6 +375,7 @@ fn sighup_reloads_and_uninstall_removes_every_attachment_and_pin() {
     );
     assert_eq!(attachments(&m), 0);
     assert_eq!(attachments(&tree.abs("agents")), 0);
+    assert_eq!(attachments(&tree.path), 0);
     assert!(!d.pin_root.exists(), "pins left behind");
     assert_eq!(
         probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),

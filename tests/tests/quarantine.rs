@@ -74,8 +74,8 @@ fn rx_times(log: &Path) -> Vec<u128> {
 /// An established flow between an agent of `segment` and a plain peer on 127.0.0.1:8090, both
 /// writing every 10 ms; returns (agent log, peer log, processes).
 fn flow(d: &Daemon, ns: &Netns, segment: &str, tag: &str) -> (PathBuf, PathBuf, Vec<Proc>) {
-    let peer_log = d.dir.path().join(format!("peer-{tag}.log"));
-    let agent_log = d.dir.path().join(format!("agent-{tag}.log"));
+    let peer_log = d.scratch().join(format!("peer-{tag}.log"));
+    let agent_log = d.scratch().join(format!("agent-{tag}.log"));
     let mut peer = Command::new(probe_bin())
         .args(["--netns", &ns.name, "stream-serve", "127.0.0.1:8090"])
         .arg(&peer_log)
@@ -83,13 +83,16 @@ fn flow(d: &Daemon, ns: &Netns, segment: &str, tag: &str) -> (PathBuf, PathBuf, 
         .spawn()
         .expect("peer");
     expect_line(&mut peer, "ready");
-    let mut agent = Command::new(agentseg_bin())
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["run", "--segment", segment, "--"])
-        .arg(probe_bin())
-        .args(["--netns", &ns.name, "stream", "127.0.0.1:8090"])
-        .arg(&agent_log)
+    let mut agent = d
+        .agent_command(
+            segment,
+            ns,
+            &[
+                "stream",
+                "127.0.0.1:8090",
+                agent_log.to_str().expect("utf8"),
+            ],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

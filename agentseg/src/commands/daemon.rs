@@ -14,24 +14,25 @@ pub fn daemon(flags: &DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()>
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let file = DaemonConfig::load(&path, flags.config.is_some())?;
-    let config = DaemonConfig {
-        policies: flags.policies.clone().unwrap_or(file.policies),
-        socket: socket.unwrap_or(file.socket),
-        agent_root: flags.agent_root.clone().unwrap_or(file.agent_root),
-        pin_root: flags.pin_root.clone().unwrap_or(file.pin_root),
-        deadman_secs: flags.deadman_secs.clone().unwrap_or(file.deadman_secs),
-        state_dir: flags.state_dir.clone().unwrap_or(file.state_dir),
-        audit_log: flags.audit_log.clone().unwrap_or(file.audit_log),
-        audit_max_bytes: flags.audit_max_bytes.clone().unwrap_or(file.audit_max_bytes),
-        audit_keep: file.audit_keep,
-        metrics: flags.metrics.clone().unwrap_or(file.metrics),
-        sample_allows: flags.sample_allows.clone().unwrap_or(file.sample_allows),
-        agent_uids: file.agent_uids,
-        enforcement_root: flags.enforcement_root.clone().unwrap_or(file.enforcement_root),
-        unix: file.unix,
-        config_file: Some(path.clone()),
-    };
+    let mut config = DaemonConfig::load(&path, flags.config.is_some())?;
+    // Each flag given overrides its key.
+    fn set<T: Clone>(slot: &mut T, flag: &Option<T>) {
+        if let Some(v) = flag {
+            *slot = v.clone();
+        }
+    }
+    set(&mut config.policies, &flags.policies);
+    set(&mut config.socket, &socket);
+    set(&mut config.agent_root, &flags.agent_root);
+    set(&mut config.pin_root, &flags.pin_root);
+    set(&mut config.deadman_secs, &flags.deadman_secs);
+    set(&mut config.state_dir, &flags.state_dir);
+    set(&mut config.audit_log, &flags.audit_log);
+    set(&mut config.audit_max_bytes, &flags.audit_max_bytes);
+    set(&mut config.metrics, &flags.metrics);
+    set(&mut config.sample_allows, &flags.sample_allows);
+    set(&mut config.enforcement_root, &flags.enforcement_root);
+    config.config_file = Some(path.clone());
     // A bad metrics address is refused before anything is loaded.
     config.metrics_addr()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -56,26 +56,51 @@ fn simple(socket: &Path, request: &Request, done: &str) -> ExitCode {
     }
 }
 
-/// Remove every attachment and pin. Refused while a daemon answers: it would re-attach, and
-/// an operator who wants enforcement off should stop it first, knowingly.
+/// Remove every attachment and pin. Refused while a daemon holds the pins (its heartbeat in
+/// the pinned CONFIG is fresh: it would re-attach, and an operator who wants enforcement off
+/// should stop it first, knowingly), and from inside a pen. Says what it removed.
 pub fn uninstall(socket: &Path, pin_root: &Path) -> ExitCode {
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        eprintln!(
-            "agentseg: a daemon is running at {}; stop it before uninstalling",
-            socket.display()
-        );
-        return ExitCode::FAILURE;
+    let refuse = |why: String| {
+        eprintln!("agentseg: refusing to uninstall: {why}");
+        ExitCode::FAILURE
+    };
+    match datapath::caller_is_member(pin_root) {
+        Ok(false) => {}
+        Ok(true) => return refuse("this process runs inside a segment".into()),
+        Err(e) => return refuse(format!("cannot read the pinned membership ({e})")),
     }
-    let errors = datapath::uninstall(pin_root);
-    if errors.is_empty() {
-        println!(
-            "agentseg: every attachment and pin under {} removed",
-            pin_root.display()
-        );
+    match datapath::any_daemon_alive(pin_root) {
+        Ok(false) => {}
+        Ok(true) => {
+            return refuse(format!(
+                "a daemon holds the pins under {} (its heartbeat is fresh); stop it first",
+                pin_root.display()
+            ));
+        }
+        Err(e) => return refuse(format!("cannot read the pinned heartbeat ({e})")),
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return refuse(format!(
+            "a daemon answers at {}; stop it first",
+            socket.display()
+        ));
+    }
+    let report = datapath::uninstall(pin_root);
+    if report.links_removed + report.maps_removed == 0 && report.errors.is_empty() {
+        println!("agentseg: nothing to remove under {}", pin_root.display());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "agentseg: removed {} links and {} maps under {}",
+        report.links_removed,
+        report.maps_removed,
+        pin_root.display()
+    );
+    if report.errors.is_empty() {
         ExitCode::SUCCESS
     } else {
-        for e in &errors {
-            eprintln!("agentseg: {e}");
+        for e in &report.errors {
+            eprintln!("agentseg: not removed: {e}");
         }
         ExitCode::FAILURE
     }

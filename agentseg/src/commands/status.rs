@@ -90,10 +90,26 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             status.events_lost,
             status.audit_log.display()
         );
+        println!(
+            "enforcement root {}, {} links held, {} agent uids handed out",
+            status.enforcement_root.display(),
+            status.links,
+            status.agent_uids
+        );
         for (name, n) in &status.fail_closed {
             if *n > 0 {
                 println!("kernel fail-closed denials ({name}): {n}");
             }
+        }
+        if status.alarms > 0 {
+            println!(
+                "ALARM: enforcement undone from outside {} time(s); last: {}",
+                status.alarms,
+                status.last_alarm.as_deref().unwrap_or("-")
+            );
+        }
+        for f in &status.failed_members {
+            println!("FAILED member (denied everything): {f}");
         }
     }
     if status.ready {

@@ -6,7 +6,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentseg_common::{MEMBER_AGENT, Member, SEGMENT_GONE};
+use agentseg_common::{MEMBER_AGENT, MEMBER_ATTACHED, Member, SEGMENT_GONE};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
@@ -20,7 +20,7 @@ use crate::{
     cgroup, compile,
     compile::Compiled,
     control::{ReloadStatus, Reply, Target},
-    datapath::{Datapath, generation_segment_id as segment_id},
+    datapath::{Datapath, MEMBER_PROGRAMS, ROOT_PROGRAMS, generation_segment_id as segment_id},
     detect::Detectors,
     policy,
 };
@@ -71,6 +71,21 @@ pub struct Engine {
     pub(super) retired: std::collections::HashMap<String, agentseg_common::Counters>,
     /// Uids of their own for agents.
     pub(super) uids: super::uids::Uids,
+    /// Guarded directories (parents of member cgroups), see `guards.rs`.
+    pub(super) guards: BTreeMap<PathBuf, super::guards::GuardDir>,
+    /// Member cgroups whose registration or attachment failed (denied everything), with why.
+    pub(super) failed: BTreeMap<u64, String>,
+    /// Inotify on guards and unit parents (None when inotify is unavailable: the tick finds
+    /// new members).
+    pub(super) watch: Option<super::guards::CgroupWatch>,
+    /// The host policy every compile gets.
+    pub(super) host: compile::HostPolicy,
+    /// Where the task-judging programs are attached.
+    pub(super) enforcement_root: PathBuf,
+    pub(super) enforcement_root_id: u64,
+    /// Links or pins undone from outside and repaired (or not), since start.
+    pub(super) alarms: u64,
+    pub(super) last_alarm: Option<String>,
     /// Syscalls the launchers' seccomp supervisors refused, by (segment, syscall).
     pub(super) sandbox_refusals: BTreeMap<(String, String), u64>,
     /// What no agent may write, whatever its uid (sent to the launcher).
@@ -95,6 +110,11 @@ pub struct StartOptions {
     pub agent_uids: super::uids::UidRange,
     /// Paths no agent may write (see `control::LaunchSpec::protected`).
     pub protected: Vec<PathBuf>,
+    /// Where the task-judging programs attach (absolute).
+    pub enforcement_root: PathBuf,
+    pub watch: Option<super::guards::CgroupWatch>,
+    /// The host policy every segment gets (AF_UNIX baseline, control socket refused).
+    pub host: compile::HostPolicy,
 }
 
 impl Engine {
@@ -104,6 +124,12 @@ impl Engine {
         let generation = dp.config()?.active_gen & 1;
         cgroup::create(&opts.agent_root)?;
         let agent_root_id = cgroup::cgroup_id(&opts.agent_root)?;
+        let enforcement_root_id = cgroup::cgroup_id(&opts.enforcement_root).with_context(|| {
+            format!(
+                "the enforcement root {} (config enforcement_root)",
+                opts.enforcement_root.display()
+            )
+        })?;
         let store = Store::open(&opts.state_dir)?;
         let audit = AuditLog::open(&opts.audit_log, opts.audit_max_bytes, opts.audit_keep)
             .with_context(|| format!("opening the audit log {}", opts.audit_log.display()))?;
@@ -138,6 +164,14 @@ impl Engine {
             uids: super::uids::Uids::new(opts.agent_uids),
             sandbox_refusals: BTreeMap::new(),
             protected: opts.protected,
+            guards: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            watch: opts.watch,
+            host: opts.host,
+            enforcement_root: opts.enforcement_root,
+            enforcement_root_id,
+            alarms: 0,
+            last_alarm: None,
         };
         if engine.dp.adopted() {
             engine.adopt_agents();
@@ -146,7 +180,7 @@ impl Engine {
         engine.recover_quarantines();
         engine
             .dp
-            .attach(agent_root_id, &engine.agent_root)
+            .attach(agent_root_id, &engine.agent_root, &MEMBER_PROGRAMS)
             .with_context(|| {
                 format!(
                     "attaching to the agent root {}",
@@ -154,6 +188,22 @@ impl Engine {
                 )
             })?;
         engine.attached.insert(agent_root_id);
+        // The task-judging programs last: from here on every member is judged wherever its
+        // sockets were made.
+        let root = engine.enforcement_root.clone();
+        engine
+            .dp
+            .attach(enforcement_root_id, &root, &ROOT_PROGRAMS)
+            .with_context(|| format!("attaching to the enforcement root {}", root.display()))?;
+        let old = engine.dp.remove_other_layouts();
+        if old.links_removed + old.maps_removed > 0 || !old.errors.is_empty() {
+            info!(
+                links = old.links_removed,
+                maps = old.maps_removed,
+                errors = ?old.errors,
+                "removed the pins of another layout (an earlier build)"
+            );
+        }
         engine.reload = ReloadStatus {
             ok: true,
             applied: 1,
@@ -248,7 +298,12 @@ impl Engine {
         let started = std::time::Instant::now();
         let result = policy::load_dir(&self.policies)
             .map_err(|e| e.to_string())
-            .and_then(|set| compile::compile(&set).map_err(|e| e.to_string()))
+            .and_then(|set| {
+                for w in policy::warnings(&set) {
+                    warn!("{w}");
+                }
+                compile::compile_with(&set, &self.host).map_err(|e| e.to_string())
+            })
             .and_then(|compiled| self.apply(compiled).map_err(|e| format!("{e:#}")));
         match result {
             Ok(()) => {
@@ -320,6 +375,25 @@ impl Engine {
         });
         if let Err(e) = result {
             warn!("writing CONFIG flags: {e:#}");
+        }
+    }
+
+    /// The daemon watches its own enforcement: a link detached or a pin removed from outside
+    /// is repaired at once (from the programs and maps it holds), raised as an alarm in the
+    /// log, the audit log, the metrics and `status`.
+    pub fn check_enforcement(&mut self) {
+        for a in self.dp.check_links() {
+            self.alarms += 1;
+            let outcome = match &a.error {
+                None => "repaired".to_owned(),
+                Some(e) => format!("NOT repaired: {e}"),
+            };
+            warn!(pin = %a.pin.display(), what = a.what, "enforcement undone from outside: {outcome}");
+            self.audit(serde_json::json!({
+                "kind": "alarm", "what": a.what, "pin": a.pin.display().to_string(),
+                "repaired": a.error.is_none(), "error": a.error,
+            }));
+            self.last_alarm = Some(format!("{}: {} ({outcome})", a.what, a.pin.display()));
         }
     }
 
@@ -414,10 +488,11 @@ impl Engine {
         let cgroup_id = cgroup::cgroup_id(&cgroup)?;
         let mut segment_ids = [SEGMENT_GONE; 2];
         segment_ids[generation as usize] = segment_id(generation, compiled_id);
+        // The agent root's packet hooks cover every agent: attached from the start.
         let member = Member {
             segment_ids,
             kind: MEMBER_AGENT,
-            flags: 0,
+            flags: MEMBER_ATTACHED,
             agent_id: id.0,
         };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {

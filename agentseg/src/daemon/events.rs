@@ -12,9 +12,11 @@ use std::{
 };
 
 use agentseg_common::{
-    Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS,
-    HOOK_SKB_INGRESS, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_QUARANTINE, RULES_PER_GEN,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG_UNIX, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS,
+    RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL,
+    RULE_IP_OPTIONS, RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, RULES_PER_GEN, UNIX_PATH_LEN,
+    UnixEvent, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya::maps::{MapData, RingBuf};
 use serde_json::{Value, json};
@@ -45,6 +47,36 @@ pub struct EventLine {
     pub json: String,
 }
 
+/// One kernel record: an inet decision, or an AF_UNIX one with its address.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub event: Event,
+    /// The AF_UNIX address as text: a path, or `@name` for an abstract name.
+    pub unix: Option<String>,
+}
+
+/// An AF_UNIX address as operators write it: the path, or `@` + the abstract name (bytes
+/// that are not printable shown as `\xNN`).
+fn unix_address(path: &[u8; UNIX_PATH_LEN], len: u32) -> String {
+    let len = (len as usize).min(UNIX_PATH_LEN);
+    let (prefix, bytes) = match path.first() {
+        Some(0) => ("@", &path[1..len.max(1)]),
+        _ => {
+            let end = path[..len].iter().position(|&b| b == 0).unwrap_or(len);
+            ("", &path[..end])
+        }
+    };
+    let mut out = String::from(prefix);
+    for &b in bytes {
+        if b.is_ascii_graphic() || b == b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// Copy records out of the ring buffer and hand them to the engine.
 pub async fn read_ring(ring: RingBuf<MapData>, tx: mpsc::Sender<Job>) {
     // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd until both go.
@@ -60,10 +92,18 @@ pub async fn read_ring(ring: RingBuf<MapData>, tx: mpsc::Sender<Job>) {
         {
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                if item.len() >= std::mem::size_of::<Event>() {
-                    // SAFETY: the kernel wrote an `Event` (repr(C), plain integers) here; the
-                    // length is checked and the read is unaligned-safe.
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                if item.len() >= std::mem::size_of::<UnixEvent>() {
+                    // SAFETY: the kernel wrote a `UnixEvent` (repr(C), plain integers) here;
+                    // the length is checked and the read is unaligned-safe.
+                    let u = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<UnixEvent>()) };
+                    batch.push(Record {
+                        event: u.event,
+                        unix: Some(unix_address(&u.path, u.path_len)),
+                    });
+                } else if item.len() >= std::mem::size_of::<Event>() {
+                    // SAFETY: as above, for an `Event`.
+                    let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+                    batch.push(Record { event, unix: None });
                 }
                 if batch.len() >= BATCH {
                     break;
@@ -95,6 +135,9 @@ struct EventRecord<'a> {
     hash: Option<String>,
     hook: &'a str,
     kind: &'a str,
+    /// The AF_UNIX address (AF_UNIX hooks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
     pid: u32,
     prev: String,
     protocol: &'a str,
@@ -146,8 +189,27 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_SKB_EGRESS => "skb_egress",
         HOOK_SKB_INGRESS => "skb_ingress",
+        HOOK_CONNECT_UNIX => "connect_unix",
+        HOOK_SENDMSG_UNIX => "sendmsg_unix",
+        HOOK_SETSOCKOPT => "setsockopt",
+        HOOK_SKB_HANDOFF => "skb_handoff",
         _ => "unknown",
     }
+}
+
+/// The name of a `RULE_*` sentinel, or None for a rule id.
+fn sentinel_name(rule: u32) -> Option<&'static str> {
+    Some(match rule {
+        RULE_DEFAULT_DENY => "default-deny",
+        RULE_QUARANTINE => "quarantine",
+        RULE_DEADMAN => "deadman",
+        RULE_PENDING => "pending-member",
+        RULE_MALFORMED => "malformed",
+        RULE_IP_OPTIONS => "ip-options",
+        RULE_CONTROL_SOCKET => "control-socket",
+        RULE_FAILED_MEMBER => "failed-member",
+        _ => return None,
+    })
 }
 
 fn protocol_name(p: u8) -> String {
@@ -170,7 +232,7 @@ fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
 
 impl Engine {
     /// Enrich, log, publish and judge a batch of kernel records.
-    pub fn on_events(&mut self, batch: Vec<Event>) {
+    pub fn on_events(&mut self, batch: Vec<Record>) {
         let mut firings = Vec::new();
         // A batch nearly always comes from a few members: name each once. Membership cannot
         // change within a batch (this thread owns it), so the memo cannot go stale.
@@ -178,7 +240,8 @@ impl Engine {
         // Kernel timestamps are CLOCK_BOOTTIME: wall time = now - age, both read once.
         let boot_now = crate::datapath::boottime_ns();
         let wall_now = super::engine::now_unix_ms();
-        for e in &batch {
+        for r in &batch {
+            let e = &r.event;
             let w = who
                 .entry((e.cgroup_id, e.segment_id))
                 .or_insert_with(|| {
@@ -196,17 +259,15 @@ impl Engine {
                 .clone();
             let (segment, agent_id, cgroup) = (&w.segment, &w.agent_id, &w.cgroup);
             let egress = e.hook != HOOK_SKB_INGRESS;
-            let rule = match e.rule_id {
-                RULE_DEFAULT_DENY => "default-deny".to_owned(),
-                RULE_QUARANTINE => "quarantine".to_owned(),
-                RULE_DEADMAN => "deadman".to_owned(),
-                id => self
+            let rule = match sentinel_name(e.rule_id) {
+                Some(name) => name.to_owned(),
+                None => self
                     .sink
                     .names
                     .rules
-                    .get(&id)
+                    .get(&e.rule_id)
                     .cloned()
-                    .unwrap_or_else(|| format!("rule {}", id % RULES_PER_GEN)),
+                    .unwrap_or_else(|| format!("rule {}", e.rule_id % RULES_PER_GEN)),
             };
             let (src, dst) = (addr(e.family, e.saddr), addr(e.family, e.daddr));
             let ts_ms = wall_now.saturating_sub(boot_now.saturating_sub(e.ts_ns) / 1_000_000);
@@ -218,8 +279,12 @@ impl Engine {
             let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
             let comm = String::from_utf8_lossy(&e.comm[..comm_len]);
             let (src_text, dst_text) = (src.to_string(), dst.to_string());
-            let protocol = protocol_name(e.protocol);
-            let rule_id = (e.rule_id < RULE_DEADMAN).then_some(e.rule_id % RULES_PER_GEN);
+            let protocol = if r.unix.is_some() {
+                "unix".to_owned()
+            } else {
+                protocol_name(e.protocol)
+            };
+            let rule_id = (e.rule_id < RULE_FIRST_SENTINEL).then_some(e.rule_id % RULES_PER_GEN);
             self.sink.read += 1;
             // The audit line (with its seq and hash) is what subscribers see too.
             let json = match self
@@ -235,6 +300,7 @@ impl Engine {
                     hash,
                     hook: hook_name(e.hook),
                     kind,
+                    path: r.unix.as_deref(),
                     pid: (e.pid_tgid >> 32) as u32,
                     prev,
                     protocol: &protocol,
@@ -293,13 +359,33 @@ impl Engine {
 
     /// (segment name, agent id, cgroup path relative to the cgroup2 mount) of a member.
     fn identify(&self, cgroup_id: u64, segment_id: u32) -> (String, Option<String>, String) {
+        // A refusal before any segment applied (a pending or failed member) carries id 0: the
+        // segment is the one the cgroup is declared in, once known.
+        let declared = || {
+            let m = self.members.values().find(|m| m.cgroup_id == cgroup_id)?;
+            Some(
+                self.compiled
+                    .as_ref()?
+                    .segments
+                    .get(m.segment)?
+                    .name
+                    .clone(),
+            )
+        };
         let segment = self
             .sink
             .names
             .segments
             .get(&segment_id)
             .cloned()
-            .unwrap_or_else(|| format!("segment#{segment_id}"));
+            .or_else(declared)
+            .unwrap_or_else(|| {
+                if segment_id == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("segment#{segment_id}")
+                }
+            });
         if let Some((id, a)) = self.agents.iter().find(|(_, a)| a.cgroup_id == cgroup_id) {
             let rel = a
                 .cgroup

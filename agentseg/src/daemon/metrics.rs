@@ -162,6 +162,44 @@ impl Engine {
             "Agents started with `agentseg run` and still present",
             agents_gauge,
         );
+        registry.register(
+            "enforcement_alarms",
+            "Links detached or pins removed from outside the daemon (repaired within a tick)",
+            counter(status.alarms),
+        );
+        let failed = Gauge::<i64>::default();
+        failed.set(status.failed_members.len() as i64);
+        registry.register(
+            "failed_members",
+            "Member cgroups whose registration or attachment failed (denied everything)",
+            failed,
+        );
+        let fail_closed = Family::<Labels, Counter>::default();
+        for (reason, n) in &status.fail_closed {
+            fail_closed
+                .get_or_create(&vec![("reason".into(), reason.clone())])
+                .inc_by(*n);
+        }
+        registry.register(
+            "kernel_fail_closed",
+            "Kernel denials with a reason of their own (pending or failed members, malformed \
+             packets, IP options...), by reason",
+            fail_closed,
+        );
+        let refusals = Family::<Labels, Counter>::default();
+        for ((segment, syscall), n) in &self.sandbox_refusals {
+            refusals
+                .get_or_create(&vec![
+                    ("segment".into(), segment.clone()),
+                    ("syscall".into(), syscall.clone()),
+                ])
+                .inc_by(*n);
+        }
+        registry.register(
+            "sandbox_refusals",
+            "System calls the agents' seccomp filters refused, by segment and syscall",
+            refusals,
+        );
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &registry) {
             warn!("encoding metrics: {e}");

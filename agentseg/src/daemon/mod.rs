@@ -6,6 +6,7 @@
 //! a parameter so tests and `main` drive it the same way.
 mod engine;
 mod events;
+mod guards;
 mod metrics;
 mod quarantine;
 mod reconcile;
@@ -44,15 +45,17 @@ enum Job {
     /// A client's request, with the peer's pid (for the "not from inside a segment" check)
     /// and uid (recorded with quarantines).
     Request(Request, Option<i32>, u32, oneshot::Sender<Reply>),
-    /// Periodic: membership tracking and the sweep of exited agents.
+    /// Periodic: membership tracking, the sweep of exited agents, the check of our own links.
     Tick,
+    /// A watched cgroup directory (a guard, a unit's slice) gained or lost a child.
+    CgroupsChanged,
     Heartbeat,
     /// SIGHUP or a change in the policy directory.
     Reload,
     /// Stop: the engine thread returns (other senders, like the watcher, may live on).
     Shutdown,
     /// Kernel records from the ring buffer.
-    Events(Vec<agentseg_common::Event>),
+    Events(Vec<events::Record>),
     /// A metrics scrape: the Prometheus text.
     Metrics(oneshot::Sender<String>),
 }
@@ -65,7 +68,13 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let set = policy::load_dir(&config.policies)
         .map_err(|errors| anyhow::anyhow!("refusing to start: the policy has errors:\n{errors}"))?;
-    let compiled = compile::compile(&set).map_err(|errors| {
+    for w in policy::warnings(&set) {
+        warn!("{w}");
+    }
+    let host = config
+        .host_policy()
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let compiled = compile::compile_with(&set, &host).map_err(|errors| {
         anyhow::anyhow!("refusing to start: the policy does not compile:\n{errors}")
     })?;
     let cgroup2 = cgroup::cgroup2_mount()?;
@@ -80,6 +89,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    let enforcement_root = if config.enforcement_root.trim_matches('/').is_empty() {
+        cgroup2.clone()
+    } else {
+        cgroup2.join(cgroup::check_relative(&config.enforcement_root)?)
+    };
+    let (watch, watch_events) = cgroup_watch();
     let mut dp = Datapath::open(&config.pin_root)?;
     let ring = dp.take_events()?;
     let (bus, _) = tokio::sync::broadcast::channel(4096);
@@ -102,6 +117,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             bus: bus.clone(),
             agent_uids: config.agent_uids,
             protected: protected_paths(&config, &cgroup2),
+            enforcement_root,
+            watch,
+            host,
         },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
@@ -112,6 +130,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .spawn(move || engine_loop(engine, rx))
         .context("starting the engine thread")?;
     watch_policies(&config.policies, tx.clone());
+    if let Some(inotify) = watch_events {
+        forward_cgroup_events(inotify, tx.clone());
+    }
     let reader = tokio::spawn(events::read_ring(ring, tx.clone()));
     let metrics_server = metrics.map(|listener| tokio::spawn(metrics::serve(listener, tx.clone())));
 
@@ -209,10 +230,12 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                 let _ = reply.send(engine.metrics_text());
             }
             Job::Tick => {
+                engine.check_enforcement();
                 engine.sync_members();
                 engine.sweep();
                 engine.expire_quarantines();
             }
+            Job::CgroupsChanged => engine.sync_members(),
             Job::Heartbeat => engine.heartbeat(),
             Job::Reload => {
                 engine.reload();
@@ -249,6 +272,45 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
         }
     }
     engine.shutdown();
+}
+
+/// The inotify instance the engine adds guard and unit-slice watches to, and a handle for the
+/// thread that reads it; (None, None) when inotify is unavailable (the tick still syncs).
+fn cgroup_watch() -> (
+    Option<guards::CgroupWatch>,
+    Option<std::sync::Arc<nix::sys::inotify::Inotify>>,
+) {
+    use nix::sys::inotify::{InitFlags, Inotify};
+    match Inotify::init(InitFlags::IN_CLOEXEC) {
+        Ok(i) => {
+            let i = std::sync::Arc::new(i);
+            (Some(guards::CgroupWatch::new(i.clone())), Some(i))
+        }
+        Err(e) => {
+            warn!("inotify unavailable ({e}); new member cgroups are found by the 250 ms tick");
+            (None, None)
+        }
+    }
+}
+
+/// Ask the engine to sync membership whenever a watched cgroup directory changes: a new
+/// member cgroup is registered within milliseconds (until then the kernel holds it pending).
+fn forward_cgroup_events(
+    inotify: std::sync::Arc<nix::sys::inotify::Inotify>,
+    tx: mpsc::Sender<Job>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(move || {
+            while inotify.read_events().is_ok() {
+                if tx.blocking_send(Job::CgroupsChanged).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("starting the cgroup watcher: {e}");
+    }
 }
 
 /// Reload when a file in the policy directory changes (inotify), debounced so an editor's

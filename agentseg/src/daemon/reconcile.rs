@@ -13,12 +13,19 @@ use std::{
     path::PathBuf,
 };
 
-use agentseg_common::{MEMBER_AGENT, MEMBER_CGROUP, Member, SEGMENT_GONE, SEGMENT_RELEASED};
+use agentseg_common::{
+    MEMBER_AGENT, MEMBER_ATTACHED, MEMBER_CGROUP, MEMBER_FAILED, MEMBER_GUARD, MEMBER_OUTSIDER,
+    Member, SEGMENT_GONE, SEGMENT_RELEASED,
+};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
 use super::engine::{Engine, MemberCgroup};
-use crate::{cgroup, compile::Compiled, datapath::generation_segment_id as segment_id};
+use crate::{
+    cgroup,
+    compile::Compiled,
+    datapath::{MEMBER_PROGRAMS, generation_segment_id as segment_id},
+};
 
 impl Engine {
     /// Member cgroup paths of a compiled policy: (segment index, absolute path).
@@ -73,12 +80,16 @@ impl Engine {
             .collect();
 
         // Which member cgroups exist now, and for which segment.
+        let declared = self.desired_paths(&compiled);
         let mut desired: BTreeMap<u64, (usize, PathBuf)> = BTreeMap::new();
-        for (index, path) in self.desired_paths(&compiled) {
-            if let Ok(id) = cgroup::cgroup_id(&path) {
-                desired.insert(id, (index, path));
+        for (index, path) in &declared {
+            if let Ok(id) = cgroup::cgroup_id(path) {
+                desired.insert(id, (*index, path.clone()));
             }
         }
+        // Guards first: a member cgroup made while this switch runs is already held.
+        let guards = self.wanted_guards(&compiled);
+        self.add_guards(&guards, &declared);
         let agent_segments: BTreeMap<u64, String> = self
             .agents
             .values()
@@ -89,6 +100,9 @@ impl Engine {
         let existing = self.dp.members()?;
         let known: BTreeSet<u64> = existing.iter().map(|(id, _)| *id).collect();
         for (id, mut member) in existing {
+            if member.kind == MEMBER_OUTSIDER {
+                continue;
+            }
             let value = if member.kind == MEMBER_AGENT {
                 match agent_segments.get(&id) {
                     Some(name) => new_ids.get(name.as_str()).copied().unwrap_or(SEGMENT_GONE),
@@ -109,7 +123,11 @@ impl Engine {
         }
         for (id, (index, path)) in &desired {
             let seg = &compiled.segments[*index];
-            if !known.contains(id) {
+            let outsider = self
+                .dp
+                .member(*id)
+                .is_some_and(|m| m.kind == MEMBER_OUTSIDER);
+            if !known.contains(id) || outsider {
                 let mut segment_ids = [SEGMENT_GONE; 2];
                 segment_ids[next as usize] = segment_id(next, seg.id);
                 segment_ids[live as usize] =
@@ -117,22 +135,18 @@ impl Engine {
                 let member = Member {
                     segment_ids,
                     kind: MEMBER_CGROUP,
-                    flags: 0,
+                    flags: self.guard_flag(*id),
                     agent_id: [0; 16],
                 };
                 self.dp.set_member(*id, member)?;
             }
-            if !self.attached.contains(id) {
-                self.dp
-                    .attach(*id, path)
-                    .with_context(|| format!("attaching to {}", path.display()))?;
-                self.attached.insert(*id);
-            }
+            self.attach_member(*id, path);
         }
 
         // The switch.
         let mut config = self.dp.config()?;
         config.active_gen = next;
+        config.epoch = config.epoch.wrapping_add(1);
         config.deadman_secs = self.deadman_secs;
         config.sample_allows = self.sample_allows;
         config.flags = self.config_flags(Some(&compiled));
@@ -149,10 +163,12 @@ impl Engine {
             .chain(std::iter::once(self.agent_root_id))
             .collect();
         for id in self.dp.pinned_cgroups() {
-            if !keep.contains(&id) {
+            if !keep.contains(&id) && id != self.enforcement_root_id {
                 self.forget_member(id);
             }
         }
+        self.retain_guards(&guards);
+        self.update_watches(&declared);
         // The old half: exactly what the previous policy wrote, when this daemon wrote it.
         // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
         // only leaves entries nobody reads, scanned for before the next switch.
@@ -228,26 +244,67 @@ impl Engine {
         if let Some(segment) = segment {
             self.retire(&segment, id);
         }
-        if let Err(e) = self.dp.remove_member(id) {
+        // A guard keeps an entry of its own (an outsider with the guard flag).
+        let result = if self.is_guard(id) {
+            self.dp.set_member(id, Self::outsider(MEMBER_GUARD))
+        } else {
+            self.dp.remove_member(id)
+        };
+        if let Err(e) = result {
             warn!(cgroup_id = id, "removing membership: {e}");
         }
         if let Err(e) = self.dp.detach(id) {
             warn!(cgroup_id = id, "detaching: {e:#}");
         }
         self.attached.remove(&id);
+        self.failed.remove(&id);
+    }
+
+    /// Attach a member cgroup's packet hooks and mark its entry attached; a failure marks it
+    /// failed instead (everything it does is denied) and is shown in status and metrics.
+    pub(super) fn attach_member(&mut self, id: u64, path: &std::path::Path) {
+        if self.attached.contains(&id) {
+            return;
+        }
+        let result = self
+            .dp
+            .attach(id, path, &MEMBER_PROGRAMS)
+            .map_err(|e| format!("{e:#}"));
+        let flag = match &result {
+            Ok(()) => MEMBER_ATTACHED,
+            Err(_) => MEMBER_FAILED,
+        };
+        if let Some(mut m) = self.dp.member(id) {
+            m.flags = (m.flags & !(MEMBER_ATTACHED | MEMBER_FAILED)) | flag;
+            if let Err(e) = self.dp.set_member(id, m) {
+                warn!(cgroup = %path.display(), "marking the member: {e:#}");
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.attached.insert(id);
+                self.failed.remove(&id);
+            }
+            Err(e) => {
+                warn!(cgroup = %path.display(), "attaching failed, the member is denied everything: {e}");
+                self.failed.insert(id, format!("{}: {e}", path.display()));
+            }
+        }
     }
 
     /// Membership tracking: member cgroups that appeared join their segment, ones that went
-    /// away (or were recreated under a new id) are forgotten. Runs every tick, no reload.
+    /// away (or were recreated under a new id) are forgotten, children of guards are
+    /// classified. Runs every tick and whenever a watched cgroup directory changes; no reload.
     pub fn sync_members(&mut self) {
         let Some(compiled) = self.compiled.take() else {
             return;
         };
         let live = self.generation;
+        let declared = self.desired_paths(&compiled);
         let mut seen = BTreeMap::new();
-        for (index, path) in self.desired_paths(&compiled) {
-            if let Ok(id) = cgroup::cgroup_id(&path) {
-                seen.insert(path, (index, id));
+        for (index, path) in &declared {
+            if let Ok(id) = cgroup::cgroup_id(path) {
+                seen.insert(path.clone(), (*index, id));
             }
         }
         let gone: Vec<(PathBuf, u64)> = self
@@ -256,11 +313,13 @@ impl Engine {
             .filter(|(path, m)| seen.get(*path).is_none_or(|(_, id)| *id != m.cgroup_id))
             .map(|(path, m)| (path.clone(), m.cgroup_id))
             .collect();
+        let changed = !gone.is_empty();
         for (path, id) in gone {
             info!(cgroup = %path.display(), "member cgroup gone");
             self.forget_member(id);
             self.members.remove(&path);
         }
+        let mut joined = false;
         for (path, (index, id)) in seen {
             if self.members.contains_key(&path) {
                 continue;
@@ -271,19 +330,16 @@ impl Engine {
             let member = Member {
                 segment_ids,
                 kind: MEMBER_CGROUP,
-                flags: 0,
+                flags: self.guard_flag(id),
                 agent_id: [0; 16],
             };
-            // Membership before attachment: the first judged connect already finds it.
-            let result = self
-                .dp
-                .set_member(id, member)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| self.dp.attach(id, &path).map_err(anyhow::Error::from));
-            match result {
+            // Membership before attachment: the first judged connect already finds it, and
+            // until the packet hooks are attached the enforcement root's handoff hook judges
+            // its packets.
+            match self.dp.set_member(id, member) {
                 Ok(()) => {
+                    self.attach_member(id, &path);
                     info!(cgroup = %path.display(), segment = %seg.name, "member cgroup joined");
-                    self.attached.insert(id);
                     self.members.insert(
                         path,
                         MemberCgroup {
@@ -291,11 +347,22 @@ impl Engine {
                             cgroup_id: id,
                         },
                     );
+                    joined = true;
                 }
-                Err(e) => warn!(cgroup = %path.display(), "registering member cgroup: {e:#}"),
+                Err(e) => {
+                    // Still unregistered: a child of a guard stays denied (pending).
+                    warn!(cgroup = %path.display(), "registering member cgroup: {e:#}");
+                    self.failed
+                        .insert(id, format!("{}: registering: {e:#}", path.display()));
+                }
             }
         }
+        self.classify_guard_children(&declared);
+        self.update_watches(&declared);
         self.compiled = Some(compiled);
+        if changed || joined {
+            self.bump_epoch();
+        }
     }
 }
 

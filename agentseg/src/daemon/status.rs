@@ -65,6 +65,7 @@ impl Engine {
                 AgentStatus {
                     agent_id: id.to_string(),
                     segment: a.segment.clone(),
+                    uid: a.dynamic_uid,
                     cgroup: a.cgroup.clone(),
                     pids: cgroup::procs(&a.cgroup).unwrap_or_default(),
                     allowed: c.allowed,
@@ -106,7 +107,30 @@ impl Engine {
                     "deadman".into(),
                     stats[agentseg_common::STAT_DEADMAN as usize],
                 ),
+                (
+                    "pending_member".into(),
+                    stats[agentseg_common::STAT_PENDING as usize],
+                ),
+                (
+                    "malformed".into(),
+                    stats[agentseg_common::STAT_MALFORMED as usize],
+                ),
+                (
+                    "failed_member".into(),
+                    stats[agentseg_common::STAT_FAILED_MEMBER as usize],
+                ),
+                (
+                    "ip_options".into(),
+                    stats[agentseg_common::STAT_IP_OPTIONS as usize],
+                ),
             ],
+            enforcement_root: self.enforcement_root.clone(),
+            links: self.dp.link_count(),
+            alarms: self.alarms,
+            last_alarm: self.last_alarm.clone(),
+            failed_members: self.failed.values().cloned().collect(),
+            guards: self.guards.keys().cloned().collect(),
+            agent_uids: self.uids.held(),
         }
     }
 }

@@ -6,15 +6,16 @@ use std::collections::BTreeSet;
 
 use agentseg_common::{
     GEN_BIT, INGRESS_BIT, MAX_SEGMENT_ID, PolicyKeyV4, PolicyKeyV6, PolicyValue, QUARANTINE_BIT,
-    RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED, SEGMENT_NAME_LEN,
-    SEGMENT_PREFIX_BITS, SegmentInfo, map_names,
+    RULE_FIRST_SENTINEL, RULES_PER_GEN, RULESETS_PER_GEN, RuleSet, SEG_QUARANTINED,
+    SEGMENT_NAME_LEN, SEGMENT_PREFIX_BITS, SegmentInfo, UNIX_PATH_LEN, UnixKey, UnixValue,
+    map_names,
 };
 use aya::maps::{Array, HashMap, MapData, lpm_trie::LpmTrie};
 
 use std::os::fd::AsFd as _;
 
 use super::{Datapath, DatapathError, map_mut, map_ref, sys};
-use crate::compile::Compiled;
+use crate::compile::{Compiled, UnixEntry};
 
 /// A segment as the kernel holds it in one generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,9 @@ pub fn generation_of(id: u32) -> u32 {
 /// Packed LPM key sizes: u32 prefix length + key data.
 const LPM_KEY_V4: usize = 4 + std::mem::size_of::<PolicyKeyV4>();
 const LPM_KEY_V6: usize = 4 + std::mem::size_of::<PolicyKeyV6>();
+const LPM_KEY_UNIX: usize = 4 + std::mem::size_of::<UnixKey>();
 const LPM_VALUE: usize = std::mem::size_of::<PolicyValue>();
+const UNIX_VALUE: usize = std::mem::size_of::<UnixValue>();
 /// The kernel's internal ENOTSUPP, returned by bpf(2) for a map without batch operations.
 const ENOTSUPP_KERNEL: i32 = 524;
 
@@ -57,6 +60,29 @@ struct Packed {
     v4: Vec<u8>,
     k6: Vec<u8>,
     v6: Vec<u8>,
+    /// AF_UNIX entries.
+    ku: Vec<u8>,
+    vu: Vec<u8>,
+}
+
+/// One AF_UNIX entry packed as the trie reads it: prefix length, table id, the address bytes
+/// zero-padded to `sun_path`'s size.
+fn pack_unix(keys: &mut Vec<u8>, values: &mut Vec<u8>, table: u32, e: &UnixEntry, generation: u32) {
+    let bytes = e.pattern.key_bytes();
+    let n = bytes.len().min(UNIX_PATH_LEN);
+    keys.extend_from_slice(&(SEGMENT_PREFIX_BITS + 8 * n as u32).to_ne_bytes());
+    keys.extend_from_slice(&table.to_be_bytes());
+    let mut path = [0u8; UNIX_PATH_LEN];
+    path[..n].copy_from_slice(&bytes[..n]);
+    keys.extend_from_slice(&path);
+    // Rule ids are offset per generation, like the rulesets' (sentinels stay as they are).
+    let rule_id = if e.rule_id < RULE_FIRST_SENTINEL {
+        e.rule_id + generation * RULES_PER_GEN
+    } else {
+        e.rule_id
+    };
+    values.extend_from_slice(&rule_id.to_ne_bytes());
+    values.extend_from_slice(&e.verdict.to_ne_bytes());
 }
 
 fn pack(generation: u32, compiled: &Compiled) -> Packed {
@@ -66,9 +92,17 @@ fn pack(generation: u32, compiled: &Compiled) -> Packed {
         v4: Vec::new(),
         k6: Vec::new(),
         v6: Vec::new(),
+        ku: Vec::new(),
+        vu: Vec::new(),
     };
     for seg in &compiled.segments {
         let id = segment_id(generation, seg.id);
+        for e in &seg.unix {
+            pack_unix(&mut p.ku, &mut p.vu, id, e, generation);
+        }
+        for e in &seg.quarantine_unix {
+            pack_unix(&mut p.ku, &mut p.vu, id | QUARANTINE_BIT, e, generation);
+        }
         let tables = [
             (id, &seg.egress_v4, &seg.egress_v6),
             (id | INGRESS_BIT, &seg.ingress_v4, &seg.ingress_v6),
@@ -105,9 +139,10 @@ impl Datapath {
         compiled: &Compiled,
     ) -> Result<usize, DatapathError> {
         let generation = generation & 1;
-        let Packed { k4, k6, .. } = pack(generation, compiled);
+        let Packed { k4, k6, ku, .. } = pack(generation, compiled);
         let removed = self.lpm_delete(map_names::POLICY_V4, &k4, LPM_KEY_V4)?
-            + self.lpm_delete(map_names::POLICY_V6, &k6, LPM_KEY_V6)?;
+            + self.lpm_delete(map_names::POLICY_V6, &k6, LPM_KEY_V6)?
+            + self.lpm_delete(map_names::UNIX, &ku, LPM_KEY_UNIX)?;
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);
         for seg in &compiled.segments {
@@ -134,6 +169,7 @@ impl Datapath {
         keys: &[u8],
         values: &[u8],
         key_len: usize,
+        value_len: usize,
     ) -> Result<(), DatapathError> {
         let count = keys.len() / key_len;
         let fd = self.lpm_fd(name)?;
@@ -155,7 +191,7 @@ impl Datapath {
             {
                 for (k, v) in keys
                     .chunks_exact(key_len)
-                    .zip(values.chunks_exact(LPM_VALUE))
+                    .zip(values.chunks_exact(value_len))
                 {
                     sys::update_elem(fd, k, v).map_err(io)?;
                 }
@@ -268,9 +304,17 @@ impl Datapath {
                     .map_err(map_err(map_names::RULESETS))?;
             }
         }
-        let Packed { k4, v4, k6, v6 } = pack(generation, compiled);
-        self.lpm_update(map_names::POLICY_V4, &k4, &v4, LPM_KEY_V4)?;
-        self.lpm_update(map_names::POLICY_V6, &k6, &v6, LPM_KEY_V6)?;
+        let Packed {
+            k4,
+            v4,
+            k6,
+            v6,
+            ku,
+            vu,
+        } = pack(generation, compiled);
+        self.lpm_update(map_names::POLICY_V4, &k4, &v4, LPM_KEY_V4, LPM_VALUE)?;
+        self.lpm_update(map_names::POLICY_V6, &k6, &v6, LPM_KEY_V6, LPM_VALUE)?;
+        self.lpm_update(map_names::UNIX, &ku, &vu, LPM_KEY_UNIX, UNIX_VALUE)?;
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);
         for seg in &compiled.segments {
@@ -342,6 +386,20 @@ impl Datapath {
                 }
             }
             removed += self.lpm_delete(map_names::POLICY_V6, &packed, LPM_KEY_V6)?;
+        }
+        {
+            let unix: LpmTrie<&MapData, UnixKey, UnixValue> =
+                map_ref!(self, LpmTrie, map_names::UNIX);
+            let mut packed = Vec::new();
+            for k in unix.keys().filter_map(Result::ok) {
+                let data = k.data();
+                if generation_of(u32::from_be_bytes(data.table_be)) == generation {
+                    packed.extend_from_slice(&k.prefix_len().to_ne_bytes());
+                    packed.extend_from_slice(&data.table_be);
+                    packed.extend_from_slice(&data.path);
+                }
+            }
+            removed += self.lpm_delete(map_names::UNIX, &packed, LPM_KEY_UNIX)?;
         }
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);

@@ -1,16 +1,21 @@
-//! The only module that names aya: loads the kernel object with every map pinned (adopting
-//! pins left by an earlier daemon), writes policy generations, attaches and pins links.
+//! The only module that names aya: loads the kernel objects with every map pinned (adopting
+//! pins left by an earlier daemon), writes policy generations, attaches, pins and watches links.
 //!
-//! Layout under the pin root (default `/sys/fs/bpf/agentseg`, 0700):
-//! `v1/maps/<MAP>` and `v1/links/<cgroup id>_<program>`. Pins outlive the daemon: a crash or a
-//! restart never opens a gap; `agentseg uninstall` removes them.
+//! Layout under the pin root (default `/sys/fs/bpf/agentseg`, root-only 0700, checked before
+//! anything is adopted): `<PIN_LAYOUT>/maps/<MAP>` and `<PIN_LAYOUT>/links/<cgroup id>_<program>`,
+//! where `PIN_LAYOUT` is derived from the shared struct definitions. Pins outlive the daemon: a
+//! crash or a restart never opens a gap; `agentseg uninstall` removes them.
 mod bpffs;
 mod generation;
 mod links;
+mod pins;
 mod sys;
+mod unix_loader;
 
 use std::{
+    collections::{BTreeMap, HashMap},
     fs,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -20,25 +25,57 @@ use agentseg_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
+    maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{CgroupSkb, CgroupSockAddr, CgroupSockopt},
 };
 pub use bpffs::ensure_bpffs;
 pub use generation::{SegmentEntry, generation_of, segment_id as generation_segment_id};
-pub use links::uninstall;
+pub use links::{
+    LinkAlarm, UninstallReport, any_daemon_alive, caller_is_member, daemon_alive, uninstall,
+};
+pub use pins::PinCheckError;
 
-/// The kernel object built by `build.rs` (empty when the eBPF build was skipped).
+/// The main kernel object built by `build.rs` (empty when the eBPF build was skipped).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg"));
 
-/// Every program, attached to every member cgroup and the agent root.
-const PROGRAMS: [&str; 6] = [
+/// Programs attached to every member cgroup and to the agent root: the packet hooks, which
+/// judge by the packet's socket.
+pub const MEMBER_PROGRAMS: [&str; 2] = [prog_names::SKB_EGRESS, prog_names::SKB_INGRESS];
+
+/// Programs attached once, at the enforcement root: they judge the calling task (or, for the
+/// handoff hook, sockets whose cgroup is not a member's), so a socket made anywhere and used
+/// by a member is judged, and a member cgroup is judged from its first instant.
+pub const ROOT_PROGRAMS: [&str; 8] = [
     prog_names::CONNECT4,
     prog_names::CONNECT6,
     prog_names::SENDMSG4,
     prog_names::SENDMSG6,
-    prog_names::SKB_EGRESS,
-    prog_names::SKB_INGRESS,
+    prog_names::SETSOCKOPT,
+    prog_names::SKB_HANDOFF,
+    prog_names::CONNECT_UNIX,
+    prog_names::SENDMSG_UNIX,
 ];
+
+/// Every program, for pin-name parsing and `program_sizes`.
+fn all_programs() -> impl Iterator<Item = &'static str> {
+    MEMBER_PROGRAMS.into_iter().chain(ROOT_PROGRAMS)
+}
+
+/// The kernel's `enum bpf_attach_type` value each program is attached with.
+fn attach_type(name: &str) -> u32 {
+    match name {
+        prog_names::SKB_INGRESS => 0,
+        prog_names::SKB_EGRESS | prog_names::SKB_HANDOFF => 1,
+        prog_names::CONNECT4 => 10,
+        prog_names::CONNECT6 => 11,
+        prog_names::SENDMSG4 => 14,
+        prog_names::SENDMSG6 => 15,
+        prog_names::SETSOCKOPT => 22,
+        prog_names::CONNECT_UNIX => unix_loader::BPF_CGROUP_UNIX_CONNECT,
+        prog_names::SENDMSG_UNIX => unix_loader::BPF_CGROUP_UNIX_SENDMSG,
+        _ => u32::MAX,
+    }
+}
 
 /// Default pin root.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/agentseg";
@@ -46,7 +83,7 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/agentseg";
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
-        "this agentseg binary was built without its eBPF object (bpf-linker was missing); \
+        "this agentseg binary was built without its eBPF objects (bpf-linker was missing); \
          rebuild with `cargo xtask build`"
     )]
     NoObject,
@@ -72,26 +109,21 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("pinning link {path}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
-    #[error("pinned link {path}")]
-    Link {
-        path: PathBuf,
-        source: aya::programs::links::LinkError,
-    },
     #[error("bpffs: {0}")]
     Bpffs(String),
     #[error("{0}")]
     Capacity(String),
+    #[error("refusing to adopt the pins under {root}: {reason}")]
+    Adopt { root: PathBuf, reason: String },
+    #[error("AF_UNIX hooks: {0}")]
+    Unix(String),
 }
 
 /// Where this daemon's pins live.
 #[derive(Debug, Clone)]
 pub struct PinDirs {
     pub root: PathBuf,
+    pub layout: PathBuf,
     pub maps: PathBuf,
     pub links: PathBuf,
 }
@@ -103,22 +135,25 @@ impl PinDirs {
             root: root.to_owned(),
             maps: layout.join("maps"),
             links: layout.join("links"),
+            layout,
         }
     }
 
-    /// Create the directories root-only: bpffs permissions are the only gate on a pin.
+    /// Create the directories root-only (bpffs permissions are the only gate on a pin), after
+    /// checking that whatever exists already is ours: root-owned, 0700, no symlinks.
     fn create(&self) -> Result<(), DatapathError> {
-        for dir in [
-            &self.root,
-            &self.maps.parent().unwrap_or(&self.root).to_path_buf(),
-            &self.maps,
-            &self.links,
-        ] {
-            fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
-                what: "creating",
-                path: dir.clone(),
-                source,
+        for dir in [&self.root, &self.layout, &self.maps, &self.links] {
+            pins::check_dir(dir).map_err(|e| DatapathError::Adopt {
+                root: self.root.clone(),
+                reason: e.to_string(),
             })?;
+            if !dir.exists() {
+                fs::create_dir(dir).map_err(|source| DatapathError::Io {
+                    what: "creating",
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
                 DatapathError::Io {
                     what: "chmod 0700",
@@ -136,6 +171,13 @@ pub struct Datapath {
     pins: PinDirs,
     /// Whether the maps existed before this daemon (state adopted from a predecessor).
     adopted: bool,
+    /// The AF_UNIX programs (loaded by the raw loader, not by aya).
+    unix_programs: Vec<(&'static str, OwnedFd)>,
+    /// Every link this daemon holds, by (cgroup id, program): kept open so that a removed pin
+    /// does not detach it, and checked every tick.
+    links: BTreeMap<(u64, &'static str), links::HeldLink>,
+    /// The event ring's descriptor once the reader took the map out of `ebpf`.
+    events_fd: Option<OwnedFd>,
 }
 
 macro_rules! map_mut {
@@ -169,8 +211,8 @@ macro_rules! map_ref {
 pub(crate) use {map_mut, map_ref};
 
 impl Datapath {
-    /// Load the programs; every map is opened from its pin when one exists (adoption) and
-    /// created and pinned otherwise.
+    /// Load the programs; every map is opened from its pin when one exists (adoption, after
+    /// checking the pin tree and each adopted map's shape) and created and pinned otherwise.
     pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
@@ -178,22 +220,38 @@ impl Datapath {
         let pins = PinDirs::new(pin_root);
         pins.create()?;
         let adopted = pins.maps.join(map_names::CONFIG).exists();
+        let refuse = |reason: String| DatapathError::Adopt {
+            root: pin_root.to_owned(),
+            reason,
+        };
         let paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|&name| (name, pins.maps.join(name)))
             .collect();
+        for (_, path) in &paths {
+            pins::check_pin(path).map_err(|e| refuse(e.to_string()))?;
+        }
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in PROGRAMS {
+        pins::check_maps(&ebpf).map_err(refuse)?;
+        for name in all_programs().filter(|n| !is_unix(n)) {
             let result = match program(&mut ebpf, name)? {
                 Prog::SockAddr(p) => p.load(),
-                Prog::Skb(p, _) => p.load(),
+                Prog::Skb(p) => p.load(),
+                Prog::Sockopt(p) => p.load(),
             };
             result.map_err(|source| DatapathError::Program { name, source })?;
         }
+        let map_fds: HashMap<String, std::os::fd::RawFd> = ebpf
+            .maps()
+            .filter_map(|(name, map)| {
+                Some((name.to_owned(), map_data(map)?.fd().as_fd().as_raw_fd()))
+            })
+            .collect();
+        let unix_programs = unix_loader::load(&map_fds)?;
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
@@ -201,6 +259,9 @@ impl Datapath {
             ebpf,
             pins,
             adopted,
+            unix_programs,
+            links: BTreeMap::new(),
+            events_fd: None,
         })
     }
 
@@ -208,11 +269,27 @@ impl Datapath {
         self.adopted
     }
 
-    /// Instruction counts of the loaded programs (verifier blow-ups show up here first).
+    pub fn pin_dirs(&self) -> &PinDirs {
+        &self.pins
+    }
+
+    /// The descriptor of a loaded program.
+    fn prog_fd(&mut self, name: &'static str) -> Result<BorrowedFd<'_>, DatapathError> {
+        if let Some((_, fd)) = self.unix_programs.iter().find(|(n, _)| *n == name) {
+            return Ok(fd.as_fd());
+        }
+        let err = |source| DatapathError::Program { name, source };
+        Ok(match program(&mut self.ebpf, name)? {
+            Prog::SockAddr(p) => p.fd().map_err(err)?.as_fd(),
+            Prog::Skb(p) => p.fd().map_err(err)?.as_fd(),
+            Prog::Sockopt(p) => p.fd().map_err(err)?.as_fd(),
+        })
+    }
+
+    /// Instruction counts of the aya-loaded programs (verifier blow-ups show up here first).
     pub fn program_sizes(&self) -> Vec<(&'static str, usize)> {
-        PROGRAMS
-            .iter()
-            .filter_map(|&name| {
+        all_programs()
+            .filter_map(|name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
                 Some((name, info.size_translated().unwrap_or(0) as usize / 8))
             })
@@ -239,7 +316,8 @@ impl Datapath {
 
     /// Every membership entry the kernel holds.
     pub fn members(&self) -> Result<Vec<(u64, Member)>, DatapathError> {
-        let members: HashMap<&MapData, u64, Member> = map_ref!(self, HashMap, map_names::MEMBERS);
+        let members: AyaHashMap<&MapData, u64, Member> =
+            map_ref!(self, AyaHashMap, map_names::MEMBERS);
         members
             .iter()
             .collect::<Result<Vec<_>, _>>()
@@ -249,9 +327,15 @@ impl Datapath {
             })
     }
 
+    pub fn member(&self, cgroup_id: u64) -> Option<Member> {
+        let map = self.ebpf.map(map_names::MEMBERS)?;
+        let members = AyaHashMap::<&MapData, u64, Member>::try_from(map).ok()?;
+        members.get(&cgroup_id, 0).ok()
+    }
+
     pub fn set_member(&mut self, cgroup_id: u64, member: Member) -> Result<(), DatapathError> {
-        let mut members: HashMap<&mut MapData, u64, Member> =
-            map_mut!(self, HashMap, map_names::MEMBERS);
+        let mut members: AyaHashMap<&mut MapData, u64, Member> =
+            map_mut!(self, AyaHashMap, map_names::MEMBERS);
         members
             .insert(cgroup_id, member, 0)
             .map_err(|source| DatapathError::Map {
@@ -261,8 +345,8 @@ impl Datapath {
     }
 
     pub fn remove_member(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        let mut members: HashMap<&mut MapData, u64, Member> =
-            map_mut!(self, HashMap, map_names::MEMBERS);
+        let mut members: AyaHashMap<&mut MapData, u64, Member> =
+            map_mut!(self, AyaHashMap, map_names::MEMBERS);
         match members.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => {
@@ -277,7 +361,6 @@ impl Datapath {
         let _ = counters.remove(&cgroup_id);
         Ok(())
     }
-
     /// Decision counters of one member cgroup, summed over CPUs.
     pub fn counters(&self, cgroup_id: u64) -> Counters {
         let Some(map) = self.ebpf.map(map_names::COUNTERS) else {
@@ -336,6 +419,12 @@ impl Datapath {
 
     /// Take the event ring buffer out, for the async reader.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        // A copy of its descriptor stays here, to pin it again if its pin is removed.
+        self.events_fd = self
+            .ebpf
+            .map(map_names::EVENTS)
+            .and_then(map_data)
+            .and_then(|d| d.fd().as_fd().try_clone_to_owned().ok());
         let map = self
             .ebpf
             .take_map(map_names::EVENTS)
@@ -367,7 +456,12 @@ impl Datapath {
 /// One of our programs, by kind.
 enum Prog<'a> {
     SockAddr(&'a mut CgroupSockAddr),
-    Skb(&'a mut CgroupSkb, CgroupSkbAttachType),
+    Skb(&'a mut CgroupSkb),
+    Sockopt(&'a mut CgroupSockopt),
+}
+
+fn is_unix(name: &str) -> bool {
+    name == prog_names::CONNECT_UNIX || name == prog_names::SENDMSG_UNIX
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, DatapathError> {
@@ -376,13 +470,26 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, Datap
         .ok_or(DatapathError::MissingProgram(name))?;
     let err = |source| DatapathError::Program { name, source };
     Ok(match name {
-        prog_names::SKB_EGRESS => {
-            Prog::Skb(prog.try_into().map_err(err)?, CgroupSkbAttachType::Egress)
+        prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
+            Prog::Skb(prog.try_into().map_err(err)?)
         }
-        prog_names::SKB_INGRESS => {
-            Prog::Skb(prog.try_into().map_err(err)?, CgroupSkbAttachType::Ingress)
-        }
+        prog_names::SETSOCKOPT => Prog::Sockopt(prog.try_into().map_err(err)?),
         _ => Prog::SockAddr(prog.try_into().map_err(err)?),
+    })
+}
+
+/// The `MapData` inside any map kind aya hands out (for its descriptor).
+fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    Some(match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::RingBuf(d) => d,
+        _ => return None,
     })
 }
 

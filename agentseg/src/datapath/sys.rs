@@ -1,4 +1,6 @@
-//! The two bpf(2) commands aya 0.14 keeps private: open a pinned object, swap a link's program.
+//! The bpf(2) commands aya 0.14 keeps private or lacks: open and pin objects, create, update and
+//! inspect cgroup links, batch map writes, and load a sock_addr program with an attach type
+//! aya does not know (the AF_UNIX hooks).
 use std::{
     ffi::CString,
     io,
@@ -14,44 +16,19 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32), path_fd (s32).
-    let mut attr = [0u64; 3];
-    attr[0] = c.as_ptr() as u64;
-    // SAFETY: attr lives across the call; the kernel reads 24 bytes of it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a fresh descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    // obj_get: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = Attr::new();
+    attr.put_u64(0, c.as_ptr() as u64);
+    attr.call(BPF_OBJ_GET).map(owned)
 }
 
 /// `bpf(BPF_LINK_UPDATE)`: make `link` run `prog` instead, atomically (no detached instant).
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     // link_update: link_fd (u32), new_prog_fd (u32), flags (u32), old_prog_fd (u32).
-    let mut attr = [0u32; 4];
-    attr[0] = link.as_raw_fd() as u32;
-    attr[1] = prog.as_raw_fd() as u32;
-    // SAFETY: attr lives across the call; the kernel reads 16 bytes of it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, prog.as_raw_fd() as u32);
+    attr.call(BPF_LINK_UPDATE).map(drop)
 }
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -171,4 +148,162 @@ fn elem(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// A zeroed `union bpf_attr` large enough for every command used here; the kernel checks that
+/// bytes it does not know are zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 128])
+    }
+
+    fn put_u32(&mut self, at: usize, v: u32) {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn put_u64(&mut self, at: usize, v: u64) {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn call(&mut self, cmd: libc::c_long) -> io::Result<libc::c_long> {
+        // SAFETY: the attr buffer outlives the call and every pointer stored in it points at
+        // memory the caller keeps alive across it.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                self.0.as_mut_ptr(),
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret)
+    }
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel returned a fresh descriptor that we now own.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `bpf(BPF_LINK_CREATE)` for a cgroup: attach `prog` to the cgroup open as `cgroup` with
+/// `attach_type` as a link (coexisting with every other program on the cgroup).
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    // link_create: prog_fd, target_fd, attach_type, flags.
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(4, cgroup.as_raw_fd() as u32);
+    attr.put_u32(8, attach_type);
+    attr.call(BPF_LINK_CREATE).map(owned)
+}
+
+/// `bpf(BPF_OBJ_PIN)`: pin the object behind `fd` at `path` (on a bpffs).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // obj_pin: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = Attr::new();
+    attr.put_u64(0, c.as_ptr() as u64);
+    attr.put_u32(8, fd.as_raw_fd() as u32);
+    attr.call(BPF_OBJ_PIN).map(drop)
+}
+
+/// What the kernel says about a cgroup link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the link was detached (`bpftool link detach`, the cgroup removed).
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// `bpf(BPF_OBJ_GET_INFO_BY_FD)` on a cgroup link.
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) cgroup { cgroup_id, attach_type }.
+    let mut info = [0u8; 64];
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    attr.call(BPF_OBJ_GET_INFO_BY_FD)?;
+    let u32_at =
+        |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info[16..24]);
+    Ok(CgroupLinkInfo {
+        link_id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: u64::from_ne_bytes(id),
+        attach_type: u32_at(24),
+    })
+}
+
+/// `bpf(BPF_PROG_LOAD)` of a cgroup sock_addr program with an explicit expected attach type
+/// (the AF_UNIX hooks, which aya 0.14 cannot load). On a verifier refusal the error carries
+/// the verifier's log.
+pub fn prog_load_sock_addr(
+    name: &str,
+    insns: &[u8],
+    expected_attach_type: u32,
+    license: &std::ffi::CStr,
+) -> io::Result<OwnedFd> {
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const INSN_SIZE: usize = 8;
+    let mut log = vec![0u8; 1 << 20];
+    let mut prog_name = [0u8; 16];
+    for (dst, src) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src;
+    }
+    let attempt = |log_level: u32, log: &mut [u8]| {
+        // prog_load: prog_type(0), insn_cnt(4), insns(8), license(16), log_level(24),
+        // log_size(28), log_buf(32), kern_version(40), prog_flags(44), prog_name(48..64),
+        // prog_ifindex(64), expected_attach_type(68).
+        let mut attr = Attr::new();
+        attr.put_u32(0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+        attr.put_u32(4, (insns.len() / INSN_SIZE) as u32);
+        attr.put_u64(8, insns.as_ptr() as u64);
+        attr.put_u64(16, license.as_ptr() as u64);
+        if log_level != 0 {
+            attr.put_u32(24, log_level);
+            attr.put_u32(28, log.len() as u32);
+            attr.put_u64(32, log.as_mut_ptr() as u64);
+        }
+        attr.0[48..64].copy_from_slice(&prog_name);
+        attr.put_u32(68, expected_attach_type);
+        attr.call(BPF_PROG_LOAD).map(owned)
+    };
+    match attempt(0, &mut log) {
+        Ok(fd) => Ok(fd),
+        Err(first) => match attempt(1, &mut log) {
+            Ok(fd) => Ok(fd),
+            Err(_) => {
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                let text = String::from_utf8_lossy(&log[..end]);
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                Err(io::Error::new(
+                    first.kind(),
+                    format!(
+                        "{first}; verifier log (last lines):\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ),
+                ))
+            }
+        },
+    }
 }
