@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod sandbox;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short tag for names made by this test process.

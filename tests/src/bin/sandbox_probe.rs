@@ -14,6 +14,7 @@
 //!   fds                          the open descriptors, comma-separated
 //!   write PATH                   create/append a byte to PATH
 //!   join PATH                    write our pid to PATH (a cgroup.procs)
+//!   remove PATH                  unlink PATH
 //!   bpf                          bpf(BPF_MAP_CREATE) with an empty attribute
 //!   connect ADDR                 TCP connect (3 s timeout)
 use std::{
@@ -206,6 +207,10 @@ fn act(args: &[String]) -> String {
         Some("join") => {
             let path = args.get(1).unwrap_or_else(|| die("join PATH"));
             outcome(std::fs::write(path, std::process::id().to_string()))
+        }
+        Some("remove") => {
+            let path = args.get(1).unwrap_or_else(|| die("remove PATH"));
+            outcome(std::fs::remove_file(path))
         }
         Some("bpf") => {
             let attr = [0u8; 128];
