@@ -173,13 +173,30 @@ pub enum Command {
         #[arg(long)]
         show: bool,
     },
-    /// Start a command as a new agent of SEGMENT, confined from its first instruction.
+    /// Start a command as a new agent of SEGMENT, in its own cgroup and sandbox from its first
+    /// instruction.
+    ///
+    /// The sandbox: a uid of its own (released when the agent ends), no capabilities unless
+    /// the segment lists some, no_new_privs, a new session without a controlling terminal
+    /// (killed with the launcher, which forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT); a
+    /// seccomp filter refusing with EPERM the socket families the segment does not allow (raw
+    /// sockets, other netlink protocols, io_uring unless allowed), ptrace and access to other
+    /// processes' memory and descriptors, bpf, perf, new user namespaces, setns, mounts,
+    /// keyrings, TIOCSTI; Landlock: no writes beneath agentseg's own files, the cgroup2 mount,
+    /// /proc, /sys or /dev (root agents: only beneath /tmp, /var/tmp, /dev/shm and the
+    /// segment's `writable`), signals only within the agent's own pen; only descriptors 0-2
+    /// (a socket there becomes a pipe the launcher relays). What the segment relaxes is
+    /// printed at start.
+    ///
+    /// Exit status: 125 when agentseg refuses (the command never ran), 126 when COMMAND cannot
+    /// be executed, otherwise COMMAND's (128 + signal when it was killed).
     Run {
         /// Segment the agent belongs to.
         #[arg(long)]
         segment: String,
-        /// Run the agent as this user (name or uid), with its primary group and no
-        /// supplementary groups: an agent that keeps root can move itself out of its cgroup.
+        /// Run the agent as this user (name or uid) with its primary group and no
+        /// supplementary groups, instead of a uid of its own. Root (`--user root`) only in a
+        /// segment with `allow_root = true`, and still without capabilities unless listed.
         #[arg(long)]
         user: Option<String>,
         /// The command and its arguments.

@@ -199,6 +199,27 @@ fn socket_families_raw_sockets_and_io_uring_follow_the_segment() {
     assert_eq!(relaxed(&["io-uring"]), "ok");
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn i386_system_calls_kill_the_agent() {
+    if !kernel_ready() {
+        return;
+    }
+    let (_tree, ns, d) = setup(&[("plain.toml", PLAIN)]);
+    let out = probe_cmd(&d, &ns, "sbx.test.plain", None, &["int80"])
+        .output()
+        .expect("run");
+    // libseccomp's bad-architecture action: the thread dies of SIGSYS (31) before the call.
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 31),
+        "stdout {:?} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+}
+
 #[test]
 fn other_processes_cannot_be_traced_robbed_or_written() {
     if !kernel_ready() {

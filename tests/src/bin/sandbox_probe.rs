@@ -17,6 +17,7 @@
 //!   remove PATH                  unlink PATH
 //!   bpf                          bpf(BPF_MAP_CREATE) with an empty attribute
 //!   connect ADDR                 TCP connect (3 s timeout)
+//!   int80                        i386 getpid through `int 0x80` (x86_64 only)
 use std::{
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
@@ -227,8 +228,35 @@ fn act(args: &[String]) -> String {
                 .unwrap_or_else(|| die("connect ADDR"));
             outcome(TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(drop))
         }
+        Some("int80") => int80(),
         _ => die("unknown action"),
     }
+}
+
+/// An i386 system call (getpid, 20) through the compat entry point: a non-native
+/// architecture the seccomp filter must not let through.
+#[cfg(target_arch = "x86_64")]
+fn int80() -> String {
+    let ret: i64;
+    // SAFETY: getpid touches no memory; the compat entry may clobber r8-r11.
+    unsafe {
+        std::arch::asm!(
+            "int 0x80",
+            inlateout("rax") 20i64 => ret,
+            lateout("r8") _, lateout("r9") _, lateout("r10") _, lateout("r11") _,
+            options(nostack)
+        );
+    }
+    if ret > 0 {
+        "ok".into()
+    } else {
+        name(-ret as i32)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn int80() -> String {
+    "unsupported".into()
 }
 
 fn main() {
