@@ -456,8 +456,12 @@ pub struct FlowVerdict {
     /// For [`FLOW_UNTOUCHED`]: the cgroup of the task that sent (a handed-in socket is judged
     /// again when another task uses it).
     pub task_cgroup: u64,
+    /// For [`FLOW_DENY`]: the rule (or sentinel) that refused, for the event of every later
+    /// datagram (each is an attempt; a TCP retransmit is not).
+    pub rule: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 40);
 
 /// Per-CPU decision counters of one member cgroup (agent or member cgroup), summed by user space.
 #[repr(C)]

@@ -302,11 +302,12 @@ fn cookie(ctx: &SkBuffContext, sk: &Sock) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) }
 }
 
-/// The verdict remembered for this socket's current destination, if it is still valid.
+/// The verdict (and rule) remembered for this socket's current destination, if still valid;
+/// verdict 0 otherwise.
 #[inline(always)]
-fn remembered(cookie: u64, p: &Packet, epoch: u32) -> u8 {
+fn remembered(cookie: u64, p: &Packet, epoch: u32) -> (u8, u32) {
     if cookie == 0 {
-        return 0;
+        return (0, 0);
     }
     // SAFETY: read at once; FlowVerdict is plain integers.
     match unsafe { FLOWS.get(&cookie) } {
@@ -316,14 +317,14 @@ fn remembered(cookie: u64, p: &Packet, epoch: u32) -> u8 {
                 && u32::from(v.protocol) == p.proto
                 && v.daddr == p.dst.addr =>
         {
-            v.verdict
+            (v.verdict, v.rule)
         }
-        _ => 0,
+        _ => (0, 0),
     }
 }
 
 #[inline(always)]
-fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64) {
+fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64, rule: u32) {
     if cookie == 0 {
         return;
     }
@@ -334,6 +335,8 @@ fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64) 
         verdict,
         epoch,
         task_cgroup,
+        rule,
+        _pad: 0,
     };
     // A failed insert only means the next packet is judged again.
     let _ = FLOWS.insert(&cookie, &v, 0);
@@ -368,8 +371,10 @@ fn judge_egress(
     }
     if !armed {
         match remembered(cookie, p, epoch) {
-            FLOW_ALLOW => return ALLOW,
-            FLOW_DENY => return DENY,
+            (FLOW_ALLOW, _) => return ALLOW,
+            // A TCP retransmit is not a new attempt: dropped quietly. Every datagram is one.
+            (FLOW_DENY, _) if p.proto == IPPROTO_TCP => return DENY,
+            (FLOW_DENY, rule) => return finish(s, rule, flow, false),
             _ => {}
         }
     }
@@ -383,7 +388,7 @@ fn judge_egress(
         } else {
             FLOW_DENY
         };
-        remember(cookie, p, epoch, v, 0);
+        remember(cookie, p, epoch, v, 0, rule);
     }
     verdict
 }
@@ -531,7 +536,7 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
         // A member whose own packet hooks are attached: they judge it.
         Resolved::Subject(s) if s.attached => {
             if !armed {
-                remember(cookie, &p, epoch, FLOW_UNTOUCHED, task);
+                remember(cookie, &p, epoch, FLOW_UNTOUCHED, task, 0);
             }
             return ALLOW;
         }
@@ -546,7 +551,7 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
         ) {
             Resolved::Untouched => {
                 if !armed {
-                    remember(cookie, &p, epoch, FLOW_UNTOUCHED, task);
+                    remember(cookie, &p, epoch, FLOW_UNTOUCHED, task, 0);
                 }
                 return ALLOW;
             }

@@ -9,7 +9,7 @@
 //!
 //! | address                                     | verdict                                |
 //! |---------------------------------------------|----------------------------------------|
-//! | unreadable, empty, or a path with a `..` component | deny (RULE_MALFORMED)    |
+//! | unreadable, empty, or a non-canonical path (relative, `//`, `/./`, `/../`) | deny (RULE_MALFORMED) |
 //! | quarantined agent or segment, dead-man      | `[quarantine] unix` only               |
 //! | longest matching pattern is a deny          | deny (the control socket)              |
 //! | longest matching pattern is an allow        | allow                                  |
@@ -46,7 +46,8 @@ struct Address {
     /// zeros for the word-wise scan in [`escapes`].
     path: [u8; PATH_BUF],
     len: u32,
-    /// A path with a `..` component: it could climb out of a prefix pattern.
+    /// A path that is not canonical (relative, `//`, `/./`, `/../`): another spelling of a
+    /// path could climb out of a prefix pattern or get around an exact deny under one.
     escapes: bool,
 }
 
@@ -112,16 +113,19 @@ fn zero_bytes(w: u64) -> u64 {
     !(((w & LOW7).wrapping_add(LOW7)) | w | LOW7)
 }
 
-/// Whether the path has a `..` component (`/..` followed by `/` or its end). Only that can
-/// climb out of a prefix pattern (`/run/tools/../docker.sock`); `//` and `/./` stay beneath
-/// it, and an exact pattern never matches another spelling. Word-wise and branch-free: a
-/// branch per byte makes the verifier walk every combination of 108 unknown bytes.
+/// Whether the path is not canonical: not absolute, or holding `//`, `/./`, `/../` (or ending
+/// in `/.`, `/..`). `/run/tools/../docker.sock` climbs out of a prefix pattern, and
+/// `/run/agentseg//agentseg.sock` would get around the control socket's exact deny under a
+/// prefix allow; the patterns are canonical, so a canonical path means what it says.
+/// Word-wise and branch-free: a branch per byte makes the verifier walk every combination of
+/// 108 unknown bytes.
 #[inline(always)]
 fn escapes(p: &[u8; PATH_BUF]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
+    // Flags of the first five bytes of a window (each window checks the sequences that start
+    // there; sequences are at most 4 bytes long, windows of 8 bytes step by 5).
+    const FIRST5: u64 = 0x0000_0080_8080_8080;
     let mut hit = 0u64;
-    // Windows of 8 bytes every 5 bytes: each checks the sequences that start in its first 5
-    // bytes (4 bytes long: '/', '.', '.', end), so every start position is covered once.
     let mut off = 0;
     while off < UNIX_PATH_LEN {
         let w = u64::from_le_bytes([
@@ -138,10 +142,13 @@ fn escapes(p: &[u8; PATH_BUF]) -> bool {
         let dot = zero_bytes(w ^ (ONES * u64::from(b'.')));
         let end = slash | zero_bytes(w);
         // Byte k's flag sits at bit 8k+7; shifting right by 8 brings byte k+1's to byte k.
-        hit |= slash & (dot >> 8) & (dot >> 16) & (end >> 24) & 0x0000_0080_8080_8080;
+        let double_slash = slash & (slash >> 8);
+        let dot_component = slash & (dot >> 8) & (end >> 16);
+        let dotdot_component = slash & (dot >> 8) & (dot >> 16) & (end >> 24);
+        hit |= (double_slash | dot_component | dotdot_component) & FIRST5;
         off += 5;
     }
-    hit != 0
+    hit != 0 || p[0] != b'/'
 }
 
 #[inline(always)]

@@ -140,6 +140,10 @@ pub struct LaunchSpec {
     /// pin root, the policy directory, the config file, the state directory, the audit log's
     /// directory, the control socket's directory, the agentseg binary.
     pub protected: Vec<PathBuf>,
+    /// The segment's `[[unix]]` (or the host baseline) names abstract sockets: abstract AF_UNIX
+    /// connections are then left to the kernel hooks instead of Landlock's scope.
+    #[serde(default)]
+    pub allow_abstract_unix: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -236,7 +240,10 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("permission denied: the control socket {path} is root-only")]
+    #[error(
+        "permission denied: the control socket {path} is root-only and closed to every process \
+         inside a segment"
+    )]
     Denied { path: PathBuf },
     #[error("talking to the daemon at {path}: {source}")]
     Io {

@@ -89,6 +89,15 @@ impl Netns {
         sh(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };
         sh(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        // Ping sockets for every group: agents run as uids of their own.
+        sh(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ping_group_range=0 2147483647",
+        ]));
         for a in [V6_A, V6_B] {
             sh(Command::new("ip").args([
                 "-n",
@@ -120,6 +129,57 @@ impl Netns {
                 Ok(())
             });
         }
+    }
+}
+
+impl Netns {
+    /// Run `f` on a thread that entered this namespace: the sockets it makes belong to the
+    /// namespace (and stay usable from any thread afterwards).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
+        std::thread::spawn(move || {
+            // SAFETY: setns on this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+}
+
+/// A fresh directory any uid may use (mode 1777), removed on drop: for sockets and files that
+/// agents (uids of their own) must reach, and that a policy names before the daemon starts.
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod shared dir");
+    dir
+}
+
+/// A UDP receiver inside a test namespace: counts what arrives (the proof that a denied send
+/// reached nothing).
+pub struct UdpSink(std::net::UdpSocket);
+
+impl UdpSink {
+    pub fn bind(ns: &Netns, addr: &str) -> Self {
+        let addr = addr.to_owned();
+        let sock = ns.within(move || std::net::UdpSocket::bind(&addr).expect("bind udp sink"));
+        sock.set_nonblocking(true).expect("nonblocking");
+        Self(sock)
+    }
+
+    /// Datagrams received so far (drains the socket).
+    pub fn count(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        while self.0.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
     }
 }
 
@@ -239,7 +299,9 @@ impl Daemon {
         }
         Self {
             child: None,
-            socket: dir.path().join("agentseg.sock"),
+            // In a directory of its own: the daemon protects it (Landlock) from every agent, and
+            // agents must still write `scratch()`.
+            socket: dir.path().join("run/agentseg.sock"),
             policies,
             pin_root: PathBuf::from("/sys/fs/bpf").join(&tree.rel),
             agent_root: tree.rel("agents"),
@@ -328,6 +390,39 @@ impl Daemon {
         self.dir.path().join("log/audit.jsonl")
     }
 
+    /// Every record of the audit log, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait (5 s at most, then panic) until the audit log holds `n` records matching `pred`.
+    pub fn wait_records(
+        &self,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found: Vec<_> = self
+                .audit_records()
+                .into_iter()
+                .filter(|r| pred(r))
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} matching records appeared in the audit log",
+                found.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `agentseg ARGS` against this daemon's socket.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(agentseg_bin())
@@ -389,6 +484,7 @@ impl Daemon {
     }
 
     /// A directory agents can write whatever their uid (the test's own files are root's).
+    /// (See also [`shared_dir`] for one a policy can name before the daemon starts.)
     pub fn scratch(&self) -> PathBuf {
         let dir = self.dir.path().join("scratch");
         if !dir.exists() {
@@ -510,27 +606,72 @@ pub const PROGRAMS: usize = 2;
 /// sendmsg (v4, v6), setsockopt, the handoff packet hook, AF_UNIX connect and sendmsg.
 pub const ROOT_PROGRAMS: usize = 8;
 
-/// How many agentseg programs are attached to a cgroup (`bpftool cgroup show`).
+/// How many agentseg programs are attached to a cgroup, over every attach type agentseg
+/// uses (asked of the kernel directly: bpftool 7.1 does not know the AF_UNIX attach types).
 pub fn attachments(cgroup: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Array(vec![]));
-    v.as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|p| {
-                p["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("agentseg_"))
-            })
-            .count()
-    })
+    // BPF_CGROUP_INET_INGRESS/EGRESS, INET4/6_CONNECT, UDP4/6_SENDMSG, SETSOCKOPT, UNIX_CONNECT,
+    // UNIX_SENDMSG.
+    const ATTACH_TYPES: [u32; 9] = [0, 1, 10, 11, 14, 15, 22, 49, 50];
+    let dir = std::fs::File::open(cgroup).expect("open cgroup");
+    ATTACH_TYPES
+        .iter()
+        .flat_map(|&t| bpf::query_prog_ids(&dir, t))
+        .filter(|&id| bpf::prog_name(id).is_some_and(|n| n.starts_with("agentseg_")))
+        .count()
+}
+
+/// The few bpf(2) queries the tests make themselves.
+pub mod bpf {
+    use std::os::fd::AsRawFd as _;
+
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+
+    fn call(cmd: libc::c_long, attr: &mut [u8; 128]) -> i64 {
+        // SAFETY: attr outlives the call; pointers stored in it point at live buffers.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }
+    }
+
+    /// Ids of the programs attached to `cgroup` with `attach_type` (effective: no).
+    pub fn query_prog_ids(cgroup: &std::fs::File, attach_type: u32) -> Vec<u32> {
+        let mut ids = [0u32; 64];
+        let mut attr = [0u8; 128];
+        // query: target_fd(0), attach_type(4), query_flags(8), attach_flags(12),
+        // prog_ids(16), prog_cnt(24).
+        attr[0..4].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        if call(BPF_PROG_QUERY, &mut attr) < 0 {
+            return Vec::new();
+        }
+        let n = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+        ids[..n.min(ids.len())].to_vec()
+    }
+
+    /// A program's name.
+    pub fn prog_name(id: u32) -> Option<String> {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&id.to_ne_bytes());
+        let fd = call(BPF_PROG_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            return None;
+        }
+        let mut info = [0u8; 256];
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        let ret = call(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
+        // SAFETY: closing the descriptor the kernel gave us.
+        unsafe { libc::close(fd as i32) };
+        if ret < 0 {
+            return None;
+        }
+        // struct bpf_prog_info: name[16] at offset 64.
+        let name = &info[64..80];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        Some(String::from_utf8_lossy(&name[..end]).into_owned())
+    }
 }

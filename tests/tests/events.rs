@@ -8,34 +8,6 @@ use std::{
 
 use agentseg_tests::{CgroupTree, Daemon, Netns, Server, agentseg_bin, kernel_ready};
 
-fn records(d: &Daemon) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(d.audit_log()).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Wait until the audit log holds `n` records matching `pred`.
-fn wait_records(
-    d: &Daemon,
-    n: usize,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found: Vec<_> = records(d).into_iter().filter(|r| pred(r)).collect();
-        if found.len() >= n {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} records appeared",
-            found.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 const SEG: &str = r#"
 name = "bot.test.events"
 [[egress]]
@@ -98,12 +70,11 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
         &["--metrics", &format!("127.0.0.1:{port}")],
     );
     // One agent makes three denied connects and one allowed one.
-    let out = d.cli(&[
+    let out = d.cli_in(&ns, &[
         "run", "--segment", "bot.test.events", "--", "sh", "-c",
         &format!(
-            "for i in 1 2 3; do {p} --netns {ns} connect tcp 127.0.0.1:8081; done; {p} --netns {ns} connect tcp 127.0.0.1:8080",
+            "for i in 1 2 3; do {p} connect tcp 127.0.0.1:8081; done; {p} connect tcp 127.0.0.1:8080",
             p = agentseg_tests::probe_bin().display(),
-            ns = ns.name
         ),
     ]);
     assert!(out.status.success());
@@ -120,7 +91,7 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
         .nth(1)
         .expect("agent id printed")
         .to_owned();
-    let denies = wait_records(&d, 3, |r| r["kind"] == "deny");
+    let denies = d.wait_records(3, |r| r["kind"] == "deny");
     assert_eq!(denies.len(), 3, "{denies:?}");
     let mut pids = std::collections::BTreeSet::new();
     for r in &denies {
@@ -137,7 +108,7 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
     }
     assert_eq!(pids.len(), 3, "three processes, three pids");
     assert!(
-        records(&d).iter().all(|r| r["kind"] != "allow"),
+        d.audit_records().iter().all(|r| r["kind"] != "allow"),
         "allows are not events by default"
     );
     // The allowed connect raised its rule's counter; the UDP rule was never used.
@@ -232,7 +203,7 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
             "EPERM"
         );
     }
-    wait_records(&d, 5, |r| r["kind"] == "deny");
+    d.wait_records(5, |r| r["kind"] == "deny");
     d.stop();
     let log = d.audit_log();
     let verify = |log: &std::path::Path| {
@@ -283,12 +254,12 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
     let d = Daemon::start(&tree, &[("bot.toml", &policy)]);
     // One agent: a long-lived allowed connection loop, then a burst of denied sends.
     let script = format!(
-        "{p} --netns {ns} loop 127.0.0.1:8080 {stop} 10 & sleep 0.5; {p} --netns {ns} flood 127.0.0.2:53 10; wait",
+        "{p} loop 127.0.0.1:8080 {stop} 10 & sleep 0.5; {p} flood 127.0.0.2:53 10; wait",
         p = agentseg_tests::probe_bin().display(),
-        ns = ns.name,
-        stop = d.dir.path().join("stop").display()
+        stop = d.scratch().join("stop").display()
     );
-    let agent = Command::new(agentseg_bin())
+    let mut agent = Command::new(agentseg_bin());
+    agent
         .arg("--socket")
         .arg(&d.socket)
         .args([
@@ -300,10 +271,10 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
             "-c",
             &script,
         ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("agent");
-    let q = wait_records(&d, 1, |r| r["kind"] == "quarantine");
+        .stdout(std::process::Stdio::piped());
+    ns.enter_on_exec(&mut agent);
+    let agent = agent.spawn().expect("agent");
+    let q = d.wait_records(1, |r| r["kind"] == "quarantine");
     assert!(
         q[0]["by"]
             .as_str()
@@ -329,7 +300,7 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
             .is_some_and(|r| r.contains("deny_rate"))
     );
     std::thread::sleep(Duration::from_millis(500));
-    std::fs::write(d.dir.path().join("stop"), b"").expect("stop");
+    std::fs::write(d.scratch().join("stop"), b"").expect("stop");
     let out = agent.wait_with_output().expect("agent output");
     let text = String::from_utf8_lossy(&out.stdout);
     let summary = text
@@ -423,7 +394,7 @@ fn sampled_allows_become_events_when_asked() {
         ),
         "ok"
     );
-    let allows = wait_records(&d, 1, |r| r["kind"] == "allow");
+    let allows = d.wait_records(1, |r| r["kind"] == "allow");
     assert!(
         allows[0]["rule"]
             .as_str()

@@ -243,13 +243,15 @@ fn run_as_another_user_cannot_walk_out_of_its_pen() {
     // Still confined: it joined its cgroup before dropping privileges.
     let cg = run("cgroup");
     assert!(cg.contains("/bot.test.none/"), "{cg}");
-    // Root agents (the default) can: that is why --user exists.
-    assert_eq!(
-        d.run_probe("bot.test.none", &ns, &["uid"])
-            .split(' ')
-            .next(),
-        Some("uid=0")
-    );
+    // Without --user an agent gets a uid of its own (never root), and cannot walk out either.
+    let own = d.run_probe("bot.test.none", &ns, &["uid"]);
+    let uid: u32 = own
+        .strip_prefix("uid=")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("{own}"));
+    assert!(uid >= 1_900_000_000, "{own}");
+    assert_eq!(d.run_probe("bot.test.none", &ns, &["escape"]), "EACCES");
     // An unknown user starts nothing.
     let out = d.cli(&[
         "run",

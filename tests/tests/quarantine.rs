@@ -20,6 +20,8 @@ fn policy(name: &str, members: Option<&str>) -> String {
         .unwrap_or_default();
     format!(
         r#"name = "{name}"
+# Raw ICMP needs a raw socket and CAP_NET_RAW: the agents get exactly that.
+capabilities = ["net_raw"]
 [[egress]]
 cidrs = ["127.0.0.1", "127.0.0.5"]
 ports = ["8080-8099"]
@@ -33,6 +35,8 @@ ports = [9000]
 protocol = "tcp"
 [quarantine]
 allow = ["127.0.0.5"]
+[sockets]
+raw = true
 {members}"#
     )
 }
@@ -229,12 +233,12 @@ fn ingress_rules_admit_allowed_peers_only() {
     let ns = Netns::create();
     let _srv = Server::start(&ns, &["[::]:8080"]);
     let d = Daemon::start(&tree, &[("a.toml", &policy("web.test.ingress", None))]);
-    let mut agent = Command::new(agentseg_bin())
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["run", "--segment", "web.test.ingress", "--"])
-        .arg(probe_bin())
-        .args(["--netns", &ns.name, "serve", "0.0.0.0:9000", "0.0.0.0:9001"])
+    let mut agent = d
+        .agent_command(
+            "web.test.ingress",
+            &ns,
+            &["serve", "0.0.0.0:9000", "0.0.0.0:9001"],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -424,7 +428,9 @@ fn the_control_socket_refuses_non_root_and_callers_inside_a_segment() {
         String::from_utf8_lossy(&out.stderr)
     );
     // ...and the daemon checks the caller's credentials even when it can be reached.
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    for dir in [d.dir.path(), d.socket.parent().expect("socket dir")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = as_nobody(&q);
     assert!(!out.status.success());
@@ -433,11 +439,28 @@ fn the_control_socket_refuses_non_root_and_callers_inside_a_segment() {
         err.contains("permission denied") && err.contains("not root"),
         "{err}"
     );
-    // Root, but from inside a segment: refused too.
+    // Root, but from inside a segment: the kernel refuses the connect itself (the control
+    // socket is refused to every member, whatever its rules), and says so in the audit log.
+    std::fs::write(
+        d.policies.join("a.toml"),
+        policy("bot.test.ctl", None).replace(
+            "name = \"bot.test.ctl\"",
+            "name = \"bot.test.ctl\"\nallow_root = true",
+        ),
+    )
+    .expect("write policy");
+    let reload = d.cli(&["reload"]);
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
     let inside = d.cli(&[
         "run",
         "--segment",
         "bot.test.ctl",
+        "--user",
+        "root",
         "--",
         agentseg_bin().to_str().expect("utf8"),
         "--socket",
@@ -448,10 +471,14 @@ fn the_control_socket_refuses_non_root_and_callers_inside_a_segment() {
     ]);
     assert!(!inside.status.success());
     assert!(
-        String::from_utf8_lossy(&inside.stderr).contains("inside a segment"),
+        String::from_utf8_lossy(&inside.stderr)
+            .contains("closed to every process inside a segment"),
         "{}",
         String::from_utf8_lossy(&inside.stderr)
     );
+    d.wait_records(1, |r| {
+        r["hook"] == "connect_unix" && r["rule"] == "control-socket"
+    });
     // Nothing changed.
     assert!(
         d.status_json()["quarantines"]

@@ -227,27 +227,36 @@ fn children_threads_and_sub_cgroups_stay_in_the_segment() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let _srv = serve_all(&ns);
-    let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    for how in [
-        &["--fork"][..],
-        &["--thread"],
-        &["--subcgroup", "escape"],
-        &["--subcgroup", "a", "--fork"],
-    ] {
+    std::fs::create_dir_all(tree.abs("members/web")).expect("mkdir member");
+    let policy = format!(
+        "{WEB}\n[members]\ncgroups = [\"{}\"]\n",
+        tree.rel("members/web")
+    );
+    let d = Daemon::start(&tree, &[("web.toml", &policy)]);
+    let check = |how: &[&str], run: &dyn Fn(&[&str]) -> String| {
         let mut denied: Vec<&str> = how.to_vec();
         denied.extend(["connect", "tcp", "127.0.0.1:8101"]);
-        assert_eq!(
-            d.run_probe("web.test.tcp", &ns, &denied),
-            "EPERM",
-            "{how:?} escaped"
-        );
+        assert_eq!(run(&denied), "EPERM", "{how:?} escaped");
         let mut allowed: Vec<&str> = how.to_vec();
         allowed.extend(["connect", "tcp", "127.0.0.1:8080"]);
-        assert_eq!(
-            d.run_probe("web.test.tcp", &ns, &allowed),
-            "ok",
-            "{how:?} over-blocked"
-        );
+        assert_eq!(run(&allowed), "ok", "{how:?} over-blocked");
+    };
+    // An agent's children and threads are judged as the agent.
+    for how in [&["--fork"][..], &["--thread"]] {
+        check(how, &|args| d.run_probe("web.test.tcp", &ns, args));
+    }
+    // An agent cannot even make a sub-cgroup (its sandbox keeps it off the cgroup tree)...
+    let out = d.run_agent("web.test.tcp", &ns, &["--subcgroup", "escape", "env"]);
+    assert!(!out.status.success(), "an agent made a sub-cgroup");
+    // ...and a root process in a member cgroup that makes one stays in the segment there.
+    let member = tree.abs("members/web");
+    for how in [
+        &["--subcgroup", "escape"][..],
+        &["--subcgroup", "a", "--fork"],
+        &["--fork"],
+        &["--thread"],
+    ] {
+        check(how, &|args| probe(&ns, Some(&member), args));
     }
 }
 

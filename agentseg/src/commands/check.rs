@@ -36,7 +36,7 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
                 "agentseg: {} ok: {} segments, {} map entries{warned}",
                 dir.display(),
                 compiled.segments.len(),
-                compiled.entry_count()
+                compiled.entry_count() + compiled.unix_entry_count()
             );
             ExitCode::SUCCESS
         }

@@ -56,9 +56,9 @@ fn simple(socket: &Path, request: &Request, done: &str) -> ExitCode {
     }
 }
 
-/// Remove every attachment and pin. Refused while a daemon holds the pins (its heartbeat in
-/// the pinned CONFIG is fresh: it would re-attach, and an operator who wants enforcement off
-/// should stop it first, knowingly), and from inside a pen. Says what it removed.
+/// Remove every attachment and pin. Refused while a daemon holds the pins (a process has the
+/// pinned maps open: it would re-attach, and an operator who wants enforcement off should stop
+/// it first, knowingly), and from inside a pen. Says what it removed.
 pub fn uninstall(socket: &Path, pin_root: &Path) -> ExitCode {
     let refuse = |why: String| {
         eprintln!("agentseg: refusing to uninstall: {why}");
@@ -69,15 +69,17 @@ pub fn uninstall(socket: &Path, pin_root: &Path) -> ExitCode {
         Ok(true) => return refuse("this process runs inside a segment".into()),
         Err(e) => return refuse(format!("cannot read the pinned membership ({e})")),
     }
-    match datapath::any_daemon_alive(pin_root) {
-        Ok(false) => {}
-        Ok(true) => {
+    match datapath::pin_root_holders(pin_root) {
+        Ok(pids) if pids.is_empty() => {}
+        Ok(pids) => {
+            let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
             return refuse(format!(
-                "a daemon holds the pins under {} (its heartbeat is fresh); stop it first",
+                "process {} holds the pins under {} (a running daemon); stop it first",
+                pids.join(", "),
                 pin_root.display()
             ));
         }
-        Err(e) => return refuse(format!("cannot read the pinned heartbeat ({e})")),
+        Err(e) => return refuse(format!("cannot read the pins ({e})")),
     }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return refuse(format!(

@@ -147,10 +147,7 @@ fn start(
     path: std::path::PathBuf,
     argv: Vec<CString>,
 ) -> u8 {
-    // The daemon does not say yet whether the segment's [[unix]] names abstract sockets:
-    // until it does, abstract AF_UNIX sockets are always scoped to the agent's domain.
-    let allow_abstract_unix = false;
-    let prepared = match sandbox::prepare(launch, allow_abstract_unix) {
+    let prepared = match sandbox::prepare(launch, launch.allow_abstract_unix) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agentseg: refusing to start {program}: {e}");

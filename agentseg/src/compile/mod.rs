@@ -332,9 +332,15 @@ impl Compiled {
                     + s.ingress_v6.len()
                     + s.quarantine_v4.len()
                     + s.quarantine_v6.len()
-                    + s.unix.len()
-                    + s.quarantine_unix.len()
             })
+            .sum()
+    }
+
+    /// Number of AF_UNIX trie entries over all segments (quarantine lists included).
+    pub fn unix_entry_count(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.unix.len() + s.quarantine_unix.len())
             .sum()
     }
 }

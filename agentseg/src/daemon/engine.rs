@@ -438,6 +438,10 @@ impl Engine {
                 )
             })?;
         let (name, compiled_id, sandbox) = (seg.name.clone(), seg.id, seg.sandbox.clone());
+        let allow_abstract_unix = seg.unix.iter().any(|e| {
+            e.verdict == agentseg_common::UNIX_ALLOW
+                && e.pattern.kind == crate::policy::UnixKind::Abstract
+        });
         if uid == Some(0) && !sandbox.allow_root {
             anyhow::bail!(
                 "segment {name:?} does not allow root agents (it would need allow_root = true); \
@@ -462,6 +466,7 @@ impl Engine {
             gid,
             sandbox,
             protected: self.protected.clone(),
+            allow_abstract_unix,
         };
         let result = self.register_agent(&name, compiled_id, dynamic_uid, launch);
         if result.is_err()

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentseg_common::{Config, PIN_LAYOUT, map_names};
+use agentseg_common::{PIN_LAYOUT, map_names};
 use tracing::{debug, warn};
 
 use super::{Datapath, DatapathError, PinDirs, all_programs, attach_type, sys};
@@ -305,22 +305,42 @@ fn layout_dirs(root: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Whether the daemon that owns the pins of `layout` is alive: its heartbeat (written every
-/// second into the pinned CONFIG map) is fresh.
-pub fn daemon_alive(layout: &Path) -> Result<bool, String> {
+/// The processes (other than this one) that hold the pinned CONFIG map of `layout` open: a
+/// daemon running on these pins. Checked on the pins themselves (`map_id` in
+/// `/proc/PID/fdinfo`), not by whether some socket path answers.
+pub fn pin_holders(layout: &Path) -> Result<Vec<u32>, String> {
     let pin = layout.join("maps").join(map_names::CONFIG);
     if !pin.exists() {
-        return Ok(false);
+        return Ok(Vec::new());
     }
     let data = aya::maps::MapData::from_pin(&pin).map_err(|e| format!("{}: {e}", pin.display()))?;
-    let map = aya::maps::Map::Array(data);
-    let config: aya::maps::Array<_, Config> =
-        aya::maps::Array::try_from(map).map_err(|e| format!("{}: {e}", pin.display()))?;
-    let c = config
-        .get(&0, 0)
-        .map_err(|e| format!("{}: {e}", pin.display()))?;
-    let age = super::boottime_ns().saturating_sub(c.heartbeat_ns);
-    Ok(c.heartbeat_ns != 0 && age < 3_000_000_000)
+    let id = data
+        .info()
+        .map_err(|e| format!("{}: {e}", pin.display()))?
+        .id();
+    let needle = format!("map_id:\t{id}");
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for proc_entry in fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))? {
+        let Ok(proc_entry) = proc_entry else { continue };
+        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(proc_entry.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.filter_map(Result::ok).any(|fd| {
+            fs::read_to_string(fd.path())
+                .is_ok_and(|text| text.lines().any(|l| l.trim_end() == needle))
+        });
+        if holds {
+            out.push(pid);
+        }
+    }
+    Ok(out)
 }
 
 /// `agentseg uninstall`: detach everything and remove every pin under `pin_root`, every
@@ -424,12 +444,11 @@ pub fn caller_is_member(pin_root: &Path) -> Result<bool, String> {
     Ok(false)
 }
 
-/// Whether any layout under `pin_root` has a live daemon.
-pub fn any_daemon_alive(pin_root: &Path) -> Result<bool, String> {
+/// The processes holding any layout's pins under `pin_root` (see [`pin_holders`]).
+pub fn pin_root_holders(pin_root: &Path) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
     for layout in layout_dirs(pin_root) {
-        if daemon_alive(&layout)? {
-            return Ok(true);
-        }
+        out.extend(pin_holders(&layout)?);
     }
-    Ok(false)
+    Ok(out)
 }

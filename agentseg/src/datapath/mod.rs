@@ -30,9 +30,7 @@ use aya::{
 };
 pub use bpffs::ensure_bpffs;
 pub use generation::{SegmentEntry, generation_of, segment_id as generation_segment_id};
-pub use links::{
-    LinkAlarm, UninstallReport, any_daemon_alive, caller_is_member, daemon_alive, uninstall,
-};
+pub use links::{LinkAlarm, UninstallReport, caller_is_member, pin_root_holders, uninstall};
 pub use pins::PinCheckError;
 
 /// The main kernel object built by `build.rs` (empty when the eBPF build was skipped).

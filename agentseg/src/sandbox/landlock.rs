@@ -185,6 +185,7 @@ mod tests {
             gid: 0,
             sandbox: Default::default(),
             protected: vec![],
+            allow_abstract_unix: false,
         };
         spec.sandbox
             .writable
@@ -208,6 +209,7 @@ mod tests {
             gid: 1000,
             sandbox: Default::default(),
             protected: vec!["/etc".into()],
+            allow_abstract_unix: false,
         };
         let g: Vec<PathBuf> = grants(&spec).into_iter().map(|g| g.path).collect();
         assert!(g.contains(&PathBuf::from("/dev/null")), "{g:?}");

@@ -101,6 +101,7 @@ mod tests {
             gid: 1,
             sandbox: Default::default(),
             protected: vec![],
+            allow_abstract_unix: false,
         };
         assert_eq!(caps_mask(&spec), 0);
         spec.sandbox.capabilities.insert(Capability::NET_RAW);

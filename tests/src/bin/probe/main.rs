@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-fn outcome(r: io::Result<()>) -> String {
+pub(crate) fn outcome(r: io::Result<()>) -> String {
     match r {
         Ok(()) => "ok".into(),
         Err(e) => match e.raw_os_error() {
@@ -26,7 +26,12 @@ fn outcome(r: io::Result<()>) -> String {
     }
 }
 
+mod local;
+
 fn act(action: &[String]) -> String {
+    if let Some(result) = local::act(action) {
+        return result;
+    }
     let addr = |i: usize| -> SocketAddr {
         action
             .get(i)
@@ -152,12 +157,12 @@ fn serve(addrs: &[String]) -> ! {
     }
 }
 
-fn die(msg: &str) -> ! {
+pub(crate) fn die(msg: &str) -> ! {
     eprintln!("agentseg-probe: {msg}");
     std::process::exit(2)
 }
 
-fn join_cgroup(dir: &str) {
+pub(crate) fn join_cgroup(dir: &str) {
     std::fs::write(
         format!("{dir}/cgroup.procs"),
         std::process::id().to_string(),
@@ -295,7 +300,7 @@ fn connect_timeout(fd: i32, dst: SocketAddr) -> io::Result<()> {
     }
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     match a {
