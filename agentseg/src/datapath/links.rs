@@ -386,27 +386,6 @@ fn uninstall_layout(layout: &Path) -> UninstallReport {
     report
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_pin_names_round_trip() {
-        let pins = PinDirs::new(Path::new("/sys/fs/bpf/agentseg"));
-        let p = link_pin(&pins, 4242, agentseg_common::prog_names::CONNECT6);
-        assert_eq!(
-            p,
-            Path::new("/sys/fs/bpf/agentseg")
-                .join(PIN_LAYOUT)
-                .join("links/4242_agentseg_connect6")
-        );
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert_eq!(parse_pin_name(&name), Some(4242));
-        assert_eq!(parse_pin_name("4242_other"), None);
-        assert_eq!(parse_pin_name("x_agentseg_connect6"), None);
-    }
-}
-
 /// Whether the calling process lives in a member cgroup (or below one) of any layout's pinned
 /// membership. An error (the pins cannot be read: inside a sandbox, `bpf()` is refused) is
 /// for the caller to treat as "cannot tell".
@@ -451,4 +430,25 @@ pub fn pin_root_holders(pin_root: &Path) -> Result<Vec<u32>, String> {
         out.extend(pin_holders(&layout)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_round_trip() {
+        let pins = PinDirs::new(Path::new("/sys/fs/bpf/agentseg"));
+        let p = link_pin(&pins, 4242, agentseg_common::prog_names::CONNECT6);
+        assert_eq!(
+            p,
+            Path::new("/sys/fs/bpf/agentseg")
+                .join(PIN_LAYOUT)
+                .join("links/4242_agentseg_connect6")
+        );
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(parse_pin_name(&name), Some(4242));
+        assert_eq!(parse_pin_name("4242_other"), None);
+        assert_eq!(parse_pin_name("x_agentseg_connect6"), None);
+    }
 }
