@@ -310,7 +310,7 @@ fn remembered(cookie: u64, p: &Packet, epoch: u32) -> (u8, u32) {
         return (0, 0);
     }
     // SAFETY: read at once; FlowVerdict is plain integers.
-    match unsafe { FLOWS.get(&cookie) } {
+    match unsafe { FLOWS.get(cookie) } {
         Some(v)
             if v.epoch == epoch
                 && v.dport == p.dport
@@ -339,21 +339,23 @@ fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64, 
         _pad: 0,
     };
     // A failed insert only means the next packet is judged again.
-    let _ = FLOWS.insert(&cookie, &v, 0);
+    let _ = FLOWS.insert(cookie, v, 0);
+}
+
+/// Where a flow's verdict is remembered: the socket's cookie (0: none), and whether and under
+/// which epoch verdicts may be remembered now.
+#[derive(Clone, Copy)]
+struct Memo {
+    cookie: u64,
+    /// A quarantine or dead-man switch is armed: nothing is remembered, every packet judged.
+    armed: bool,
+    epoch: u32,
 }
 
 /// Judge one egress packet of `s` (its parse outcome in `parsed`): the table above.
 #[inline(always)]
-fn judge_egress(
-    s: &Subject,
-    sk: &Sock,
-    p: &Packet,
-    parsed: bool,
-    flow: &Flow,
-    cookie: u64,
-    armed: bool,
-    epoch: u32,
-) -> i32 {
+fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m: Memo) -> i32 {
+    let (cookie, armed, epoch) = (m.cookie, m.armed, m.epoch);
     if !parsed {
         stat(STAT_MALFORMED);
         return finish(s, RULE_MALFORMED, flow, false);
@@ -435,8 +437,12 @@ pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
         Resolved::Deny(r) => return refuse(&r, &flow),
         Resolved::Subject(s) => s,
     };
-    let cookie = cookie(&ctx, &sk);
-    judge_egress(&s, &sk, &p, parsed, &flow, cookie, armed, epoch)
+    let memo = Memo {
+        cookie: cookie(&ctx, &sk),
+        armed,
+        epoch,
+    };
+    judge_egress(&s, &sk, &p, parsed, &flow, memo)
 }
 
 #[cgroup_skb(ingress)]
@@ -521,7 +527,7 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
     let task = unsafe { bpf_get_current_cgroup_id() };
     if !armed && parsed {
         // SAFETY: read at once; FlowVerdict is plain integers.
-        if let Some(v) = unsafe { FLOWS.get(&cookie) }
+        if let Some(v) = unsafe { FLOWS.get(cookie) }
             && v.epoch == epoch
         {
             // A member's own socket (its hooks judge it), or an outsider's used by an outsider.
@@ -560,14 +566,10 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
         },
     };
     // A handed-in socket's allows were not counted anywhere: count them here.
-    judge_egress(
-        &s,
-        &Sock { full: false, ..sk },
-        &p,
-        parsed,
-        &flow,
+    let memo = Memo {
         cookie,
         armed,
         epoch,
-    )
+    };
+    judge_egress(&s, &Sock { full: false, ..sk }, &p, parsed, &flow, memo)
 }

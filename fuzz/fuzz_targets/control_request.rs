@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(request) = serde_json::from_str::<Request>(line) {
         let text = serde_json::to_string(&request).expect("a decoded request encodes");
-        assert!(!text.contains('\n'), "request encodes to several lines: {text}");
+        assert!(
+            !text.contains('\n'),
+            "request encodes to several lines: {text}"
+        );
         let again: Request = serde_json::from_str(&text).expect("an encoded request decodes");
         assert_eq!(again, request, "request changed through the wire: {text}");
     }

@@ -150,6 +150,59 @@ impl Netns {
     }
 }
 
+/// bind(2) of an existing socket to `addr`.
+fn bind_to(sock: &std::net::UdpSocket, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        std::net::SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: a valid sockaddr of `len` bytes.
+    let ret = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const storage).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A TCP listener inside a test namespace that counts the connections it accepted.
+pub struct TcpCount(std::net::TcpListener);
+
+impl TcpCount {
+    pub fn bind(ns: &Netns, addr: &str) -> Self {
+        let addr = addr.to_owned();
+        let l = ns.within(move || std::net::TcpListener::bind(&addr).expect("bind tcp listener"));
+        l.set_nonblocking(true).expect("nonblocking");
+        Self(l)
+    }
+
+    /// Connections accepted so far (drains the backlog).
+    pub fn count(&self) -> usize {
+        std::iter::from_fn(|| self.0.accept().ok()).count()
+    }
+}
+
 /// A fresh directory any uid may use (mode 1777), removed on drop: for sockets and files that
 /// agents (uids of their own) must reach, and that a policy names before the daemon starts.
 pub fn shared_dir() -> tempfile::TempDir {
@@ -168,6 +221,33 @@ impl UdpSink {
     pub fn bind(ns: &Netns, addr: &str) -> Self {
         let addr = addr.to_owned();
         let sock = ns.within(move || std::net::UdpSocket::bind(&addr).expect("bind udp sink"));
+        sock.set_nonblocking(true).expect("nonblocking");
+        Self(sock)
+    }
+
+    /// The same for UDP-Lite (IPPROTO_UDPLITE).
+    pub fn bind_udplite(ns: &Netns, addr: &str) -> Self {
+        use std::os::fd::FromRawFd as _;
+        let addr: std::net::SocketAddr = addr.parse().expect("address");
+        let sock = ns.within(move || {
+            let family = if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            // SAFETY: plain socket(2), owned at once.
+            let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 136) };
+            assert!(
+                fd >= 0,
+                "UDP-Lite socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a fresh datagram socket; std's UdpSocket only binds and receives here.
+            let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+            let std_sock = bind_to(&sock, addr);
+            std_sock.expect("bind UDP-Lite sink");
+            sock
+        });
         sock.set_nonblocking(true).expect("nonblocking");
         Self(sock)
     }
@@ -276,6 +356,12 @@ impl Daemon {
         d.launch()
             .unwrap_or_else(|e| panic!("daemon did not start: {e}"));
         d
+    }
+
+    /// Everything ready (policy dir, paths) but not started: for tests that start it themselves
+    /// (`launch`), e.g. to see it refuse.
+    pub fn prepare_only(tree: &CgroupTree, files: &[(&str, &str)]) -> Self {
+        Self::prepare(tree, files, &[])
     }
 
     pub fn try_start(tree: &CgroupTree, files: &[(&str, &str)]) -> Result<Self, String> {

@@ -11,9 +11,13 @@ use crate::step;
 
 /// bpf-linker version known to build with the machine's nightly (shared/notes/toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the kernel tests use: `ip` for network namespaces, `bpftool` to count
-/// attachments independently of agentseg.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+/// Debian packages the kernel tests use: `ip` for network namespaces, `bpftool` to detach
+/// links from outside, `nft` for the NAT-after-the-check vectors.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("nft", "nftables"),
+];
 
 /// Debian packages the build links against, each known by a file it installs: the launcher's
 /// seccomp filters go through the system libseccomp (`libseccomp.so` and its header).

@@ -21,15 +21,18 @@ pub(crate) fn outcome(r: io::Result<()>) -> String {
             Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
             Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
             Some(libc::EACCES) => "EACCES".into(),
+            // std's connect_timeout reports its own timeout without an errno.
+            None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
             _ => format!("error:{e}"),
         },
     }
 }
 
+mod attack;
 mod local;
 
 fn act(action: &[String]) -> String {
-    if let Some(result) = local::act(action) {
+    if let Some(result) = local::act(action).or_else(|| attack::act(action)) {
         return result;
     }
     let addr = |i: usize| -> SocketAddr {
