@@ -150,20 +150,6 @@ fn open_path(path: &Path, kind: Kind) -> Option<OwnedFd> {
     (now == kind && now != Kind::Symlink).then_some(fd)
 }
 
-/// The Landlock ABI of the running kernel (0 when it has none), for messages.
-pub fn kernel_abi() -> i64 {
-    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute only queries.
-    unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32,
-        )
-    }
-    .max(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

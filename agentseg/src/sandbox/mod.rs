@@ -20,10 +20,11 @@ pub mod landlock;
 pub mod seccomp;
 mod spawn;
 mod stdio;
+mod step;
 mod supervisor;
 
-pub use child::Step;
 pub use spawn::{Command, Outcome, resolve, spawn};
+pub use step::Step;
 pub use supervisor::{Counts, Reporter};
 
 #[derive(Debug, thiserror::Error)]
