@@ -214,8 +214,13 @@ mod packaging_tests {
     fn packaged_example_config_is_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.toml");
         let text = std::fs::read_to_string(&path).expect("packaging/agentseg.toml");
+        let parsed = DaemonConfig::parse(&path, &text).expect("parses");
+        assert!(parsed.unix_line.is_some(), "the example documents [unix]");
         assert_eq!(
-            DaemonConfig::parse(&path, &text).expect("parses"),
+            DaemonConfig {
+                unix_line: None,
+                ..parsed
+            },
             DaemonConfig::default()
         );
     }

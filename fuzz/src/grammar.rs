@@ -33,7 +33,7 @@ pub struct File {
 
 #[derive(Arbitrary, Debug)]
 pub struct Seg {
-    /// 255: a bad or duplicate name.
+    /// A [`mistake`]: a bad or duplicate name.
     pub name: u8,
     pub audit: bool,
     pub egress: Vec<RuleSpec>,
@@ -50,13 +50,13 @@ pub struct RuleSpec {
     pub except: Vec<(u8, u8, u128)>,
     pub ports: Option<Vec<(u16, u16)>>,
     pub protocol: Option<u8>,
-    /// 255: keep mistakes (ports on ICMP, reversed ranges, port 0).
+    /// A [`mistake`]: keep mistakes (no cidrs, ports on ICMP, reversed ranges, port 0).
     pub sloppy: u8,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub struct Cidr {
-    /// 0-109 IPv4, 110-219 IPv6, 220-249 a peer group, 250-255 a mistake.
+    /// IPv4, IPv6 or a peer group (3:3:2), or a [`mistake`].
     pub kind: u8,
     pub base: u8,
     pub bits: u128,
@@ -125,10 +125,16 @@ const UNIX: &[&str] = &[
 ];
 const UNIX_MISTAKES: usize = 12;
 
-/// `list[i]` among the first `valid` entries, or anywhere when `i` is 250 or more.
+/// Whether a choice byte asks for a deliberate mistake: 5 values in 256, and neither 0 nor
+/// 255, which libFuzzer produces far more often than the others.
+pub fn mistake(i: u8) -> bool {
+    (240..245).contains(&i)
+}
+
+/// `list[i]` among the first `valid` entries, or one of the others for a [`mistake`].
 fn pick<'a>(list: &[&'a str], valid: usize, i: u8) -> &'a str {
-    if i >= 250 {
-        list[usize::from(i) % list.len()]
+    if mistake(i) {
+        list[valid + usize::from(i) % (list.len() - valid)]
     } else {
         list[usize::from(i) % valid]
     }
@@ -156,13 +162,30 @@ pub fn v6_net(base: u8, bits: u128, len: u8) -> Ipv6Net {
         .trunc()
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    V4,
+    V6,
+    Group,
+    Mistake,
+}
+
 impl Cidr {
+    fn kind(&self) -> Kind {
+        match self.kind % 8 {
+            _ if mistake(self.kind) => Kind::Mistake,
+            0..3 => Kind::V4,
+            3..6 => Kind::V6,
+            _ => Kind::Group,
+        }
+    }
+
     fn text(&self) -> String {
-        match self.kind {
-            0..110 => v4_net(self.base, self.bits, self.len).to_string(),
-            110..220 => v6_net(self.base, self.bits, self.len).to_string(),
-            220..250 => format!("@{}", GROUPS[usize::from(self.base) % GROUPS.len()]),
-            _ => match self.base % 7 {
+        match self.kind() {
+            Kind::V4 => v4_net(self.base, self.bits, self.len).to_string(),
+            Kind::V6 => v6_net(self.base, self.bits, self.len).to_string(),
+            Kind::Group => format!("@{}", GROUPS[usize::from(self.base) % GROUPS.len()]),
+            Kind::Mistake => match self.base % 7 {
                 0 => "10.0.0.1/8".to_owned(),
                 1 => "::ffff:10.0.0.0/104".to_owned(),
                 2 => "10.0.0.0/33".to_owned(),
@@ -175,7 +198,7 @@ impl Cidr {
     }
 
     fn is_prefix(&self) -> bool {
-        self.kind < 220
+        matches!(self.kind(), Kind::V4 | Kind::V6)
     }
 }
 
@@ -183,7 +206,7 @@ impl Cidr {
 fn except_text(cidrs: &[Cidr], (index, extra, bits): (u8, u8, u128)) -> Option<String> {
     let prefixes: Vec<&Cidr> = cidrs.iter().filter(|c| c.is_prefix()).collect();
     let outer = prefixes.get(usize::from(index) % prefixes.len().max(1))?;
-    Some(if outer.kind < 110 {
+    Some(if outer.kind() == Kind::V4 {
         let o = v4_net(outer.base, outer.bits, outer.len);
         let len = (o.prefix_len() + extra % 9).min(32);
         let inner = (bits as u32)
@@ -210,7 +233,7 @@ fn quoted(items: impl Iterator<Item = String>) -> String {
 }
 
 fn render_rule(out: &mut String, header: &str, r: &RuleSpec) {
-    let sloppy = r.sloppy == 255;
+    let sloppy = mistake(r.sloppy);
     let cidrs = &r.cidrs[..r.cidrs.len().min(4)];
     if cidrs.is_empty() && !sloppy {
         return;
@@ -307,8 +330,8 @@ pub fn render(input: &Input) -> Vec<String> {
         let count = if file.multi { 3 } else { 1 };
         for (i, s) in file.segments.iter().take(count).enumerate() {
             let name = match s.name {
-                255 => "a.b.c0-0".to_owned(),
-                254 => "Bad.name".to_owned(),
+                240 | 241 => "a.b.c0-0".to_owned(),
+                242 => "Bad.name".to_owned(),
                 _ => format!("a.b.c{f}-{i}"),
             };
             render_segment(&mut out, file.multi, &name, s);

@@ -196,7 +196,7 @@ fn bundled_examples_compile_deterministically() {
             .iter()
             .map(|s| 1 + s.member_cgroups.len() + s.member_units.len())
             .sum();
-        members + c.entry_count() + c.rulesets.len() + c.rules.len()
+        members + c.entry_count() + c.unix_entry_count() + c.rulesets.len() + c.rules.len()
     });
     assert!(text.contains("ruleset 0 deny\n"), "{text}");
 }
