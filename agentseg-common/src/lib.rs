@@ -453,8 +453,9 @@ pub struct FlowVerdict {
     pub verdict: u8,
     /// [`Config::epoch`] when judged.
     pub epoch: u32,
-    /// For [`FLOW_UNTOUCHED`]: the cgroup of the task that sent (a handed-in socket is judged
-    /// again when another task uses it).
+    /// Who judged: 0 for a member's own packet hook; otherwise the cgroup of the task the
+    /// enforcement root's handoff hook judged for (a handed-in socket is judged again when
+    /// another task uses it).
     pub task_cgroup: u64,
     /// For [`FLOW_DENY`]: the rule (or sentinel) that refused, for the event of every later
     /// datagram (each is an attempt; a TCP retransmit is not).

@@ -350,12 +350,15 @@ struct Memo {
     /// A quarantine or dead-man switch is armed: nothing is remembered, every packet judged.
     armed: bool,
     epoch: u32,
+    /// Who judges: 0 for a member's own hook; the task's cgroup for the handoff hook (so that
+    /// the handoff hook tells its own verdicts from those of a member's hooks).
+    judge: u64,
 }
 
 /// Judge one egress packet of `s` (its parse outcome in `parsed`): the table above.
 #[inline(always)]
 fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m: Memo) -> i32 {
-    let (cookie, armed, epoch) = (m.cookie, m.armed, m.epoch);
+    let (cookie, armed, epoch, judge) = (m.cookie, m.armed, m.epoch, m.judge);
     if !parsed {
         stat(STAT_MALFORMED);
         return finish(s, RULE_MALFORMED, flow, false);
@@ -390,7 +393,7 @@ fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m
         } else {
             FLOW_DENY
         };
-        remember(cookie, p, epoch, v, 0, rule);
+        remember(cookie, p, epoch, v, judge, rule);
     }
     verdict
 }
@@ -441,6 +444,7 @@ pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
         cookie: cookie(&ctx, &sk),
         armed,
         epoch,
+        judge: 0,
     };
     judge_egress(&s, &sk, &p, parsed, &flow, memo)
 }
@@ -530,7 +534,13 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
         if let Some(v) = unsafe { FLOWS.get(cookie) }
             && v.epoch == epoch
         {
-            // A member's own socket (its hooks judge it), or an outsider's used by an outsider.
+            // A member's own hook judged this destination (and reported a denial): theirs.
+            let same =
+                v.dport == p.dport && u32::from(v.protocol) == p.proto && v.daddr == p.dst.addr;
+            if v.task_cgroup == 0 && same {
+                return ALLOW;
+            }
+            // An outsider's socket used by the same outsider task as before.
             if v.verdict == FLOW_UNTOUCHED && v.task_cgroup == task {
                 return ALLOW;
             }
@@ -539,13 +549,8 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
     let flow = p.flow(HOOK_SKB_HANDOFF, true);
     let s = match socket_resolve(&ctx, NoMember::Untouched) {
         Resolved::Deny(r) => return refuse(&r, &flow),
-        // A member whose own packet hooks are attached: they judge it.
-        Resolved::Subject(s) if s.attached => {
-            if !armed {
-                remember(cookie, &p, epoch, FLOW_UNTOUCHED, task, 0);
-            }
-            return ALLOW;
-        }
+        // A member whose own packet hooks are attached: they judge it (and remember it).
+        Resolved::Subject(s) if s.attached => return ALLOW,
         // A member not attached yet: judge here, as its own hook would.
         Resolved::Subject(s) => s,
         // Made outside every pen: judged by the task using it.
@@ -565,11 +570,13 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
             Resolved::Subject(s) => s,
         },
     };
-    // A handed-in socket's allows were not counted anywhere: count them here.
+    // A handed-in socket's allows were not counted anywhere: count them here. Verdicts are
+    // remembered for this task's cgroup (never 0: the root cgroup's id is 1).
     let memo = Memo {
         cookie,
         armed,
         epoch,
+        judge: task,
     };
     judge_egress(&s, &Sock { full: false, ..sk }, &p, parsed, &flow, memo)
 }
