@@ -51,6 +51,9 @@ impl Daemon {
                 .arg(&socket)
                 .arg("--agent-root")
                 .arg(format!("{CG_ROOT}/agents"))
+                // The bench's own tree, not the host's root: nothing outside it is touched.
+                .arg("--enforcement-root")
+                .arg(CG_ROOT)
                 .arg("--pin-root")
                 .arg(&pin_root)
                 .arg("--state-dir")

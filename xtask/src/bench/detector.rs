@@ -34,23 +34,16 @@ pub fn measure(
     let daemon = Daemon::start(agentseg, work, &dir, seq)?;
     let denied = super::load::addr(env::DENIED_ADDR, env::PORT);
     for _ in 0..reps {
-        // A new agent each time: detectors keep state per agent.
-        let _ = Command::new(agentseg)
-            .arg("--socket")
+        // A new agent each time: detectors keep state per agent. The launcher starts inside
+        // the client namespace (a sandboxed agent may not enter one itself).
+        let mut cmd = Command::new(agentseg);
+        cmd.arg("--socket")
             .arg(&daemon.socket)
             .args(["run", "--segment", SEGMENT, "--"])
             .arg(&lg.bin)
-            .args([
-                "--netns",
-                env::CLIENT_NS,
-                "connect",
-                "--addr",
-                &denied,
-                "--secs",
-                "0.3",
-            ])
-            .output()
-            .context("running a denied-connect agent")?;
+            .args(["connect", "--addr", &denied, "--secs", "0.3"]);
+        super::env::enter_netns_on_exec(&mut cmd, env::CLIENT_NS)?;
+        let _ = cmd.output().context("running a denied-connect agent")?;
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     let log = std::fs::read_to_string(&daemon.audit_log)

@@ -41,6 +41,24 @@ fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
 
 /// A command run inside the client namespace with only the network namespace switched (unlike
 /// `ip netns exec`, which remounts /sys and hides the cgroup2 mount nft resolves paths in).
+/// Make `cmd` start inside the named network namespace (setns between fork and exec; the
+/// bench runs as root).
+pub fn enter_netns_on_exec(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening network namespace {ns}"))?;
+    // SAFETY: setns is async-signal-safe; the descriptor stays open in the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 pub fn in_client_ns(tool: &str) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{CLIENT_NS}")).arg(tool);
