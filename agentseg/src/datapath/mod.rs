@@ -236,12 +236,15 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         pins::check_maps(&ebpf).map_err(refuse)?;
         for name in all_programs().filter(|n| !is_unix(n)) {
+            let started = std::time::Instant::now();
             let result = match program(&mut ebpf, name)? {
                 Prog::SockAddr(p) => p.load(),
                 Prog::Skb(p) => p.load(),
                 Prog::Sockopt(p) => p.load(),
             };
             result.map_err(|source| DatapathError::Program { name, source })?;
+            // The verifier's time: a program that grows past its budget shows up here first.
+            tracing::debug!(program = name, ms = started.elapsed().as_millis() as u64, "verified");
         }
         let map_fds: HashMap<String, std::os::fd::RawFd> = ebpf
             .maps()
@@ -249,7 +252,9 @@ impl Datapath {
                 Some((name.to_owned(), map_data(map)?.fd().as_fd().as_raw_fd()))
             })
             .collect();
+        let started = std::time::Instant::now();
         let unix_programs = unix_loader::load(&map_fds)?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "AF_UNIX programs verified");
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
