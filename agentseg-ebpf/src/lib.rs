@@ -6,3 +6,15 @@
 
 pub mod maps;
 pub mod policy;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: BPF programs cannot panic at run time; the verifier rejects unreachable loops.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+/// Both objects carry it (the kernel refuses GPL-only helpers to other licenses).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

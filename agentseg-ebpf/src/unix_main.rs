@@ -7,13 +7,5 @@
 
 mod sock_addr_unix;
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // SAFETY: BPF programs cannot panic at run time; the verifier rejects unreachable loops.
-    unsafe { core::hint::unreachable_unchecked() }
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+// The panic handler and the license come with the library (`lib.rs`).
+use agentseg_ebpf as _;

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod reference;
 pub mod sandbox;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -22,8 +23,13 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Whether kernel tests can run here. Under CI (`CI=true`) a test that cannot run fails;
-/// elsewhere it says loudly why it is skipped.
+/// The variable that lets kernel tests skip (loudly) where they cannot run.
+pub const SKIP_VAR: &str = "AGENTSEG_SKIP_KERNEL_TESTS";
+
+/// Whether kernel tests can run here. When they cannot (not root, `AGENTSEG_BIN` unset), the
+/// test fails with the reason: a suite that cannot run must never pass silently. The one way
+/// out is `AGENTSEG_SKIP_KERNEL_TESTS=1`, which makes each such test print a SKIPPED line and
+/// return; under CI (`CI=true`) even that is refused.
 pub fn kernel_ready() -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("not root".to_owned())
@@ -32,16 +38,83 @@ pub fn kernel_ready() -> bool {
     } else {
         None
     };
-    match why {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-            panic!("kernel test cannot run under CI: {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED kernel test: {why}");
-            false
-        }
+    let Some(why) = why else {
+        return true;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("kernel test")
+        .to_owned();
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let skip = std::env::var(SKIP_VAR).is_ok_and(|v| v == "1");
+    if ci {
+        panic!("{test}: kernel test cannot run under CI: {why} ({SKIP_VAR} is ignored under CI)")
     }
+    if !skip {
+        panic!(
+            "{test}: kernel test cannot run: {why}. Run the suite as root with `cargo xtask \
+             test`, or set {SKIP_VAR}=1 to skip the kernel tests on purpose"
+        )
+    }
+    eprintln!("SKIPPED (NOT RUN) kernel test {test}: {why} [{SKIP_VAR}=1]");
+    false
+}
+
+/// Poll `cond` (every 20 ms) until it holds; panic naming `what` unless it does within
+/// `within`. Returns how long it took. The way to wait for something that must happen: never a
+/// bare sleep.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Times (Unix ms) at which the probe's `stream`/`stream-serve` logging to `log` received data.
+pub fn rx_times(log: &Path) -> Vec<u128> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("rx ").and_then(|t| t.parse().ok()))
+        .collect()
+}
+
+/// One look at a flow of the probe's `stream` (both ends write every 10 ms): 30 write periods.
+/// A running flow receives within it (the positive control, [`wait_flowing`]), so a flow that
+/// receives nothing for as long is cut ([`wait_silent`]).
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Wait (10 s at most) until the end of a flow logging to `log` receives within one [`QUIET`]
+/// period: the flow runs, and one quiet period is long enough to see it.
+pub fn wait_flowing(log: &Path, what: &str) -> Duration {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{what}: the flow receives"),
+        || {
+            let n = rx_times(log).len();
+            std::thread::sleep(QUIET);
+            rx_times(log).len() > n
+        },
+    )
+}
+
+/// Wait (5 s at most) until the end of a flow logging to `log` has received nothing for one
+/// [`QUIET`] period: the flow is cut. Returns the last time it received (Unix ms).
+pub fn wait_silent(log: &Path, what: &str) -> u128 {
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{what}: the flow stops"),
+        || {
+            let n = rx_times(log).len();
+            std::thread::sleep(QUIET);
+            rx_times(log).len() == n
+        },
+    );
+    rx_times(log).into_iter().max().unwrap_or(0)
 }
 
 pub fn agentseg_bin() -> PathBuf {
@@ -200,6 +273,113 @@ impl TcpCount {
     /// Connections accepted so far (drains the backlog).
     pub fn count(&self) -> usize {
         std::iter::from_fn(|| self.0.accept().ok()).count()
+    }
+}
+
+/// TCP listeners and UDP sinks in a test namespace, counting what reaches them: the proof that
+/// an allowed attempt arrived exactly once and a denied one reached nothing. Bind `[::]:PORT` to
+/// hear every v4, v6 and v4-mapped address of the namespace on that port (dual-stack), or one
+/// address to tell peers apart.
+pub struct Listeners {
+    tcp: Vec<(std::net::SocketAddr, TcpCount)>,
+    udp: Vec<(std::net::SocketAddr, UdpSink)>,
+}
+
+impl Listeners {
+    /// TCP listeners at `tcp` and UDP sinks at `udp` (`ADDR:PORT` each).
+    pub fn bind(ns: &Netns, tcp: &[&str], udp: &[&str]) -> Self {
+        let parse = |a: &str| -> std::net::SocketAddr { a.parse().expect("listener address") };
+        Self {
+            tcp: tcp
+                .iter()
+                .map(|a| (parse(a), TcpCount::bind(ns, a)))
+                .collect(),
+            udp: udp
+                .iter()
+                .map(|a| (parse(a), UdpSink::bind(ns, a)))
+                .collect(),
+        }
+    }
+
+    /// The index of the listener an attempt to `dst` reaches: the one bound to its address, else
+    /// a wildcard one on its port.
+    fn find(bound: &[std::net::SocketAddr], dst: &str) -> usize {
+        let dst: std::net::SocketAddr = dst.parse().expect("destination address");
+        let ip = match dst.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let same_port = |b: &std::net::SocketAddr| b.port() == dst.port();
+        bound
+            .iter()
+            .position(|b| same_port(b) && b.ip() == ip)
+            .or_else(|| {
+                bound
+                    .iter()
+                    .position(|b| same_port(b) && b.ip().is_unspecified())
+            })
+            .unwrap_or_else(|| panic!("no listener for {dst}"))
+    }
+
+    /// What reached each listener since the last look (drains them): TCP first, then UDP.
+    fn counts(&self) -> Vec<usize> {
+        self.tcp
+            .iter()
+            .map(|(_, l)| l.count())
+            .chain(self.udp.iter().map(|(_, s)| s.count()))
+            .collect()
+    }
+
+    /// Check one attempt (`proto` "tcp" or "udp" to `dst`, with the probe's `outcome`) against
+    /// the listeners: `ok` reached the listener of `dst` exactly once, anything else reached
+    /// nothing, and no other listener heard anything meanwhile. Returns `outcome`, for the
+    /// caller to assert.
+    pub fn judged(&self, proto: &str, dst: &str, outcome: String) -> String {
+        let bound: Vec<_> = match proto {
+            "tcp" => self.tcp.iter().map(|(a, _)| *a).collect(),
+            "udp" => self.udp.iter().map(|(a, _)| *a).collect(),
+            other => panic!("protocol {other}"),
+        };
+        let target = Self::find(&bound, dst) + if proto == "udp" { self.tcp.len() } else { 0 };
+        let expected = usize::from(outcome == "ok");
+        let mut seen = self.counts();
+        if expected == 1 {
+            // Loopback delivery is done by the time the probe has exited; a short grace all
+            // the same before calling it missing.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while seen[target] == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                for (s, n) in seen.iter_mut().zip(self.counts()) {
+                    *s += n;
+                }
+            }
+        }
+        for (i, n) in seen.iter().enumerate() {
+            let want = if i == target { expected } else { 0 };
+            let name = self.name(i);
+            assert_eq!(
+                *n, want,
+                "{proto} to {dst} said {outcome:?}, and {n} reached the listener at {name}"
+            );
+        }
+        outcome
+    }
+
+    /// Nothing reached any listener since the last look.
+    pub fn assert_silent(&self, when: &str) {
+        for (i, n) in self.counts().into_iter().enumerate() {
+            assert_eq!(n, 0, "{when}: {n} reached the listener at {}", self.name(i));
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        if i < self.tcp.len() {
+            format!("tcp {}", self.tcp[i].0)
+        } else {
+            format!("udp {}", self.udp[i - self.tcp.len()].0)
+        }
     }
 }
 
@@ -474,6 +654,16 @@ impl Daemon {
     /// The daemon's audit log.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.path().join("log/audit.jsonl")
+    }
+
+    /// The pinned layout directory (`<pin root>/l-<hash>`) the daemon made.
+    pub fn layout_dir(&self) -> PathBuf {
+        std::fs::read_dir(&self.pin_root)
+            .expect("pin root")
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with("l-"))
+            .expect("the layout directory")
+            .path()
     }
 
     /// Every record of the audit log, parsed.

@@ -782,12 +782,7 @@ fn tampered_pins_are_refused_not_adopted() {
     .expect("chmod");
     d.launch().expect("a clean start");
     d.stop();
-    let layout = std::fs::read_dir(&d.pin_root)
-        .expect("pin root")
-        .filter_map(Result::ok)
-        .find(|e| e.file_name().to_string_lossy().starts_with("l-"))
-        .expect("layout dir")
-        .path();
+    let layout = d.layout_dir();
     // A map of another shape under an adopted name: refused with the shapes named.
     let config = layout.join("maps/AS_CONFIG");
     std::fs::remove_file(&config).expect("rm config pin");

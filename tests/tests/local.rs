@@ -440,12 +440,7 @@ fn enforcement_undone_from_outside_is_back_within_a_tick_with_an_alarm() {
         "{status}"
     );
     // A removed link pin is pinned again (the daemon holds the link, so it never detached).
-    let layout = std::fs::read_dir(&d.pin_root)
-        .expect("pin root")
-        .filter_map(Result::ok)
-        .find(|e| e.file_name().to_string_lossy().starts_with("l-"))
-        .expect("the layout directory")
-        .path();
+    let layout = d.layout_dir();
     let pins: Vec<PathBuf> = std::fs::read_dir(layout.join("links"))
         .expect("links dir")
         .filter_map(Result::ok)

@@ -9,6 +9,18 @@ use crate::{
     control::{AgentStatus, SegmentStatus, Status, Target},
 };
 
+/// The kernel's fail-closed counters (`STAT_*`) shown in `status` and the metrics, by name.
+const FAIL_CLOSED: [(&str, u32); 8] = [
+    ("no_member", agentseg_common::STAT_NO_MEMBER),
+    ("no_segment", agentseg_common::STAT_NO_SEGMENT),
+    ("no_ruleset", agentseg_common::STAT_NO_RULESET),
+    ("deadman", agentseg_common::STAT_DEADMAN),
+    ("pending_member", agentseg_common::STAT_PENDING),
+    ("malformed", agentseg_common::STAT_MALFORMED),
+    ("failed_member", agentseg_common::STAT_FAILED_MEMBER),
+    ("ip_options", agentseg_common::STAT_IP_OPTIONS),
+];
+
 impl Engine {
     pub fn status(&self) -> Status {
         let live = self.live();
@@ -90,40 +102,10 @@ impl Engine {
             audit_log: self.sink.audit.path().to_owned(),
             segments,
             agents,
-            fail_closed: vec![
-                (
-                    "no_member".into(),
-                    stats[agentseg_common::STAT_NO_MEMBER as usize],
-                ),
-                (
-                    "no_segment".into(),
-                    stats[agentseg_common::STAT_NO_SEGMENT as usize],
-                ),
-                (
-                    "no_ruleset".into(),
-                    stats[agentseg_common::STAT_NO_RULESET as usize],
-                ),
-                (
-                    "deadman".into(),
-                    stats[agentseg_common::STAT_DEADMAN as usize],
-                ),
-                (
-                    "pending_member".into(),
-                    stats[agentseg_common::STAT_PENDING as usize],
-                ),
-                (
-                    "malformed".into(),
-                    stats[agentseg_common::STAT_MALFORMED as usize],
-                ),
-                (
-                    "failed_member".into(),
-                    stats[agentseg_common::STAT_FAILED_MEMBER as usize],
-                ),
-                (
-                    "ip_options".into(),
-                    stats[agentseg_common::STAT_IP_OPTIONS as usize],
-                ),
-            ],
+            fail_closed: FAIL_CLOSED
+                .iter()
+                .map(|(name, stat)| ((*name).to_owned(), stats[*stat as usize]))
+                .collect(),
             enforcement_root: self.enforcement_root.clone(),
             links: self.dp.link_count(),
             alarms: self.alarms,

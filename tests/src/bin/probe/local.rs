@@ -171,22 +171,29 @@ pub fn act(action: &[String]) -> Option<String> {
     })
 }
 
-/// Send one descriptor over a connected AF_UNIX stream (SCM_RIGHTS).
-fn send_fd(conn: &UnixStream, fd: i32) -> io::Result<()> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
+/// A one-byte message with room for one descriptor: `(msghdr, its iovec byte, control)`.
+/// The msghdr points into the boxed buffers, which must outlive its use.
+fn fd_message() -> (libc::msghdr, Box<[u8; 1]>, Box<libc::iovec>, Vec<u8>) {
+    let mut byte = Box::new([0u8; 1]);
+    let mut iov = Box::new(libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
-    };
+    });
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
     let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive sendmsg.
+    // SAFETY: a zeroed msghdr is valid; the pointers set below stay valid with the boxes.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
+    msg.msg_iov = &mut *iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space;
+    (msg, byte, iov, control)
+}
+
+/// Send one descriptor over a connected AF_UNIX stream (SCM_RIGHTS).
+fn send_fd(conn: &UnixStream, fd: i32) -> io::Result<()> {
+    let (msg, _byte, _iov, _control) = fd_message();
     // SAFETY: the control buffer has room for one cmsg with one int.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -203,20 +210,7 @@ fn send_fd(conn: &UnixStream, fd: i32) -> io::Result<()> {
 
 /// Receive one descriptor (SCM_RIGHTS).
 fn recv_fd(conn: &UnixStream) -> io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: as in send_fd.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let (mut msg, _byte, _iov, _control) = fd_message();
     // SAFETY: recvmsg into the buffers above; the cmsg is checked before its data is read.
     unsafe {
         if libc::recvmsg(conn.as_raw_fd(), &mut msg, 0) < 0 {
