@@ -1,7 +1,10 @@
 //! Real-kernel tests of segment enforcement at connect/sendmsg time. Every test loads the real
 //! programs through a real daemon, confines real processes in real cgroups, and sends traffic
 //! only inside a network namespace it made (loopback addresses there).
-use agentseg_tests::{CgroupTree, Daemon, Netns, Server, V6_A, V6_B, kernel_ready, probe};
+//!
+//! Every attempt is checked against listeners that count what reaches them: an allowed one
+//! arrives exactly once, a denied one reaches nothing.
+use agentseg_tests::{CgroupTree, Daemon, Listeners, Netns, V6_A, V6_B, kernel_ready, probe};
 
 /// web.test.tcp: TCP to 127.0.0.1 on 8080 and 8000-8100, ::1 and fd00:a5::1 on 8080,
 /// 127.0.0.0/24 on 9090 except 127.0.0.3; UDP to 127.0.0.1:5353 and ::1:5353.
@@ -34,9 +37,29 @@ ports = [9090]
 protocol = "tcp"
 "#;
 
-fn serve_all(ns: &Netns) -> Server {
-    // Dual-stack listeners: IPv4, IPv6 and v4-mapped clients all reach them.
-    Server::start(ns, &["[::]:8080", "[::]:9090", "[::]:8050", "[::]:8101"])
+/// Dual-stack listeners (IPv4, IPv6 and v4-mapped clients all reach them) on every port the
+/// tests try, TCP and UDP.
+fn listen_all(ns: &Netns) -> Listeners {
+    Listeners::bind(
+        ns,
+        &["[::]:8080", "[::]:9090", "[::]:8050", "[::]:8101"],
+        &["[::]:5353", "[::]:5354", "[::]:53", "[::]:8080"],
+    )
+}
+
+/// The probe's `connect tcp|udp DST` or `sendto DST` as `run` does it, checked against `l`.
+/// Flags before the action (`--fork`, `--subcgroup NAME`, ...) are passed through.
+fn attempt(l: &Listeners, run: &dyn Fn(&[&str]) -> String, args: &[&str]) -> String {
+    let action = args
+        .iter()
+        .position(|a| *a == "connect" || *a == "sendto")
+        .unwrap_or_else(|| panic!("not a network attempt: {args:?}"));
+    let (proto, dst) = match &args[action..] {
+        ["connect", proto, dst] => (*proto, *dst),
+        ["sendto", dst] => ("udp", *dst),
+        _ => panic!("not a network attempt: {args:?}"),
+    };
+    l.judged(proto, dst, run(args))
 }
 
 #[test]
@@ -46,31 +69,19 @@ fn tcp_v4_allowed_and_denied_by_port_address_and_protocol() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
-        "ok"
-    );
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8080"]), "ok");
     // Port not allowed.
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8101"]),
-        "EPERM"
-    );
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8101"]), "EPERM");
     // Address not allowed (8080 is only allowed to 127.0.0.1).
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.2:8080"]),
-        "EPERM"
-    );
-    // Protocol not allowed: UDP to a TCP-only port.
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "udp", "127.0.0.1:8080"]),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "udp", "127.0.0.1:5353"]),
-        "ok"
-    );
+    assert_eq!(go(&["connect", "tcp", "127.0.0.2:8080"]), "EPERM");
+    // Protocol not allowed: UDP to a TCP-only port, next to UDP to a UDP port.
+    assert_eq!(go(&["connect", "udp", "127.0.0.1:8080"]), "EPERM");
+    assert_eq!(go(&["connect", "udp", "127.0.0.1:5353"]), "ok");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -80,44 +91,19 @@ fn tcp_v6_allowed_and_denied() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "[::1]:8080"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe(
-            "web.test.tcp",
-            &ns,
-            &["connect", "tcp", &format!("[{V6_A}]:8080")]
-        ),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe(
-            "web.test.tcp",
-            &ns,
-            &["connect", "tcp", &format!("[{V6_B}]:8080")]
-        ),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "[::1]:9090"]),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "udp", "[::1]:8080"]),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "[::1]:5353"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "[::1]:5354"]),
-        "EPERM"
-    );
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
+    let (a, b) = (format!("[{V6_A}]:8080"), format!("[{V6_B}]:8080"));
+    assert_eq!(go(&["connect", "tcp", "[::1]:8080"]), "ok");
+    assert_eq!(go(&["connect", "tcp", &a]), "ok");
+    assert_eq!(go(&["connect", "tcp", &b]), "EPERM");
+    assert_eq!(go(&["connect", "tcp", "[::1]:9090"]), "EPERM");
+    assert_eq!(go(&["connect", "udp", "[::1]:8080"]), "EPERM");
+    assert_eq!(go(&["sendto", "[::1]:5353"]), "ok");
+    assert_eq!(go(&["sendto", "[::1]:5354"]), "EPERM");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -127,42 +113,19 @@ fn v4_mapped_v6_is_judged_by_v4_rules() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
     // connect6 with a v4-mapped destination.
-    assert_eq!(
-        d.run_probe(
-            "web.test.tcp",
-            &ns,
-            &["connect", "tcp", "[::ffff:127.0.0.1]:8080"]
-        ),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe(
-            "web.test.tcp",
-            &ns,
-            &["connect", "tcp", "[::ffff:127.0.0.2]:8080"]
-        ),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe(
-            "web.test.tcp",
-            &ns,
-            &["connect", "udp", "[::ffff:127.0.0.2]:5353"]
-        ),
-        "EPERM"
-    );
+    assert_eq!(go(&["connect", "tcp", "[::ffff:127.0.0.1]:8080"]), "ok");
+    assert_eq!(go(&["connect", "tcp", "[::ffff:127.0.0.2]:8080"]), "EPERM");
+    assert_eq!(go(&["connect", "udp", "[::ffff:127.0.0.1]:5353"]), "ok");
+    assert_eq!(go(&["connect", "udp", "[::ffff:127.0.0.2]:5353"]), "EPERM");
     // Unconnected sendto on an AF_INET6 socket to a v4-mapped address runs sendmsg4.
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "[::ffff:127.0.0.1]:5353"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "[::ffff:127.0.0.2]:5353"]),
-        "EPERM"
-    );
+    assert_eq!(go(&["sendto", "[::ffff:127.0.0.1]:5353"]), "ok");
+    assert_eq!(go(&["sendto", "[::ffff:127.0.0.2]:5353"]), "EPERM");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -172,19 +135,16 @@ fn unconnected_udp_sendto_is_judged_per_message() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "127.0.0.1:5353"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "127.0.0.2:5353"]),
-        "EPERM"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["sendto", "127.0.0.1:53"]),
-        "EPERM"
-    );
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
+    assert_eq!(go(&["sendto", "127.0.0.1:5353"]), "ok");
+    assert_eq!(go(&["sendto", "127.0.0.2:5353"]), "EPERM");
+    assert_eq!(go(&["sendto", "127.0.0.1:53"]), "EPERM");
+    // Per message: the same peer again after the denials.
+    assert_eq!(go(&["sendto", "127.0.0.1:5353"]), "ok");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -194,29 +154,18 @@ fn except_carves_out_and_port_ranges_hold() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.4:9090"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.3:9090"]),
-        "EPERM"
-    );
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
+    assert_eq!(go(&["connect", "tcp", "127.0.0.4:9090"]), "ok");
+    assert_eq!(go(&["connect", "tcp", "127.0.0.3:9090"]), "EPERM");
     // 127.0.0.1/32 is more specific than 127.0.0.0/24: it still carries the /24's port 9090.
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:9090"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8050"]),
-        "ok"
-    );
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8101"]),
-        "EPERM"
-    );
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:9090"]), "ok");
+    // Inside the range 8000-8100, and just past its end.
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8050"]), "ok");
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8101"]), "EPERM");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -226,7 +175,7 @@ fn children_threads_and_sub_cgroups_stay_in_the_segment() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     std::fs::create_dir_all(tree.abs("members/web")).expect("mkdir member");
     let policy = format!(
         "{WEB}\n[members]\ncgroups = [\"{}\"]\n",
@@ -236,10 +185,10 @@ fn children_threads_and_sub_cgroups_stay_in_the_segment() {
     let check = |how: &[&str], run: &dyn Fn(&[&str]) -> String| {
         let mut denied: Vec<&str> = how.to_vec();
         denied.extend(["connect", "tcp", "127.0.0.1:8101"]);
-        assert_eq!(run(&denied), "EPERM", "{how:?} escaped");
+        assert_eq!(attempt(&l, run, &denied), "EPERM", "{how:?} escaped");
         let mut allowed: Vec<&str> = how.to_vec();
         allowed.extend(["connect", "tcp", "127.0.0.1:8080"]);
-        assert_eq!(run(&allowed), "ok", "{how:?} over-blocked");
+        assert_eq!(attempt(&l, run, &allowed), "ok", "{how:?} over-blocked");
     };
     // An agent's children and threads are judged as the agent.
     for how in [&["--fork"][..], &["--thread"]] {
@@ -248,6 +197,11 @@ fn children_threads_and_sub_cgroups_stay_in_the_segment() {
     // An agent cannot even make a sub-cgroup (its sandbox keeps it off the cgroup tree)...
     let out = d.run_agent("web.test.tcp", &ns, &["--subcgroup", "escape", "env"]);
     assert!(!out.status.success(), "an agent made a sub-cgroup");
+    assert!(
+        out.stdout.is_empty(),
+        "the probe ran past --subcgroup: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // ...and a root process in a member cgroup that makes one stays in the segment there.
     let member = tree.abs("members/web");
     for how in [
@@ -258,6 +212,7 @@ fn children_threads_and_sub_cgroups_stay_in_the_segment() {
     ] {
         check(how, &|args| probe(&ns, Some(&member), args));
     }
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -267,19 +222,27 @@ fn processes_in_no_segment_are_untouched() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let d = Daemon::start(&tree, &[("web.toml", WEB)]);
-    // Same namespace, same daemon, but not in a segment: the denied destinations connect.
+    let outside = |args: &[&str]| probe(&ns, None, args);
+    // The daemon enforces these very destinations on its agents...
+    let agent = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
     assert_eq!(
-        probe(&ns, None, &["connect", "tcp", "127.0.0.1:8101"]),
+        attempt(&l, &agent, &["connect", "tcp", "127.0.0.1:8101"]),
+        "EPERM"
+    );
+    assert_eq!(attempt(&l, &agent, &["sendto", "127.0.0.2:5353"]), "EPERM");
+    // ...but a process in the same namespace and in no segment reaches them all.
+    assert_eq!(
+        attempt(&l, &outside, &["connect", "tcp", "127.0.0.1:8101"]),
         "ok"
     );
     assert_eq!(
-        probe(&ns, None, &["connect", "tcp", "127.0.0.2:8080"]),
+        attempt(&l, &outside, &["connect", "tcp", "127.0.0.2:8080"]),
         "ok"
     );
-    assert_eq!(probe(&ns, None, &["sendto", "127.0.0.2:5353"]), "ok");
-    drop(d);
+    assert_eq!(attempt(&l, &outside, &["sendto", "127.0.0.2:5353"]), "ok");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -289,42 +252,63 @@ fn member_cgroups_and_two_segments_are_enforced_at_once() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     std::fs::create_dir_all(tree.abs("web")).expect("mkdir web");
     std::fs::create_dir_all(tree.abs("db")).expect("mkdir db");
     let web = format!("{WEB}\n[members]\ncgroups = [\"{}\"]\n", tree.rel("web"));
     let db = format!("{OTHER}\n[members]\ncgroups = [\"{}\"]\n", tree.rel("db"));
     let d = Daemon::start(&tree, &[("web.toml", &web), ("db.toml", &db)]);
     let (web_cg, db_cg) = (tree.abs("web"), tree.abs("db"));
+    let in_web = |args: &[&str]| probe(&ns, Some(&web_cg), args);
+    let in_db = |args: &[&str]| probe(&ns, Some(&db_cg), args);
     assert_eq!(
-        probe(&ns, Some(&web_cg), &["connect", "tcp", "127.0.0.1:8080"]),
+        attempt(&l, &in_web, &["connect", "tcp", "127.0.0.1:8080"]),
         "ok"
     );
     assert_eq!(
-        probe(&ns, Some(&web_cg), &["connect", "tcp", "127.0.0.2:9090"]),
+        attempt(&l, &in_web, &["connect", "tcp", "127.0.0.2:9090"]),
         "ok"
     );
     assert_eq!(
-        probe(&ns, Some(&db_cg), &["connect", "tcp", "127.0.0.1:9090"]),
+        attempt(&l, &in_db, &["connect", "tcp", "127.0.0.1:9090"]),
         "ok"
     );
     assert_eq!(
-        probe(&ns, Some(&db_cg), &["connect", "tcp", "127.0.0.1:8080"]),
+        attempt(&l, &in_db, &["connect", "tcp", "127.0.0.1:8080"]),
         "EPERM"
     );
     assert_eq!(
-        probe(&ns, Some(&db_cg), &["connect", "tcp", "127.0.0.2:9090"]),
+        attempt(&l, &in_db, &["connect", "tcp", "127.0.0.2:9090"]),
         "EPERM"
     );
     // And agents of both segments at the same time as the member cgroups.
+    let db_agent = |args: &[&str]| d.run_probe("db.test.tcp", &ns, args);
+    let web_agent = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
     assert_eq!(
-        d.run_probe("db.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        attempt(&l, &db_agent, &["connect", "tcp", "127.0.0.1:8080"]),
         "EPERM"
     );
     assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        attempt(&l, &db_agent, &["connect", "tcp", "127.0.0.1:9090"]),
         "ok"
     );
+    assert_eq!(
+        attempt(&l, &web_agent, &["connect", "tcp", "127.0.0.1:8080"]),
+        "ok"
+    );
+    l.assert_silent("at the end");
+}
+
+/// The segment's counters in `status --json`: (allowed, denied, audit_denied).
+fn counters(d: &Daemon) -> (u64, u64, u64) {
+    let status = d.status_json();
+    let seg = &status["segments"][0];
+    let n = |k: &str| {
+        seg[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {status}"))
+    };
+    (n("allowed"), n("denied"), n("audit_denied"))
 }
 
 #[test]
@@ -334,23 +318,105 @@ fn audit_mode_denies_nothing_and_counts() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = serve_all(&ns);
+    let l = listen_all(&ns);
     let audit = WEB.replace("description = \"kernel test segment\"", "mode = \"audit\"");
     let d = Daemon::start(&tree, &[("web.toml", &audit)]);
-    assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.1:8101"]),
-        "ok"
+    assert_eq!(d.status_json()["segments"][0]["mode"], "audit");
+    let run = |args: &[&str]| d.run_probe("web.test.tcp", &ns, args);
+    let go = |args: &[&str]| attempt(&l, &run, args);
+    // Allowed traffic first: counted as allowed, never as a would-be denial.
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8080"]), "ok");
+    assert_eq!(go(&["sendto", "127.0.0.1:5353"]), "ok");
+    let (allowed, denied, audit_denied) = counters(&d);
+    assert!(allowed >= 2, "allowed {allowed}");
+    assert_eq!((denied, audit_denied), (0, 0), "after allowed traffic only");
+    // Attempts enforce mode would deny: they all go through, each counted once as a would-be
+    // denial and recorded once as an `audit_deny` naming its hook and rule. The last one is also
+    // a marker: records come in order, so a duplicate of an earlier one would come before it.
+    let would_deny: [(&[&str], &str, &str, &str, u16); 4] = [
+        (
+            &["connect", "tcp", "127.0.0.1:8101"],
+            "connect4",
+            "tcp",
+            "127.0.0.1",
+            8101,
+        ),
+        (
+            &["connect", "tcp", "127.0.0.2:8080"],
+            "connect4",
+            "tcp",
+            "127.0.0.2",
+            8080,
+        ),
+        (
+            &["sendto", "127.0.0.2:5353"],
+            "sendmsg4",
+            "udp",
+            "127.0.0.2",
+            5353,
+        ),
+        (
+            &["sendto", "127.0.0.1:53"],
+            "sendmsg4",
+            "udp",
+            "127.0.0.1",
+            53,
+        ),
+    ];
+    for (args, ..) in &would_deny {
+        assert_eq!(go(args), "ok", "{args:?} denied in audit mode");
+    }
+    // Each attempt is recorded by the hook that judged it, naming the rule that would deny it.
+    let marker = |r: &serde_json::Value| r["hook"] == "sendmsg4" && r["dport"] == 53;
+    d.wait_records(1, |r| r["kind"] == "audit_deny" && marker(r));
+    let records: Vec<_> = d
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "audit_deny")
+        .collect();
+    for (args, hook, proto, dst, port) in &would_deny {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r["hook"] == *hook && r["dst"] == *dst && r["dport"] == *port)
+            .collect();
+        assert_eq!(mine.len(), 1, "{args:?}: {mine:#?}");
+        let r = mine[0];
+        assert_eq!(r["segment"], "web.test.tcp", "{args:?}: {r}");
+        assert_eq!(r["protocol"], *proto, "{args:?}: {r}");
+        assert_eq!(r["rule"], "default-deny", "{args:?}: {r}");
+    }
+    assert!(
+        d.audit_records().iter().all(|r| r["kind"] != "deny"),
+        "audit mode recorded a denial"
     );
+    let (allowed_after, denied, audit_denied) = counters(&d);
+    assert_eq!(denied, 0, "audit mode counted a denial");
+    // Allowed traffic again: the would-be denials do not grow.
+    assert_eq!(go(&["connect", "tcp", "127.0.0.1:8080"]), "ok");
+    let (allowed_last, denied_last, audit_denied_last) = counters(&d);
     assert_eq!(
-        d.run_probe("web.test.tcp", &ns, &["connect", "tcp", "127.0.0.2:8080"]),
-        "ok"
+        (denied_last, audit_denied_last),
+        (0, audit_denied),
+        "allowed traffic counted as a (would-be) denial"
     );
-    let out = d.cli(&["status", "--json"]);
-    assert!(out.status.success());
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-    let seg = &status["segments"][0];
-    assert_eq!(seg["mode"], "audit");
-    // The agents are gone from the list once they exit, but their counts were taken while
-    // they ran; what is left must at least not show denials.
-    assert_eq!(seg["denied"], 0);
+    assert!(
+        allowed_last > allowed_after,
+        "{allowed_last} <= {allowed_after}"
+    );
+    l.assert_silent("at the end");
+    // Exactly once each: as many records and would-be denials as attempts, as enforce mode
+    // would count them (records read once the marker's came: a duplicate of an earlier attempt
+    // comes before it).
+    let sources: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
+            format!("{} {}:{}", s("hook"), s("dst"), r["dport"])
+        })
+        .collect();
+    assert_eq!(
+        (records.len(), audit_denied),
+        (would_deny.len(), would_deny.len() as u64),
+        "would-be denials counted more than once: records {sources:?}"
+    );
 }
