@@ -148,6 +148,20 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
+/// cargo-fuzz, for the fuzz targets in `fuzz/` (`cargo xtask fuzz`, and the fuzzing step of
+/// `cargo xtask test`). Built with nightly, as its targets are (about 50 s).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let bin = cargo_home().join("bin/cargo-fuzz");
+    if output(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(());
+    }
+    step("installing cargo-fuzz (about 50 s)");
+    run(Command::new("cargo")
+        .args(["+nightly", "install", "cargo-fuzz", "--locked"])
+        .env("PATH", path_with_cargo_bin())
+        .env_remove("RUSTC"))
+}
+
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| {

@@ -4,6 +4,7 @@
 //! nightly's own LLVM, Debian packages) and says what it does; when all is present it is quick.
 mod bench;
 mod bootstrap;
+mod fuzz;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,8 +38,21 @@ enum Task {
     },
     /// Run the whole test suite: unit tests, then the real-kernel tests (root).
     Test {
-        /// Only tests whose name contains this filter.
+        /// Only tests whose name contains this filter (and the fuzz targets whose name does;
+        /// `fuzz` selects every fuzz target).
         filter: Option<String>,
+        /// Seconds each fuzz target runs [default: $AGENTSEG_FUZZ_SECONDS, else 45]; 0 skips
+        /// fuzzing.
+        #[arg(long)]
+        fuzz_seconds: Option<u64>,
+    },
+    /// Run the cargo-fuzz targets (nightly) for a bounded time each; fails on a crash.
+    Fuzz {
+        /// Seconds per target [default: $AGENTSEG_FUZZ_SECONDS, else 45].
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// One target (policy_parser, compiler, control_request); all when absent.
+        target: Option<String>,
     },
     /// Benchmarks (root): none vs agentseg vs nftables vs iptables, in bench-made namespaces.
     Bench {
@@ -108,7 +122,14 @@ fn main() -> anyhow::Result<()> {
                 },
             )
         }
-        Task::Test { filter } => {
+        Task::Fuzz { seconds, target } => {
+            bootstrap::all(false)?;
+            fuzz::task(&root, target.as_deref(), fuzz::seconds(seconds)?)
+        }
+        Task::Test {
+            filter,
+            fuzz_seconds,
+        } => {
             require_root("the kernel tests load eBPF programs and create cgroups and namespaces")?;
             bootstrap::all(true)?;
             step("checking formatting and lints");
@@ -125,7 +146,18 @@ fn main() -> anyhow::Result<()> {
             }
             // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
             args.extend(["--", "--test-threads=1"]);
-            let (passed, failed) = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            let (mut passed, mut failed) = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            let fuzz_seconds = fuzz::seconds(fuzz_seconds)?;
+            let targets = fuzz::for_filter(filter.as_deref());
+            if fuzz_seconds > 0 && !targets.is_empty() {
+                match fuzz::run(&root, &targets, fuzz_seconds) {
+                    Ok((p, f)) => (passed, failed) = (passed + p, failed + f),
+                    Err(e) => {
+                        println!("fuzz: FAILED: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
             // One closing line for the whole suite (cargo prints one per test binary).
             println!("tests: {passed} passed, {failed} failed");
             if failed > 0 || passed == 0 {
