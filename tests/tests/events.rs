@@ -1,12 +1,15 @@
 //! Events, the tamper-evident audit log, detectors and metrics against the real kernel.
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
-    process::Command,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use agentseg_tests::{CgroupTree, Daemon, Netns, Server, agentseg_bin, kernel_ready};
+use agentseg_tests::{
+    CgroupTree, Daemon, Netns, TcpCount, UdpSink, agentseg_bin, kernel_ready, probe_bin,
+    wait_flowing, wait_silent, wait_until,
+};
 
 const SEG: &str = r#"
 name = "bot.test.events"
@@ -62,7 +65,10 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080", "[::]:8081"]);
+    let (allowed_peer, denied_peer) = (
+        TcpCount::bind(&ns, "127.0.0.1:8080"),
+        TcpCount::bind(&ns, "127.0.0.1:8081"),
+    );
     let port = free_port();
     let d = Daemon::start_with(
         &tree,
@@ -84,6 +90,8 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
             .collect::<Vec<_>>(),
         ["EPERM", "EPERM", "EPERM", "ok"]
     );
+    assert_eq!(allowed_peer.count(), 1, "the allowed connect arrived once");
+    assert_eq!(denied_peer.count(), 0, "a denied connect reached its peer");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let agent_id = stderr
         .split_whitespace()
@@ -184,9 +192,26 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
         .cloned()
         .expect("tcp rule");
     assert_eq!(tcp["hits"], 0, "{report}");
-    // `events` shows them too.
+    // `events` shows them too, and only them (read long after the denials: no late duplicate).
     let out = d.cli(&["events", "--json", "--agent", &agent_id]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["kind"] == "deny" && e["dport"] == 8081 && e["hook"] == "connect4"),
+        "{events:?}"
+    );
+    assert_eq!(
+        d.audit_records()
+            .iter()
+            .filter(|r| r["kind"] == "deny")
+            .count(),
+        3
+    );
 }
 
 #[test]
@@ -196,6 +221,10 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
+    let (denied_peer, allowed_peer) = (
+        UdpSink::bind(&ns, "127.0.0.2:53"),
+        UdpSink::bind(&ns, "127.0.0.9:9999"),
+    );
     let mut d = Daemon::start(&tree, &[("bot.toml", SEG)]);
     for _ in 0..5 {
         assert_eq!(
@@ -203,6 +232,15 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
             "EPERM"
         );
     }
+    // The allowed control: the same agent's send to its allowed peer goes through.
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.9:9999"]),
+        "ok"
+    );
+    wait_until(Duration::from_secs(2), "the allowed datagram", || {
+        allowed_peer.count() == 1
+    });
+    assert_eq!(denied_peer.count(), 0, "a denied send reached its peer");
     d.wait_records(5, |r| r["kind"] == "deny");
     d.stop();
     let log = d.audit_log();
@@ -222,8 +260,8 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
     // Change one character of line 3 (a digit of the destination address).
     let text = std::fs::read_to_string(&log).expect("log");
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    let n = lines.len();
-    assert!(n >= 5);
+    // Five denials, nothing else (the allowed send is not an event).
+    assert_eq!(lines.len(), 5, "{text}");
     let target = lines
         .iter()
         .position(|l| l.contains("\"127.0.0.2\""))
@@ -240,6 +278,36 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
     );
 }
 
+/// A child process killed on drop (its leftovers die with the test's cgroup tree).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The fields of the probe's `loop` summary line: (ok, err, last outcome).
+fn loop_summary(text: &str) -> (u64, u64, String) {
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("ok="))
+        .unwrap_or_else(|| panic!("no loop summary in {text:?}"));
+    let field = |k: &str| {
+        summary
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {summary:?}"))
+            .to_owned()
+    };
+    (
+        field("ok=").parse().expect("ok"),
+        field("err=").parse().expect("err"),
+        field("last="),
+    )
+}
+
 #[test]
 fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
     if !kernel_ready() {
@@ -247,16 +315,40 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080"]);
+    // Allowed: TCP to 127.0.0.1 on 8080 (new connects) and 8090 (an established stream).
     let policy = format!(
-        "{SEG}\n[monitor]\ndeny_rate = {{ threshold = 5, window = \"1m\", action = \"quarantine\" }}\n"
+        "{}\n[monitor]\ndeny_rate = {{ threshold = 5, window = \"1m\", action = \"quarantine\" }}\n",
+        SEG.replace("ports = [8080]", "ports = [8080, 8090]")
     );
+    let connects = TcpCount::bind(&ns, "127.0.0.1:8080");
+    let denied_peer = UdpSink::bind(&ns, "127.0.0.2:53");
     let d = Daemon::start(&tree, &[("bot.toml", &policy)]);
-    // One agent: a long-lived allowed connection loop, then a burst of denied sends.
+    let scratch = d.scratch();
+    let (peer_log, agent_log) = (scratch.join("peer.log"), scratch.join("agent.log"));
+    let (go, stop) = (scratch.join("go"), scratch.join("stop"));
+    let mut peer = Command::new(probe_bin())
+        .args(["--netns", &ns.name, "stream-serve", "127.0.0.1:8090"])
+        .arg(&peer_log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("peer");
+    let mut line = String::new();
+    BufReader::new(peer.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("peer output");
+    assert_eq!(line.trim(), "ready");
+    let _peer = Proc(peer);
+    // One agent: an established stream and a loop of allowed connects; once the test has seen
+    // both work, a burst of ten denied sends (the threshold is five).
     let script = format!(
-        "{p} loop 127.0.0.1:8080 {stop} 10 & sleep 0.5; {p} flood 127.0.0.2:53 10; wait",
-        p = agentseg_tests::probe_bin().display(),
-        stop = d.scratch().join("stop").display()
+        "{p} stream 127.0.0.1:8090 {alog} >/dev/null & S=$!; \
+         {p} loop 127.0.0.1:8080 {stop} 10 & L=$!; \
+         while [ ! -e {go} ]; do sleep 0.02; done; \
+         {p} flood 127.0.0.2:53 10; wait $L; kill $S",
+        p = probe_bin().display(),
+        alog = agent_log.display(),
+        stop = stop.display(),
+        go = go.display(),
     );
     let mut agent = Command::new(agentseg_bin());
     agent
@@ -271,9 +363,29 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
             "-c",
             &script,
         ])
-        .stdout(std::process::Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     ns.enter_on_exec(&mut agent);
     let agent = agent.spawn().expect("agent");
+    // The allowed controls, before the crossing: new connects arrive, the stream flows both
+    // ways, and nothing is quarantined.
+    let mut accepted = 0;
+    wait_until(
+        Duration::from_secs(5),
+        "the agent's allowed connects",
+        || {
+            accepted += connects.count();
+            accepted > 0
+        },
+    );
+    wait_flowing(&peer_log, "the agent's stream, before the crossing");
+    wait_flowing(&agent_log, "the peer's side, before the crossing");
+    let status = d.status_json();
+    assert!(
+        status["quarantines"].as_array().is_some_and(Vec::is_empty),
+        "quarantined before the crossing: {status}"
+    );
+    std::fs::write(&go, b"").expect("go");
     let q = d.wait_records(1, |r| r["kind"] == "quarantine");
     assert!(
         q[0]["by"]
@@ -294,25 +406,59 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
         status["quarantines"][0]["by"], "detector:deny_rate",
         "{status}"
     );
+    let agent_id = status["agents"][0]["agent_id"]
+        .as_str()
+        .expect("agent id")
+        .to_owned();
     assert!(
         status["agents"][0]["quarantine"]["reason"]
             .as_str()
             .is_some_and(|r| r.contains("deny_rate"))
     );
-    std::thread::sleep(Duration::from_millis(500));
-    std::fs::write(d.scratch().join("stop"), b"").expect("stop");
+    // The cut: the established stream stops both ways, and the loop's new connects are denied
+    // (one such denial recorded is the proof that the loop ran on after the quarantine).
+    wait_silent(&peer_log, "the agent's stream, after the quarantine");
+    wait_silent(&agent_log, "the peer's side, after the quarantine");
+    let cut = d.wait_records(1, |r| {
+        r["kind"] == "deny" && r["dst"] == "127.0.0.1" && r["dport"] == 8080
+    });
+    assert_eq!(
+        (&cut[0]["agent_id"], &cut[0]["hook"], &cut[0]["rule"]),
+        (
+            &serde_json::json!(agent_id),
+            &serde_json::json!("connect4"),
+            &serde_json::json!("quarantine")
+        ),
+        "{:?}",
+        cut[0]
+    );
+    std::fs::write(&stop, b"").expect("stop");
     let out = agent.wait_with_output().expect("agent output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.starts_with("ok="))
-        .expect("loop summary");
-    let errors: u64 = summary
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("err="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(errors > 0, "the open flow did not stop: {summary}");
+    let text = format!(
+        "{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("eperm=10 other=0"), "the flood: {text}");
+    let (ok, err, last) = loop_summary(&text);
+    accepted += connects.count();
+    assert!(ok > 0 && err > 0, "loop: {text}");
+    assert_eq!(last, "EPERM", "the loop's last connects: {text}");
+    assert_eq!(
+        accepted, ok as usize,
+        "the listener saw other than the loop's successful connects"
+    );
+    assert_eq!(denied_peer.count(), 0, "a denied send reached its peer");
+    // Only the agent was quarantined: a new agent of the segment connects as before.
+    assert_eq!(
+        d.run_probe(
+            "bot.test.events",
+            &ns,
+            &["connect", "tcp", "127.0.0.1:8080"]
+        ),
+        "ok"
+    );
+    assert_eq!(connects.count(), 1);
 }
 
 #[test]
@@ -322,6 +468,10 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
+    let (denied_peer, allowed_peer) = (
+        UdpSink::bind(&ns, "127.0.0.2:53"),
+        UdpSink::bind(&ns, "127.0.0.9:9999"),
+    );
     let port = free_port();
     let d = Daemon::start_with(
         &tree,
@@ -342,6 +492,7 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
         String::from_utf8_lossy(&out.stdout).trim(),
         "eperm=1000000 other=0"
     );
+    assert_eq!(denied_peer.count(), 0, "a denied send reached its peer");
     // Every record is either read or counted as lost, and the daemon still answers.
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -349,6 +500,7 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
         let accounted =
             s["events_read"].as_u64().unwrap_or(0) + s["events_lost"].as_u64().unwrap_or(0);
         if accounted >= 1_000_000 {
+            assert_eq!(accounted, 1_000_000, "more events than denials: {s}");
             break s;
         }
         assert!(Instant::now() < deadline, "events unaccounted for: {s}");
@@ -375,6 +527,20 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
         "flood: read {} lost {} rss {rss_kb} kB",
         status["events_read"], status["events_lost"]
     );
+    // Still enforcing after the flood: the same segment's allowed send goes through, a denied
+    // one is still refused and recorded.
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.9:9999"]),
+        "ok"
+    );
+    wait_until(Duration::from_secs(2), "the allowed datagram", || {
+        allowed_peer.count() == 1
+    });
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:54"]),
+        "EPERM"
+    );
+    d.wait_records(1, |r| r["kind"] == "deny" && r["dport"] == 54);
 }
 
 #[test]
@@ -384,7 +550,7 @@ fn sampled_allows_become_events_when_asked() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080"]);
+    let peer = TcpCount::bind(&ns, "127.0.0.1:8080");
     let d = Daemon::start_with(&tree, &[("bot.toml", SEG)], &["--sample-allows", "1"]);
     assert_eq!(
         d.run_probe(
@@ -394,13 +560,39 @@ fn sampled_allows_become_events_when_asked() {
         ),
         "ok"
     );
-    let allows = d.wait_records(1, |r| r["kind"] == "allow");
+    assert_eq!(peer.count(), 1);
+    // A denial after it as a marker: records come in order, so the allow's are all in by then.
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:53"]),
+        "EPERM"
+    );
+    d.wait_records(1, |r| r["kind"] == "deny");
+    let allows: Vec<_> = d
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "allow")
+        .collect();
+    assert_eq!(
+        allows.len(),
+        1,
+        "one allowed connect, one sampled allow: {allows:?}"
+    );
+    let a = &allows[0];
     assert!(
-        allows[0]["rule"]
+        a["rule"]
             .as_str()
             .is_some_and(|r| r.ends_with("bot.toml:3")),
-        "{:?}",
-        allows[0]
+        "{a:?}"
+    );
+    assert_eq!(
+        (&a["hook"], &a["dst"], &a["dport"], &a["segment"]),
+        (
+            &serde_json::json!("connect4"),
+            &serde_json::json!("127.0.0.1"),
+            &serde_json::json!(8080),
+            &serde_json::json!("bot.test.events")
+        ),
+        "{a:?}"
     );
 }
 
@@ -409,11 +601,17 @@ fn events_follow_streams_live_denials() {
     if !kernel_ready() {
         return;
     }
-    use std::io::BufRead as _;
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
-    let mut follower = Command::new(agentseg_bin())
+    let other = "name = \"bot.test.other\"\n";
+    let d = Daemon::start(&tree, &[("bot.toml", SEG), ("other.toml", other)]);
+    // One denial before the follower starts: it comes first, as history.
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.6:53"]),
+        "EPERM"
+    );
+    d.wait_records(1, |r| r["kind"] == "deny" && r["dst"] == "127.0.0.6");
+    let follower = Command::new(agentseg_bin())
         .arg("--socket")
         .arg(&d.socket)
         .args([
@@ -423,32 +621,47 @@ fn events_follow_streams_live_denials() {
             "--segment",
             "bot.test.events",
         ])
-        .stdout(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("follower");
-    let stdout = follower.stdout.take().expect("stdout");
+    let mut follower = Proc(follower);
+    let stdout = follower.0.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
+    let next = |what: &str| -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("no {what} from `events --follow` within 5 s"));
+        serde_json::from_str(&line).expect("json")
+    };
+    // The history line says the follower is connected, and subscribed: the daemon subscribes a
+    // follower before it answers with the history.
+    let v = next("history");
+    assert_eq!(v["dst"], "127.0.0.6", "{v}");
+    // Then, in order: another segment's denial (filtered out), this segment's allowed send (not
+    // an event) and this segment's live denial, which must be the next line.
+    assert_eq!(
+        d.run_probe("bot.test.other", &ns, &["sendto", "127.0.0.8:53"]),
+        "EPERM"
+    );
+    assert_eq!(
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.9:9999"]),
+        "ok"
+    );
     assert_eq!(
         d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.7:53"]),
         "EPERM"
     );
-    let line = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a live event");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-    assert_eq!(v["dst"], "127.0.0.7");
-    assert_eq!(v["hook"], "sendmsg4");
-    let _ = follower.kill();
-    let _ = follower.wait();
+    let v = next("live event");
+    assert_eq!(v["dst"], "127.0.0.7", "{v}");
+    assert_eq!(v["hook"], "sendmsg4", "{v}");
+    assert_eq!(v["segment"], "bot.test.events", "{v}");
+    // The other segment's denial did happen (and was recorded), it just was not streamed.
+    d.wait_records(1, |r| r["kind"] == "deny" && r["dst"] == "127.0.0.8");
 }
