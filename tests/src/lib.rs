@@ -274,6 +274,18 @@ impl TcpCount {
         Self(l)
     }
 
+    /// The same with a deep accept queue (4096, the namespace's `somaxconn`): for a peer a loop
+    /// connects to for seconds between two looks (a full queue drops SYNs: the loop would see
+    /// timeouts).
+    pub fn bind_deep(ns: &Netns, addr: &str) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let l = Self::bind(ns, addr);
+        // SAFETY: listen(2) again on our own listening socket only changes its backlog.
+        let ret = unsafe { libc::listen(l.0.as_raw_fd(), 4096) };
+        assert_eq!(ret, 0, "listen: {}", std::io::Error::last_os_error());
+        l
+    }
+
     /// Connections accepted so far (drains the backlog).
     pub fn count(&self) -> usize {
         std::iter::from_fn(|| self.0.accept().ok()).count()
