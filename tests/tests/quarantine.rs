@@ -2,14 +2,19 @@
 //! ingress rules, ICMP and raw sockets, persistence, TTLs, and who may ask.
 use std::{
     io::{BufRead as _, BufReader},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    path::{Path, PathBuf},
+    net::Ipv4Addr,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    },
+    path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Netns, Server, agentseg_bin, kernel_ready, probe, probe_bin,
+    CgroupTree, Daemon, Listeners, Netns, Server, TcpCount, agentseg_bin, kernel_ready, probe,
+    probe_bin, wait_flowing, wait_silent, wait_until,
 };
 
 /// A segment: TCP to 127.0.0.1 and 127.0.0.5 on 8080-8099, ICMP to 127.0.0.1, TCP in from
@@ -41,13 +46,6 @@ raw = true
     )
 }
 
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
-
 /// A child process killed on drop (its leftovers die with the test's cgroup tree).
 struct Proc(Child);
 
@@ -67,67 +65,112 @@ fn expect_line(child: &mut Child, want: &str) {
     assert_eq!(line.trim(), want, "child said {line:?}");
 }
 
-fn rx_times(log: &Path) -> Vec<u128> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("rx ").and_then(|t| t.parse().ok()))
-        .collect()
+/// An established flow between an agent of `segment` and a plain peer on `peer` (both ends
+/// write every 10 ms and log what they receive), optionally with a connect loop in the same
+/// agent to `looping` (address, stop file).
+struct Flow {
+    agent_log: PathBuf,
+    peer_log: PathBuf,
+    /// The agent (its launcher) and the peer.
+    procs: Vec<Proc>,
 }
 
-/// An established flow between an agent of `segment` and a plain peer on 127.0.0.1:8090, both
-/// writing every 10 ms; returns (agent log, peer log, processes).
-fn flow(d: &Daemon, ns: &Netns, segment: &str, tag: &str) -> (PathBuf, PathBuf, Vec<Proc>) {
-    let peer_log = d.scratch().join(format!("peer-{tag}.log"));
-    let agent_log = d.scratch().join(format!("agent-{tag}.log"));
-    let mut peer = Command::new(probe_bin())
-        .args(["--netns", &ns.name, "stream-serve", "127.0.0.1:8090"])
-        .arg(&peer_log)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("peer");
-    expect_line(&mut peer, "ready");
-    let mut agent = d
-        .agent_command(
-            segment,
-            ns,
-            &[
-                "stream",
-                "127.0.0.1:8090",
-                agent_log.to_str().expect("utf8"),
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    expect_line(&mut agent, "connected");
-    (agent_log, peer_log, vec![Proc(peer), Proc(agent)])
+impl Flow {
+    fn start(
+        d: &Daemon,
+        ns: &Netns,
+        segment: &str,
+        tag: &str,
+        peer: &str,
+        looping: Option<(&str, &std::path::Path)>,
+    ) -> Self {
+        let peer_log = d.scratch().join(format!("peer-{tag}.log"));
+        let agent_log = d.scratch().join(format!("agent-{tag}.log"));
+        let mut peer_proc = Command::new(probe_bin())
+            .args(["--netns", &ns.name, "stream-serve", peer])
+            .arg(&peer_log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("peer");
+        expect_line(&mut peer_proc, "ready");
+        let log = agent_log.to_str().expect("utf8");
+        let mut cmd = match looping {
+            None => d.agent_command(segment, ns, &["stream", peer, log]),
+            Some((addr, stop)) => {
+                let script = format!(
+                    "{p} loop {addr} {stop} 10 & exec {p} stream {peer} {log}",
+                    p = probe_bin().display(),
+                    stop = stop.display(),
+                );
+                let mut cmd = Command::new(agentseg_bin());
+                cmd.arg("--socket").arg(&d.socket).args([
+                    "run",
+                    "--segment",
+                    segment,
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ]);
+                ns.enter_on_exec(&mut cmd);
+                cmd
+            }
+        };
+        let mut agent = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent");
+        expect_line(&mut agent, "connected");
+        let flow = Self {
+            agent_log,
+            peer_log,
+            procs: vec![Proc(peer_proc), Proc(agent)],
+        };
+        flow.assert_flowing(&format!("flow {tag} at its start"));
+        flow
+    }
+
+    /// The next line the agent prints.
+    fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        BufReader::new(self.procs[1].0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        line.trim().to_owned()
+    }
+
+    /// Both ends receive (within one quiet period each).
+    fn assert_flowing(&self, what: &str) {
+        wait_flowing(&self.peer_log, &format!("{what}, agent to peer"));
+        wait_flowing(&self.agent_log, &format!("{what}, peer to agent"));
+    }
+
+    /// Neither end hears the other any more (one quiet period each).
+    fn assert_cut(&self, what: &str) {
+        wait_silent(&self.peer_log, &format!("{what}, agent to peer"));
+        wait_silent(&self.agent_log, &format!("{what}, peer to agent"));
+    }
 }
 
-/// Quarantine `args`, then check that neither end of the flow hears the other 100 ms later.
-fn assert_flow_cut(d: &Daemon, agent_log: &Path, peer_log: &Path, args: &[&str]) {
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !rx_times(agent_log).is_empty() && !rx_times(peer_log).is_empty(),
-        "the flow never ran"
-    );
+/// `agentseg ARGS` must succeed.
+fn cli_ok(d: &Daemon, args: &[&str]) {
     let out = d.cli(args);
     assert!(
         out.status.success(),
-        "quarantine: {}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let done = now_ms();
-    std::thread::sleep(Duration::from_millis(600));
-    for (side, log) in [("agent", agent_log), ("peer", peer_log)] {
-        let last = rx_times(log).into_iter().max().unwrap_or(0);
-        assert!(
-            last <= done + 100,
-            "the {side} still received {} ms after the quarantine",
-            last - done
-        );
-    }
+}
+
+/// Agent ids in `status`.
+fn agent_ids(d: &Daemon) -> Vec<String> {
+    d.status_json()["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .map(|a| a["agent_id"].as_str().expect("agent id").to_owned())
+        .collect()
 }
 
 #[test]
@@ -137,44 +180,115 @@ fn quarantining_an_agent_cuts_its_established_flow_and_release_restores_it() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080"]);
+    // The quarantined agent's connect loop goes to 8081; fresh agents' connects to 8080.
+    let looped = TcpCount::bind_deep(&ns, "127.0.0.1:8081");
+    let l = Listeners::bind(&ns, &["127.0.0.1:8080"], &[]);
     let d = Daemon::start(&tree, &[("a.toml", &policy("bot.test.quar", None))]);
-    let (agent_log, peer_log, _procs) = flow(&d, &ns, "bot.test.quar", "agent");
-    let status = d.status_json();
-    let id = status["agents"][0]["agent_id"]
-        .as_str()
-        .expect("agent id")
-        .to_owned();
-    assert_flow_cut(
+    let stop = d.scratch().join("stop-a");
+    // Agent A (to be quarantined): a stream and a connect loop. Agent B: a stream, the control
+    // under the same conditions.
+    let mut a = Flow::start(
         &d,
-        &agent_log,
-        &peer_log,
+        &ns,
+        "bot.test.quar",
+        "a",
+        "127.0.0.1:8090",
+        Some(("127.0.0.1:8081", &stop)),
+    );
+    let id = agent_ids(&d).pop().expect("agent A");
+    let b = Flow::start(&d, &ns, "bot.test.quar", "b", "127.0.0.1:8091", None);
+    let mut accepted = 0;
+    let mut more = |n: usize, what: &str| {
+        let want = accepted + n;
+        wait_until(Duration::from_secs(5), what, || {
+            accepted += looped.count();
+            accepted >= want
+        });
+    };
+    more(5, "A's connects before the quarantine");
+    cli_ok(
+        &d,
         &["quarantine", "--agent", &id, "--reason", "exfil suspected"],
+    );
+    a.assert_cut("A's flow after its quarantine");
+    // A's new connects are refused, by the quarantine.
+    let is_a_loop_denial = |r: &serde_json::Value| {
+        r["kind"] == "deny" && r["agent_id"] == id.as_str() && r["dport"] == 8081
+    };
+    let denial = d.wait_records(1, is_a_loop_denial);
+    assert_eq!(denial[0]["rule"], "quarantine", "{:?}", denial[0]);
+    // B, same segment, same peer address: its flow runs on, and new agents connect.
+    b.assert_flowing("B's flow while A is quarantined");
+    assert_eq!(
+        l.judged(
+            "tcp",
+            "127.0.0.1:8080",
+            d.run_probe("bot.test.quar", &ns, &["connect", "tcp", "127.0.0.1:8080"])
+        ),
+        "ok"
     );
     // The status names what, why, who and since when.
     let status = d.status_json();
-    let q = &status["agents"][0]["quarantine"];
+    let agents = status["agents"].as_array().expect("agents");
+    let qa: Vec<_> = agents
+        .iter()
+        .filter(|a| !a["quarantine"].is_null())
+        .collect();
+    assert_eq!(qa.len(), 1, "{status}");
+    assert_eq!(qa[0]["agent_id"], id.as_str());
+    let q = &qa[0]["quarantine"];
     assert_eq!(q["reason"], "exfil suspected");
     assert_eq!(q["by_uid"], 0);
     assert!(q["since_unix"].as_u64().unwrap_or(0) > 0);
     assert_eq!(status["quarantines"].as_array().map(Vec::len), Some(1));
-    // Other agents of the segment are not affected.
-    assert_eq!(
-        d.run_probe("bot.test.quar", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
-        "ok"
-    );
-    let out = d.cli(&["release", "--agent", &id]);
+    // Released: A's own traffic goes through again, new connects and its established flow.
+    cli_ok(&d, &["release", "--agent", &id]);
+    more(5, "A's connects after the release");
+    a.assert_flowing("A's flow after the release");
     assert!(
-        out.status.success(),
-        "release: {}",
-        String::from_utf8_lossy(&out.stderr)
+        d.status_json()["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .all(|a| a["quarantine"].is_null())
     );
-    assert!(d.status_json()["agents"][0]["quarantine"].is_null());
+    // Every connect of A's loop is accounted for: successes reached the listener, failures
+    // are the quarantine's recorded denials, and the last ones (after the release) succeed.
+    std::fs::write(&stop, b"").expect("stop");
+    let summary = a.next_line();
+    drop(a);
+    let field = |k: &str| {
+        summary
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {summary:?}"))
+            .to_owned()
+    };
+    let (ok, err): (usize, usize) = (
+        field("ok=").parse().expect("ok"),
+        field("err=").parse().expect("err"),
+    );
+    accepted += looped.count();
+    let denied = d
+        .audit_records()
+        .iter()
+        .filter(|r| is_a_loop_denial(r))
+        .count();
+    assert_eq!(
+        ok, accepted,
+        "A's successful connects vs the listener: {summary}"
+    );
+    assert_eq!(
+        err, denied,
+        "A's failed connects vs the recorded denials: {summary}"
+    );
+    assert_eq!(field("last="), "EPERM", "{summary}");
     // The history names both events with the caller's uid.
     let log = std::fs::read_to_string(d.dir.path().join("state/quarantine.log")).expect("log");
     assert_eq!(log.lines().count(), 2, "{log}");
     assert!(log.contains("\"action\":\"quarantine\"") && log.contains("\"action\":\"release\""));
     assert!(log.contains("\"by_uid\":0"));
+    drop(b);
 }
 
 #[test]
@@ -184,13 +298,27 @@ fn quarantining_a_segment_cuts_flows_and_keeps_only_its_allow_list() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080"]);
+    let l = Listeners::bind(
+        &ns,
+        &["127.0.0.1:8080", "127.0.0.5:8080"],
+        &["127.0.0.1:8080"],
+    );
     let d = Daemon::start(&tree, &[("a.toml", &policy("bot.test.segq", None))]);
-    let (agent_log, peer_log, _procs) = flow(&d, &ns, "bot.test.segq", "seg");
-    assert_flow_cut(
+    let run = |args: &[&str]| d.run_probe("bot.test.segq", &ns, args);
+    // Two agents of the segment: a flow to a peer only its rules allow, and one to a peer on
+    // its quarantine allow list (the control under the same conditions).
+    let cut = Flow::start(&d, &ns, "bot.test.segq", "cut", "127.0.0.1:8090", None);
+    let kept = Flow::start(&d, &ns, "bot.test.segq", "kept", "127.0.0.5:8090", None);
+    assert_eq!(
+        l.judged(
+            "tcp",
+            "127.0.0.1:8080",
+            run(&["connect", "tcp", "127.0.0.1:8080"])
+        ),
+        "ok"
+    );
+    cli_ok(
         &d,
-        &agent_log,
-        &peer_log,
         &[
             "quarantine",
             "--segment",
@@ -199,29 +327,44 @@ fn quarantining_a_segment_cuts_flows_and_keeps_only_its_allow_list() {
             "incident 42",
         ],
     );
-    // New connects fail with EPERM, except to the quarantine allow list.
+    cut.assert_cut("the flow to 127.0.0.1 after the quarantine");
+    kept.assert_flowing("the flow to the allow-listed 127.0.0.5 during the quarantine");
+    // New connects and sends fail with EPERM, except to the quarantine allow list.
     assert_eq!(
-        d.run_probe("bot.test.segq", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        l.judged(
+            "tcp",
+            "127.0.0.1:8080",
+            run(&["connect", "tcp", "127.0.0.1:8080"])
+        ),
         "EPERM"
     );
     assert_eq!(
-        d.run_probe("bot.test.segq", &ns, &["sendto", "127.0.0.1:8080"]),
+        l.judged("udp", "127.0.0.1:8080", run(&["sendto", "127.0.0.1:8080"])),
         "EPERM"
     );
     assert_eq!(
-        d.run_probe("bot.test.segq", &ns, &["connect", "tcp", "127.0.0.5:8080"]),
+        l.judged(
+            "tcp",
+            "127.0.0.5:8080",
+            run(&["connect", "tcp", "127.0.0.5:8080"])
+        ),
         "ok"
     );
     assert_eq!(
         d.status_json()["segments"][0]["quarantine"]["reason"],
         "incident 42"
     );
-    let out = d.cli(&["release", "--segment", "bot.test.segq"]);
-    assert!(out.status.success());
+    cli_ok(&d, &["release", "--segment", "bot.test.segq"]);
     assert_eq!(
-        d.run_probe("bot.test.segq", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        l.judged(
+            "tcp",
+            "127.0.0.1:8080",
+            run(&["connect", "tcp", "127.0.0.1:8080"])
+        ),
         "ok"
     );
+    cut.assert_flowing("the cut flow after the release");
+    l.assert_silent("at the end");
 }
 
 #[test]
@@ -283,6 +426,53 @@ fn ingress_rules_admit_allowed_peers_only() {
     );
 }
 
+/// Counts the ICMP echo requests the namespace receives for one address: a raw ICMP socket
+/// outside any segment gets a copy of every ICMP packet that arrives (the proof that a denied
+/// echo never left).
+struct EchoRequests {
+    sock: OwnedFd,
+    dst: Ipv4Addr,
+}
+
+impl EchoRequests {
+    fn bind(ns: &Netns, dst: &str) -> Self {
+        let dst: Ipv4Addr = dst.parse().expect("address");
+        let sock = ns.within(|| {
+            // SAFETY: plain socket(2), owned at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_ICMP,
+                )
+            };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        });
+        Self { sock, dst }
+    }
+
+    /// Echo requests to the address since the last look.
+    fn count(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        loop {
+            // SAFETY: a valid buffer of its length.
+            let got =
+                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if got < 0 {
+                return n;
+            }
+            let pkt = &buf[..got as usize];
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if pkt.len() > ihl && pkt[16..20] == self.dst.octets() && pkt[ihl] == 8 {
+                n += 1;
+            }
+        }
+    }
+}
+
 #[test]
 fn icmp_echo_from_ping_and_raw_sockets_follows_the_rules() {
     if !kernel_ready() {
@@ -290,23 +480,31 @@ fn icmp_echo_from_ping_and_raw_sockets_follows_the_rules() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
+    let (to_allowed, to_denied) = (
+        EchoRequests::bind(&ns, "127.0.0.1"),
+        EchoRequests::bind(&ns, "127.0.0.2"),
+    );
     let d = Daemon::start(&tree, &[("a.toml", &policy("ops.test.icmp", None))]);
     for kind in ["ping", "rawping"] {
+        // Outside a segment the denied peer answers: the counter sees its request.
         assert_eq!(
             probe(&ns, None, &[kind, "127.0.0.2:0"]),
             "ok",
             "{kind} outside a segment"
         );
+        assert_eq!(to_denied.count(), 1, "{kind} outside a segment");
         assert_eq!(
             d.run_probe("ops.test.icmp", &ns, &[kind, "127.0.0.1:0"]),
             "ok",
             "{kind} to an allowed peer"
         );
-        let denied = d.run_probe("ops.test.icmp", &ns, &[kind, "127.0.0.2:0"]);
-        assert!(
-            denied == "EPERM" || denied == "ETIMEDOUT",
-            "{kind} to a denied peer: {denied}"
+        assert_eq!(to_allowed.count(), 1, "{kind} to an allowed peer");
+        assert_eq!(
+            d.run_probe("ops.test.icmp", &ns, &[kind, "127.0.0.2:0"]),
+            "EPERM",
+            "{kind} to a denied peer"
         );
+        assert_eq!(to_denied.count(), 0, "{kind}: a denied echo request left");
     }
 }
 
@@ -317,70 +515,60 @@ fn quarantine_survives_kill_9_and_restart_and_a_ttl_lifts_itself() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = Server::start(&ns, &["[::]:8080"]);
+    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.5:8080"], &[]);
     std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
     let mut d = Daemon::start(
         &tree,
         &[("a.toml", &policy("job.test.persist", Some(&tree.rel("m"))))],
     );
     let m = tree.abs("m");
-    let out = d.cli(&[
-        "quarantine",
-        "--segment",
-        "job.test.persist",
-        "--reason",
-        "held",
-    ]);
-    assert!(out.status.success());
-    assert_eq!(
-        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
-        "EPERM"
+    let tcp = |dst: &str| l.judged("tcp", dst, probe(&ns, Some(&m), &["connect", "tcp", dst]));
+    // Quarantined: only the allow list (127.0.0.5) is reachable, whatever happens to the daemon.
+    let held = |when: &str| {
+        assert_eq!(tcp("127.0.0.1:8080"), "EPERM", "lifted {when}");
+        assert_eq!(tcp("127.0.0.5:8080"), "ok", "allow list {when}");
+    };
+    assert_eq!(tcp("127.0.0.1:8080"), "ok");
+    cli_ok(
+        &d,
+        &[
+            "quarantine",
+            "--segment",
+            "job.test.persist",
+            "--reason",
+            "held",
+        ],
     );
+    held("by nothing");
     d.kill9();
-    assert_eq!(
-        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
-        "EPERM",
-        "lifted by the crash"
-    );
+    held("by the crash");
     d.launch().expect("restart");
-    assert_eq!(
-        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
-        "EPERM",
-        "lifted by the restart"
-    );
+    held("by the restart");
     assert_eq!(
         d.status_json()["segments"][0]["quarantine"]["reason"],
         "held"
     );
-    let out = d.cli(&["release", "--segment", "job.test.persist"]);
-    assert!(out.status.success());
-    assert_eq!(
-        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
-        "ok"
-    );
+    cli_ok(&d, &["release", "--segment", "job.test.persist"]);
+    assert_eq!(tcp("127.0.0.1:8080"), "ok", "after the release");
     // A TTL quarantine lifts itself.
-    let out = d.cli(&[
-        "quarantine",
-        "--segment",
-        "job.test.persist",
-        "--reason",
-        "cool-off",
-        "--ttl",
-        "1s",
-    ]);
-    assert!(out.status.success());
-    assert_eq!(
-        probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]),
-        "EPERM"
+    cli_ok(
+        &d,
+        &[
+            "quarantine",
+            "--segment",
+            "job.test.persist",
+            "--reason",
+            "cool-off",
+            "--ttl",
+            "1s",
+        ],
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while probe(&ns, Some(&m), &["connect", "tcp", "127.0.0.1:8080"]) != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "the TTL never lifted the quarantine"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    held("at once by a TTL quarantine");
+    wait_until(
+        Duration::from_secs(5),
+        "the TTL lifts the quarantine",
+        || tcp("127.0.0.1:8080") == "ok",
+    );
     assert!(
         d.status_json()["quarantines"]
             .as_array()
@@ -480,6 +668,19 @@ fn the_control_socket_refuses_non_root_and_callers_inside_a_segment() {
         r["hook"] == "connect_unix" && r["rule"] == "control-socket"
     });
     // Nothing changed.
+    assert!(
+        d.status_json()["quarantines"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    // The controls: the same requests from root outside any segment are carried out.
+    cli_ok(&d, &q);
+    let status = d.status_json();
+    assert_eq!(
+        status["segments"][0]["quarantine"]["reason"], "nobody",
+        "{status}"
+    );
+    cli_ok(&d, &["release", "--segment", "bot.test.ctl"]);
     assert!(
         d.status_json()["quarantines"]
             .as_array()
