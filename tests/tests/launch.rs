@@ -1,7 +1,7 @@
 //! `agentseg run`, `status` and `check` as an operator uses them.
 use std::process::Command;
 
-use agentseg_tests::{CgroupTree, Daemon, Netns, agentseg_bin, kernel_ready, probe_bin};
+use agentseg_tests::{CgroupTree, Daemon, Listeners, Netns, agentseg_bin, kernel_ready, probe_bin};
 
 const SEG: &str = r#"
 name = "bot.test.none"
@@ -166,18 +166,14 @@ fn a_segment_with_100k_prefixes_loads_and_enforces() {
     }
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let _srv = agentseg_tests::Server::start(&ns, &["[::]:8080"]);
-    // 100,000 /32s in 10.0.0.0/8 (never contacted), plus the one loopback peer, placed last.
+    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.2:8080"], &[]);
+    // 100,000 /32s in 10.0.0.0/8 (no route to them in the namespace), plus the one loopback
+    // peer, placed last.
+    let v4 = |a: u32| std::net::Ipv4Addr::from(a).to_string();
+    let listed = |i: u32| v4(0x0a00_0000u32 + i * 3);
     let mut cidrs = String::new();
     for i in 0..100_000u32 {
-        let a = 0x0a00_0000u32 + i * 3;
-        cidrs.push_str(&format!(
-            "\"{}.{}.{}.{}\",",
-            a >> 24,
-            (a >> 16) & 255,
-            (a >> 8) & 255,
-            a & 255
-        ));
+        cidrs.push_str(&format!("\"{}\",", listed(i)));
     }
     cidrs.push_str("\"127.0.0.1\"");
     let policy = format!(
@@ -189,14 +185,22 @@ fn a_segment_with_100k_prefixes_loads_and_enforces() {
         "{:?}",
         d.stdout_lines
     );
+    let tcp = |dst: &str| d.run_probe("big.test.load", &ns, &["connect", "tcp", dst]);
     assert_eq!(
-        d.run_probe("big.test.load", &ns, &["connect", "tcp", "127.0.0.1:8080"]),
+        l.judged("tcp", "127.0.0.1:8080", tcp("127.0.0.1:8080")),
         "ok"
     );
     assert_eq!(
-        d.run_probe("big.test.load", &ns, &["connect", "tcp", "127.0.0.2:8080"]),
+        l.judged("tcp", "127.0.0.2:8080", tcp("127.0.0.2:8080")),
         "EPERM"
     );
+    // Prefixes from the start and the middle of the table are allowed (the connect gets as
+    // far as routing: no route in the namespace), their unlisted neighbours are denied.
+    for i in [0, 50_000] {
+        let (inside, beside) = (listed(i), v4(0x0a00_0000u32 + i * 3 + 1));
+        assert_eq!(tcp(&format!("{inside}:8080")), "ENETUNREACH", "{inside}");
+        assert_eq!(tcp(&format!("{beside}:8080")), "EPERM", "{beside}");
+    }
 }
 
 #[test]
