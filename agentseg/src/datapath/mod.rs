@@ -244,7 +244,11 @@ impl Datapath {
             };
             result.map_err(|source| DatapathError::Program { name, source })?;
             // The verifier's time: a program that grows past its budget shows up here first.
-            tracing::debug!(program = name, ms = started.elapsed().as_millis() as u64, "verified");
+            tracing::debug!(
+                program = name,
+                ms = started.elapsed().as_millis() as u64,
+                "verified"
+            );
         }
         let map_fds: HashMap<String, std::os::fd::RawFd> = ebpf
             .maps()
@@ -254,7 +258,10 @@ impl Datapath {
             .collect();
         let started = std::time::Instant::now();
         let unix_programs = unix_loader::load(&map_fds)?;
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "AF_UNIX programs verified");
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "AF_UNIX programs verified"
+        );
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
