@@ -1,7 +1,6 @@
 //! Ids, port mapping, dedupe, capacity, determinism, examples and scale.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use agentseg_common::{
     MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY,
@@ -232,13 +231,12 @@ fn hundred_thousand_prefixes() {
     let mut many = rule(&[], &[(443, 443)], Protocol::Tcp, 3);
     many.cidrs = nets;
     let big = segment(vec![wide, many]);
-    let start = Instant::now();
+    // How long this takes is measured by `cargo xtask bench` (a 100k-rule policy through
+    // `agentseg check`), not asserted here.
     let c = compile(&big).expect("compiles");
-    let took = start.elapsed();
     assert_eq!(c.entry_count(), 100_002);
     // Contents: empty, {80}, {80, 443}, and {443} for the /28s inside the except.
-    assert!(c.rulesets.len() <= 4, "{}", c.rulesets.len());
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(c.rulesets.len(), 4);
 }
 
 #[test]

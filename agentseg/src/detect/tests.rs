@@ -1,7 +1,7 @@
 //! Thresholds, windows, cooldowns, off, reasons, inactivity and the memory bound.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::policy::IdleRule;
@@ -323,8 +323,10 @@ impl Rng {
     }
 }
 
+/// How fast the detectors take a flood is measured by `cargo xtask bench` (the daemon's event
+/// intake under a denied flood), not asserted here.
 #[test]
-fn flood_keeps_memory_bounded_and_is_fast() {
+fn flood_keeps_memory_bounded() {
     let events: u64 = if cfg!(debug_assertions) {
         200_000
     } else {
@@ -332,7 +334,6 @@ fn flood_keeps_memory_bounded_and_is_fast() {
     };
     let mut d = Detectors::new();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let start = Instant::now();
     let mut firings = 0;
     let mut max_size = 0;
     for i in 0..events {
@@ -361,13 +362,7 @@ fn flood_keeps_memory_bounded_and_is_fast() {
             max_size = max_size.max(d.state_size());
         }
     }
-    let elapsed = start.elapsed();
     max_size = max_size.max(d.state_size());
     assert!(firings > 0);
     assert!(max_size < 4 << 20, "state grew to {max_size} bytes");
-    let limit = if cfg!(debug_assertions) { 8 } else { 2 };
-    assert!(
-        elapsed < Duration::from_secs(limit),
-        "{events} events took {elapsed:?}"
-    );
 }

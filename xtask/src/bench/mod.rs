@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: no enforcement vs agentseg vs nftables vs iptables, interleaved round
 //! by round, in two network namespaces of our own. Benchmarks, not tests: nothing is asserted,
 //! figures are printed (stdout table, target/bench/results.json, target/bench/report.md).
+mod cut;
 mod daemon;
 mod detector;
 mod env;
 mod load;
 mod report;
 mod rules;
+mod units;
 mod variants;
 
 use std::{
@@ -105,6 +107,44 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
     ) {
         Ok(lat) => res.detector_latency_ms = lat,
         Err(e) => res.note(format!("detector latency: {e:#}")),
+    }
+    step("quarantine cut: a member's established TCP stream, quarantine issued to its last byte");
+    ctx.daemon_seq += 1;
+    let reps = plan.rounds.max(5);
+    match cut::measure(&ctx.agentseg, &lg, &work, ctx.daemon_seq, &cg.mount, reps) {
+        Ok(c) => {
+            res.extra(
+                "quarantine_cut_ms",
+                "`agentseg quarantine --segment` issued → last byte of a member's full-speed TCP \
+                 stream received by its peer (veth, other namespace)",
+                Some(100.0),
+                c.cut_ms,
+            );
+            res.extra(
+                "quarantine_command_ms",
+                "`agentseg quarantine --segment` round trip (returns once in force)",
+                None,
+                c.command_ms,
+            );
+        }
+        Err(e) => res.note(format!("quarantine cut: {e:#}")),
+    }
+    step("unit timings: detector flood and 100k compile (release unit tests), agentseg check");
+    let reps = plan.rounds.max(3);
+    match units::build() {
+        Ok(exe) => {
+            for &(name, test, what, bound) in units::UNIT_TESTS {
+                match units::time_test(&exe, test, reps) {
+                    Ok(v) => res.extra(name, what, Some(bound), v),
+                    Err(e) => res.note(format!("{name}: {e:#}")),
+                }
+            }
+        }
+        Err(e) => res.note(format!("unit timings: {e:#}")),
+    }
+    match units::time_check(&ctx.agentseg, &work, reps) {
+        Ok(v) => res.extra(units::CHECK.0, units::CHECK.1, None, v),
+        Err(e) => res.note(format!("{}: {e:#}", units::CHECK.0)),
     }
     res.elapsed = started.elapsed();
     drop(_loopback);

@@ -24,6 +24,17 @@ pub struct Results {
     pub elapsed: Duration,
     /// Detector latency per agent, ms (issue 5: under 50 ms).
     pub detector_latency_ms: Vec<f64>,
+    /// Figures measured apart from the variant rounds.
+    extras: Vec<Extra>,
+}
+
+/// A figure measured apart from the variant rounds (ms, one value per repetition), with the
+/// bound a test used to assert, if any.
+struct Extra {
+    name: &'static str,
+    what: String,
+    bound_ms: Option<f64>,
+    values: Vec<f64>,
 }
 
 /// Metrics in table order; the bool says whether a ratio to "none" means anything.
@@ -103,7 +114,71 @@ impl Results {
             notes: Vec::new(),
             elapsed: Duration::ZERO,
             detector_latency_ms: Vec::new(),
+            extras: Vec::new(),
         }
+    }
+
+    /// Record a figure measured apart from the variant rounds (ms per repetition); `bound_ms`
+    /// is the target its median is held to.
+    pub fn extra(
+        &mut self,
+        name: &'static str,
+        what: &str,
+        bound_ms: Option<f64>,
+        values: Vec<f64>,
+    ) {
+        self.extras.push(Extra {
+            name,
+            what: what.to_owned(),
+            bound_ms,
+            values,
+        });
+    }
+
+    /// The extra figures: stdout lines, or a markdown table.
+    fn extras_text(&self, md: bool) -> String {
+        let mut s = String::new();
+        if md {
+            s.push_str("| figure | what | median (ms) | min–max | n | target |\n");
+            s.push_str("| --- | --- | ---: | ---: | ---: | --- |\n");
+        }
+        for e in &self.extras {
+            let Some(st) = stat(e.values.clone()) else {
+                let _ = if md {
+                    writeln!(s, "| {} | {} | not measured | | | |", e.name, e.what)
+                } else {
+                    writeln!(s, "  {:<22} not measured: {}", e.name, e.what)
+                };
+                continue;
+            };
+            let target = e.bound_ms.map_or(String::new(), |b| {
+                let verdict = if st.median <= b { "met" } else { "MISSED" };
+                format!("median ≤ {} ms: {verdict}", num(b))
+            });
+            let spread = format!("{}–{}", num(st.min), num(st.max));
+            if md {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {spread} | {} | {target} |",
+                    e.name,
+                    e.what,
+                    num(st.median),
+                    st.n
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  {:<22} {:>10} {:>18}  n={}  {target}\n  {:<22} {}",
+                    e.name,
+                    num(st.median),
+                    spread,
+                    st.n,
+                    "",
+                    e.what
+                );
+            }
+        }
+        s
     }
 
     pub fn push(&mut self, size: usize, round: u32, variant: Variant, metric: &str, value: f64) {
@@ -333,6 +408,8 @@ impl Results {
         print!("{}", self.targets_text(false));
         let detector = self.detector_text();
         println!("\n{detector}");
+        println!("\nother timings (ms; median, min–max over repetitions):");
+        print!("{}", self.extras_text(false));
         for n in &self.notes {
             println!("note: {n}");
         }
@@ -351,6 +428,9 @@ impl Results {
             "elapsed_s": self.elapsed.as_secs_f64(),
             "samples": samples, "notes": self.notes,
             "detector_latency_ms": self.detector_latency_ms,
+            "extras": self.extras.iter().map(|e| json!({"figure": e.name, "what": e.what,
+                "bound_ms": e.bound_ms, "values_ms": e.values,
+                "median_ms": stat(e.values.clone()).map(|s| s.median)})).collect::<Vec<_>>(),
             "targets": self.targets().into_iter().map(|(t, m, ok)| json!({"target": t, "measured": m, "met": ok})).collect::<Vec<_>>(),
         });
         let json_path = out.join("results.json");
@@ -367,6 +447,8 @@ impl Results {
         md.push_str("\n### Targets\n\n");
         md.push_str(&self.targets_text(true));
         let _ = writeln!(md, "\n### Detector latency\n\n{detector}");
+        md.push_str("\n### Other timings\n\n");
+        md.push_str(&self.extras_text(true));
         if !self.notes.is_empty() {
             md.push_str("\n### Notes\n\n");
             for n in &self.notes {
