@@ -125,23 +125,68 @@ impl Rule {
     }
 }
 
+/// The three tables of a segment in the policy tries (their LPM keys start with the segment
+/// id, with `INGRESS_BIT` or `QUARANTINE_BIT` for the last two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Egress,
+    Ingress,
+    Quarantine,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Egress, Table::Ingress, Table::Quarantine];
+
+    /// The id an LPM key of this table of segment `id` starts with.
+    pub fn key(self, id: u32) -> u32 {
+        match self {
+            Table::Egress => id,
+            Table::Ingress => id | agentseg_common::INGRESS_BIT,
+            Table::Quarantine => id | agentseg_common::QUARANTINE_BIT,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Segment {
     pub name: String,
     pub egress: Vec<Rule>,
+    pub ingress: Vec<Rule>,
+    /// `[quarantine] allow`.
+    pub quarantine: Vec<IpNet>,
 }
 
 impl Segment {
-    /// The reference matcher: allowed iff some egress rule has a cidr holding the address, no
-    /// except of that same rule holds it, and its protocol and ports match. An IPv4-mapped
-    /// IPv6 address is judged as its IPv4 address (as the kernel does).
-    pub fn allows(&self, addr: IpAddr, protocol: u32, port: u16) -> bool {
+    /// The reference matcher. Egress and ingress: allowed iff some rule of the table has a
+    /// cidr holding the address, no except of that same rule holds it, and its protocol and
+    /// ports match. Quarantine: allowed iff a listed prefix holds the address, for TCP, UDP
+    /// and ICMP on any port (what the compiler gives the list: `any` without ports; the
+    /// policy docs say "every protocol and port", see the report of issue 11.8). An
+    /// IPv4-mapped IPv6 address is judged as its IPv4 address (as the kernel does).
+    pub fn allows(&self, table: Table, addr: IpAddr, protocol: u32, port: u16) -> bool {
         let addr = judged_as(addr);
-        self.egress.iter().any(|r| {
+        let rules = match table {
+            Table::Egress => &self.egress,
+            Table::Ingress => &self.ingress,
+            Table::Quarantine => {
+                return self.quarantine.iter().any(|n| n.contains(&addr))
+                    && matches!(protocol, 6 | 262 | 17 | 1 | 58);
+            }
+        };
+        rules.iter().any(|r| {
             r.cidrs.iter().any(|c| c.contains(&addr))
                 && !r.except.iter().any(|e| e.contains(&addr))
                 && r.allows_protocol(protocol, port)
         })
+    }
+
+    /// The rules of a table (the quarantine list has none: see [`Self::allows`]).
+    pub fn rules(&self, table: Table) -> &[Rule] {
+        match table {
+            Table::Egress => &self.egress,
+            Table::Ingress => &self.ingress,
+            Table::Quarantine => &[],
+        }
     }
 }
 
@@ -168,38 +213,51 @@ impl Policy {
         };
         for s in &self.segments {
             let _ = writeln!(out, "[[segment]]\nname = \"{}\"", s.name);
-            for r in &s.egress {
-                let _ = writeln!(out, "[[segment.egress]]\ncidrs = [{}]", list(&r.cidrs));
-                if !r.except.is_empty() {
-                    let _ = writeln!(out, "except = [{}]", list(&r.except));
+            for (table, rules) in [("egress", &s.egress), ("ingress", &s.ingress)] {
+                for r in rules {
+                    let _ = writeln!(out, "[[segment.{table}]]\ncidrs = [{}]", list(&r.cidrs));
+                    if !r.except.is_empty() {
+                        let _ = writeln!(out, "except = [{}]", list(&r.except));
+                    }
+                    if !r.ports.is_empty() {
+                        let ports: Vec<String> = r
+                            .ports
+                            .iter()
+                            .map(|&(lo, hi)| match lo == hi {
+                                true => lo.to_string(),
+                                false => format!("\"{lo}-{hi}\""),
+                            })
+                            .collect();
+                        let _ = writeln!(out, "ports = [{}]", ports.join(", "));
+                    }
+                    if let Some(p) = r.protocol.text() {
+                        let _ = writeln!(out, "protocol = {p}");
+                    }
                 }
-                if !r.ports.is_empty() {
-                    let ports: Vec<String> = r
-                        .ports
-                        .iter()
-                        .map(|&(lo, hi)| match lo == hi {
-                            true => lo.to_string(),
-                            false => format!("\"{lo}-{hi}\""),
-                        })
-                        .collect();
-                    let _ = writeln!(out, "ports = [{}]", ports.join(", "));
-                }
-                if let Some(p) = r.protocol.text() {
-                    let _ = writeln!(out, "protocol = {p}");
-                }
+            }
+            if !s.quarantine.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "[segment.quarantine]\nallow = [{}]",
+                    list(&s.quarantine)
+                );
             }
             out.push('\n');
         }
         out
     }
 
-    /// Every cidr and except of every segment.
+    /// Every cidr, except and quarantine prefix of every segment.
     pub fn prefixes(&self) -> Vec<IpNet> {
         let mut out: Vec<IpNet> = self
             .segments
             .iter()
-            .flat_map(|s| &s.egress)
-            .flat_map(|r| r.cidrs.iter().chain(&r.except))
+            .flat_map(|s| {
+                let rules = s.egress.iter().chain(&s.ingress);
+                rules
+                    .flat_map(|r| r.cidrs.iter().chain(&r.except))
+                    .chain(&s.quarantine)
+            })
             .copied()
             .collect();
         out.sort();

@@ -19,15 +19,17 @@ use agentseg_common::{INGRESS_BIT, QUARANTINE_BIT};
 use agentseg_tests::{
     CgroupTree, Daemon, kernel_ready,
     reference::{
-        PROTOCOLS, Pinned, Policy, Rng, Segment, address, boundaries, in_generation, mapped, policy,
+        PROTOCOLS, Pinned, Policy, Rng, Segment, Table, address, boundaries, in_generation, mapped,
+        policy,
     },
 };
 
 /// Daemons started, and policies each applies (one at start, the others by switching).
 const DAEMONS: usize = 4;
 const POLICIES_PER_DAEMON: usize = 5;
-/// Random (address, protocol, port) samples per segment and policy.
-const RANDOM_SAMPLES: usize = 2000;
+/// Random (address, protocol, port) samples per table (egress, ingress, quarantine) of each
+/// segment and policy.
+const RANDOM_SAMPLES: usize = 1000;
 /// Disagreements printed in full per policy (all are counted).
 const SHOWN: usize = 25;
 
@@ -43,6 +45,7 @@ struct Stats {
 
 /// One policy's check: where it runs and what disagreed.
 struct Run<'a> {
+    stats: &'a mut Stats,
     seed: u64,
     label: String,
     policy: &'a Policy,
@@ -52,14 +55,14 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn compare(&mut self, pinned: &mut Pinned, seg: &Segment, id: u32, sample: Sample) {
+    fn compare(&mut self, pinned: &mut Pinned, seg: &Segment, table: Table, sample: Sample) {
         let Sample {
             addr,
             ruleset,
             protocol,
             port,
         } = sample;
-        let want = seg.allows(addr, protocol, port);
+        let want = seg.allows(table, addr, protocol, port);
         let got = pinned.verdict(ruleset, protocol, port);
         let wrong_half = !in_generation(self.generation, &got);
         if got.allows() == want && !wrong_half {
@@ -71,7 +74,7 @@ impl Run<'_> {
                 .ruleset
                 .map_or("no prefix matched".to_owned(), |rs| pinned.describe(rs));
             self.disagreements.push(format!(
-                "segment {} (id {id:#x}): {addr} protocol {protocol} port {port}: kernel {} \
+                "segment {} {table:?}: {addr} protocol {protocol} port {port}: kernel {} \
                  (rule {:#x}, {detail}), reference {}{}",
                 seg.name,
                 verdict(got.allows()),
@@ -113,10 +116,10 @@ fn verdict(allow: bool) -> &'static str {
     if allow { "allow" } else { "deny" }
 }
 
-/// Ports worth judging for a segment: each range's edges and their neighbours, and a few fixed.
-fn ports(seg: &Segment) -> Vec<u16> {
+/// Ports worth judging for a table: each range's edges and their neighbours, and a few fixed.
+fn ports(seg: &Segment, table: Table) -> Vec<u16> {
     let mut out: BTreeSet<u16> = [0, 1, 53, 443, 65535].into();
-    for r in &seg.egress {
+    for r in seg.rules(table) {
         for &(lo, hi) in &r.ports {
             out.extend([lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1)]);
         }
@@ -125,7 +128,7 @@ fn ports(seg: &Segment) -> Vec<u16> {
 }
 
 /// Check every segment of `policy` against the live maps.
-fn check(pinned: &mut Pinned, policy: &Policy, rng: &mut Rng, run: &mut Run, stats: &mut Stats) {
+fn check(pinned: &mut Pinned, policy: &Policy, rng: &mut Rng, run: &mut Run) {
     let live = pinned.live_segments();
     let mut names: Vec<&String> = live.keys().collect();
     names.sort();
@@ -148,62 +151,77 @@ fn check(pinned: &mut Pinned, policy: &Policy, rng: &mut Rng, run: &mut Run, sta
         );
     }
     let prefixes = policy.prefixes();
-    stats.prefixes += prefixes.len();
+    run.stats.prefixes += prefixes.len();
     for seg in &policy.segments {
         let id = *live
             .get(&seg.name)
             .unwrap_or_else(|| panic!("segment {} not live: {names:?}", seg.name));
-        let ports = ports(seg);
-        // Every boundary of every prefix in the policy (other segments' too: isolation), as
-        // IPv4, IPv6 and IPv4-mapped IPv6, with every protocol and interesting port.
-        for net in &prefixes {
-            for addr in boundaries(net) {
-                for addr in std::iter::once(addr).chain(mapped(addr)) {
-                    let ruleset = pinned.lookup(id, addr);
-                    stats.lookups += 1;
-                    for &protocol in &PROTOCOLS {
-                        for &port in &ports {
-                            stats.boundary_samples += 1;
-                            let sample = Sample {
-                                addr,
-                                ruleset,
-                                protocol,
-                                port,
-                            };
-                            run.compare(pinned, seg, id, sample);
-                        }
+        for table in Table::ALL {
+            check_table(pinned, seg, table, table.key(id), &prefixes, rng, run);
+        }
+        run.stats.segments += 1;
+    }
+    run.stats.policies += 1;
+}
+
+/// One table of one segment: every boundary of every prefix in the policy (other segments'
+/// and tables' too: isolation), as IPv4, IPv6 and IPv4-mapped IPv6, with every protocol and
+/// interesting port; then random samples.
+fn check_table(
+    pinned: &mut Pinned,
+    seg: &Segment,
+    table: Table,
+    table_id: u32,
+    prefixes: &[ipnet::IpNet],
+    rng: &mut Rng,
+    run: &mut Run,
+) {
+    let ports = ports(seg, table);
+    for net in prefixes {
+        for addr in boundaries(net) {
+            for addr in std::iter::once(addr).chain(mapped(addr)) {
+                let ruleset = pinned.lookup(table_id, addr);
+                run.stats.lookups += 1;
+                for &protocol in &PROTOCOLS {
+                    for &port in &ports {
+                        run.stats.boundary_samples += 1;
+                        let sample = Sample {
+                            addr,
+                            ruleset,
+                            protocol,
+                            port,
+                        };
+                        run.compare(pinned, seg, table, sample);
                     }
                 }
             }
         }
-        for _ in 0..RANDOM_SAMPLES {
-            let mut addr = address(rng, &prefixes);
-            if rng.chance(35) {
-                addr = mapped(addr).unwrap_or(addr);
-            }
-            let protocol = match rng.below(4) {
-                0 => rng.below(256) as u32,
-                _ => *rng.pick(&PROTOCOLS),
-            };
-            let port = if rng.chance(50) {
-                *rng.pick(&ports)
-            } else {
-                rng.below(65536) as u16
-            };
-            let ruleset = pinned.lookup(id, addr);
-            stats.lookups += 1;
-            stats.random_samples += 1;
-            let sample = Sample {
-                addr,
-                ruleset,
-                protocol,
-                port,
-            };
-            run.compare(pinned, seg, id, sample);
-        }
-        stats.segments += 1;
     }
-    stats.policies += 1;
+    for _ in 0..RANDOM_SAMPLES {
+        let mut addr = address(rng, prefixes);
+        if rng.chance(35) {
+            addr = mapped(addr).unwrap_or(addr);
+        }
+        let protocol = match rng.below(4) {
+            0 => rng.below(256) as u32,
+            _ => *rng.pick(&PROTOCOLS),
+        };
+        let port = if rng.chance(50) {
+            *rng.pick(&ports)
+        } else {
+            rng.below(65536) as u16
+        };
+        let ruleset = pinned.lookup(table_id, addr);
+        run.stats.lookups += 1;
+        run.stats.random_samples += 1;
+        let sample = Sample {
+            addr,
+            ruleset,
+            protocol,
+            port,
+        };
+        run.compare(pinned, seg, table, sample);
+    }
 }
 
 /// Policies applied so far, from the daemon's status.
@@ -279,6 +297,7 @@ fn reference_matcher_agrees_with_kernel_maps() {
             maps.forget();
             let before = applied(running);
             let mut run = Run {
+                stats: &mut stats,
                 seed,
                 label: label.clone(),
                 policy: &policy,
@@ -286,7 +305,7 @@ fn reference_matcher_agrees_with_kernel_maps() {
                 disagreements: Vec::new(),
                 count: 0,
             };
-            check(maps, &policy, &mut rng, &mut run, &mut stats);
+            check(maps, &policy, &mut rng, &mut run);
             assert!(
                 maps.active_gen() == run.generation && applied(running) == before,
                 "seed {seed} ({label}): the policy switched during the check"

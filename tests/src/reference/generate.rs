@@ -163,20 +163,39 @@ fn rule(rng: &mut Rng, shared: &[IpNet]) -> Rule {
     }
 }
 
-/// A random policy: 2-4 segments (named after `tag`) of 1-4 egress rules each.
+/// A random policy: 2-4 segments (named after `tag`) of 1-4 egress rules each, some with
+/// ingress rules (0-2) and a quarantine allow list (1-3 prefixes).
 pub fn policy(rng: &mut Rng, tag: &str) -> Policy {
     let mut shared: Vec<IpNet> = Vec::new();
     let mut segments = Vec::new();
     for i in 0..2 + rng.below(3) {
-        let mut egress = Vec::new();
-        for _ in 0..1 + rng.below(4) {
-            let r = rule(rng, &shared);
-            shared.extend(r.cidrs.iter().chain(&r.except));
-            egress.push(r);
+        let mut rules = |rng: &mut Rng, count: u64| {
+            (0..count)
+                .map(|_| {
+                    let r = rule(rng, &shared);
+                    shared.extend(r.cidrs.iter().chain(&r.except));
+                    r
+                })
+                .collect::<Vec<Rule>>()
+        };
+        let count = 1 + rng.below(4);
+        let egress = rules(rng, count);
+        let count = if rng.chance(40) { 1 + rng.below(2) } else { 0 };
+        let ingress = rules(rng, count);
+        let mut quarantine = Vec::new();
+        if rng.chance(40) {
+            for _ in 0..1 + rng.below(3) {
+                let r = rule(rng, &shared);
+                quarantine.push(r.cidrs[0]);
+            }
+            quarantine.sort();
+            quarantine.dedup();
         }
         segments.push(Segment {
             name: format!("{tag}.seg-{i}.prop"),
             egress,
+            ingress,
+            quarantine,
         });
     }
     Policy { segments }

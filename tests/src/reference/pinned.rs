@@ -134,10 +134,11 @@ impl Pinned {
         self.cache.clear();
     }
 
-    /// The ruleset the longest prefix of `addr` points at in `segment_id`'s egress table, the
-    /// way the hooks look it up (a mapped address in the IPv4 trie, full-length key).
-    pub fn lookup(&self, segment_id: u32, addr: IpAddr) -> Option<u32> {
-        let seg = segment_id.to_be_bytes();
+    /// The ruleset the longest prefix of `addr` points at in table `table_id` (a live segment
+    /// id, with `INGRESS_BIT` or `QUARANTINE_BIT` for those tables), the way the hooks look it
+    /// up (a mapped address in the IPv4 trie, full-length key).
+    pub fn lookup(&self, table_id: u32, addr: IpAddr) -> Option<u32> {
+        let seg = table_id.to_be_bytes();
         let found = match judged_as(addr) {
             IpAddr::V4(a) => self.v4.get(
                 &Key::new(
@@ -163,7 +164,7 @@ impl Pinned {
         match found {
             Ok(v) => Some(v.ruleset_id),
             Err(MapError::KeyNotFound) => None,
-            Err(e) => panic!("LPM lookup of {addr} in segment {segment_id:#x}: {e}"),
+            Err(e) => panic!("LPM lookup of {addr} in table {table_id:#x}: {e}"),
         }
     }
 
