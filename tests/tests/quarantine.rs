@@ -206,6 +206,13 @@ fn quarantining_an_agent_cuts_its_established_flow_and_release_restores_it() {
         });
     };
     more(5, "A's connects before the quarantine");
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    };
+    let asked = unix_now();
     cli_ok(
         &d,
         &["quarantine", "--agent", &id, "--reason", "exfil suspected"],
@@ -239,7 +246,11 @@ fn quarantining_an_agent_cuts_its_established_flow_and_release_restores_it() {
     let q = &qa[0]["quarantine"];
     assert_eq!(q["reason"], "exfil suspected");
     assert_eq!(q["by_uid"], 0);
-    assert!(q["since_unix"].as_u64().unwrap_or(0) > 0);
+    let since = q["since_unix"].as_u64().unwrap_or(0);
+    assert!(
+        (asked..=unix_now()).contains(&since),
+        "since {since}, asked at {asked}"
+    );
     assert_eq!(status["quarantines"].as_array().map(Vec::len), Some(1));
     // Released: A's own traffic goes through again, new connects and its established flow.
     cli_ok(&d, &["release", "--agent", &id]);
