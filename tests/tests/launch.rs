@@ -19,6 +19,10 @@ fn run_refuses_unknown_segment_and_missing_daemon() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
+    // The control: the same command in a segment that exists runs (and prints its agent id).
+    let out = d.run_agent("bot.test.none", &ns, &["env"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 32);
     let out = d.run_agent("no.such.segment", &ns, &["env"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(out.stdout.is_empty(), "the command must not have run");
