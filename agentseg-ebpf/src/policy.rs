@@ -20,13 +20,13 @@
 //! | longest prefix's ruleset has (protocol, port)      | allow                           |
 //! | otherwise                                          | deny, or allow if mode = audit  |
 use agentseg_common::{
-    Counters, Event, INGRESS_BIT, MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD,
-    MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT,
-    RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS,
-    RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
-    SEGMENT_RELEASED, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER,
-    STAT_NO_RULESET, STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
-    ruleset_allows,
+    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, Counters, Event, FlowVerdict, INGRESS_BIT,
+    MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD, MEMBER_OUTSIDER,
+    MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
+    RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED,
+    RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_RELEASED,
+    STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER, STAT_NO_RULESET,
+    STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, ruleset_allows,
 };
 use aya_ebpf::{
     helpers::{
@@ -37,7 +37,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    CONFIG, COUNTERS, EVENTS, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS, SEGMENTS, STATS,
+    CONFIG, COUNTERS, EVENTS, FLOWS, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS, SEGMENTS,
+    STATS,
 };
 
 /// Return codes of cgroup sock_addr, sockopt and cgroup_skb programs alike.
@@ -433,4 +434,48 @@ pub fn finish_with(s: &Subject, rule: u32, count_allow: bool, report: impl Fn(u8
         report(VERDICT_DENY, rule);
         DENY
     }
+}
+
+/// (armed, epoch) from CONFIG: whether a quarantine or dead-man switch is armed anywhere (then
+/// nothing is remembered and every packet is judged), and the epoch remembered verdicts carry.
+#[inline(always)]
+pub fn flow_config() -> (bool, u32) {
+    match CONFIG.get(0) {
+        Some(c) => (
+            c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
+            c.epoch,
+        ),
+        None => (true, 0),
+    }
+}
+
+/// Remember a verdict for a socket's destination (protocol as on the wire), for the egress
+/// packet hook: `judge` is 0 for a member's own hooks, or the task cgroup the handoff hook
+/// judged for. A failed insert only means the next packet is judged again.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn remember_flow(
+    cookie: u64,
+    dst: &Peer,
+    dport: u16,
+    protocol: u32,
+    verdict: u8,
+    epoch: u32,
+    judge: u64,
+    rule: u32,
+) {
+    if cookie == 0 {
+        return;
+    }
+    let v = FlowVerdict {
+        daddr: dst.addr,
+        dport,
+        protocol: protocol as u8,
+        verdict,
+        epoch,
+        task_cgroup: judge,
+        rule,
+        _pad: 0,
+    };
+    let _ = FLOWS.insert(cookie, v, 0);
 }

@@ -31,17 +31,16 @@ use aya_ebpf::{
 };
 
 use agentseg_common::{
-    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, FLOW_ALLOW, FLOW_DENY, FLOW_UNTOUCHED, FlowVerdict,
-    HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
-    RULE_IP_OPTIONS, RULE_MALFORMED, STAT_FLOW_JUDGED, STAT_IP_OPTIONS, STAT_MALFORMED, has_ports,
-    proto_class,
+    FLOW_ALLOW, FLOW_DENY, FLOW_UNTOUCHED, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS,
+    IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, RULE_IP_OPTIONS, RULE_MALFORMED, STAT_FLOW_JUDGED,
+    STAT_IP_OPTIONS, STAT_MALFORMED, has_ports, proto_class,
 };
 
 use agentseg_ebpf::{
-    maps::{CONFIG, FLOWS},
+    maps::FLOWS,
     policy::{
         ALLOW, DENY, Flow, NoMember, Peer, Resolved, Subject, Table, allows, egress_table, finish,
-        is_rule, refuse, resolve, stat,
+        flow_config, is_rule, refuse, remember_flow, resolve, stat,
     },
 };
 
@@ -280,19 +279,6 @@ fn socket_resolve(ctx: &SkBuffContext, none: NoMember) -> Resolved {
     )
 }
 
-/// (armed, epoch) from CONFIG: whether a quarantine or dead-man switch is armed anywhere (then
-/// nothing is remembered, every packet is resolved), and the epoch remembered verdicts carry.
-#[inline(always)]
-fn config() -> (bool, u32) {
-    match CONFIG.get(0) {
-        Some(c) => (
-            c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
-            c.epoch,
-        ),
-        None => (true, 0),
-    }
-}
-
 #[inline(always)]
 fn cookie(ctx: &SkBuffContext, sk: &Sock) -> u64 {
     if !sk.full {
@@ -321,25 +307,6 @@ fn remembered(cookie: u64, p: &Packet, epoch: u32) -> (u8, u32) {
         }
         _ => (0, 0),
     }
-}
-
-#[inline(always)]
-fn remember(cookie: u64, p: &Packet, epoch: u32, verdict: u8, task_cgroup: u64, rule: u32) {
-    if cookie == 0 {
-        return;
-    }
-    let v = FlowVerdict {
-        daddr: p.dst.addr,
-        dport: p.dport,
-        protocol: p.proto as u8,
-        verdict,
-        epoch,
-        task_cgroup,
-        rule,
-        _pad: 0,
-    };
-    // A failed insert only means the next packet is judged again.
-    let _ = FLOWS.insert(cookie, v, 0);
 }
 
 /// Where a flow's verdict is remembered: the socket's cookie (0: none), and whether and under
@@ -393,7 +360,7 @@ fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m
         } else {
             FLOW_DENY
         };
-        remember(cookie, p, epoch, v, judge, rule);
+        remember_flow(cookie, &p.dst, p.dport, p.proto, v, epoch, judge, rule);
     }
     verdict
 }
@@ -426,7 +393,7 @@ fn tcp_established(ctx: &SkBuffContext) -> bool {
 
 #[cgroup_skb(egress)]
 pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
-    let (armed, epoch) = config();
+    let (armed, epoch) = flow_config();
     let sk = sock(&ctx);
     // Fast path: a packet of an established TCP flow of a member (its SYN was judged).
     if !armed && sk.tcp() && tcp_established(&ctx) {
@@ -451,7 +418,7 @@ pub fn agentseg_skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(ingress)]
 pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
-    let (armed, _) = config();
+    let (armed, _) = flow_config();
     let sk = sock(&ctx);
     // Fast path: with nothing armed, packets of established TCP flows and of connected UDP
     // sockets were judged where the flow started.
@@ -523,7 +490,7 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
     if !sk.full || sk.tcp() {
         return ALLOW;
     }
-    let (armed, epoch) = config();
+    let (armed, epoch) = flow_config();
     let mut p = Packet::empty();
     let parsed = parse(&ctx, &mut p);
     let cookie = cookie(&ctx, &sk);
@@ -562,7 +529,16 @@ pub fn agentseg_skb_handoff(ctx: SkBuffContext) -> i32 {
         ) {
             Resolved::Untouched => {
                 if !armed {
-                    remember(cookie, &p, epoch, FLOW_UNTOUCHED, task, 0);
+                    remember_flow(
+                        cookie,
+                        &p.dst,
+                        p.dport,
+                        p.proto,
+                        FLOW_UNTOUCHED,
+                        epoch,
+                        task,
+                        0,
+                    );
                 }
                 return ALLOW;
             }

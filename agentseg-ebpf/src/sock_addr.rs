@@ -3,15 +3,22 @@
 //! membership, wherever the socket was made (a socket handed in from outside is judged as the
 //! member using it).
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    EbpfContext as _,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 
-use agentseg_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+use agentseg_common::{
+    FLOW_ALLOW, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, IPPROTO_MPTCP,
+    IPPROTO_TCP,
+};
 
 use agentseg_ebpf::policy::{
-    ALLOW, Flow, NoMember, Peer, Resolved, allows, egress_table, finish, refuse, resolve,
+    ALLOW, Flow, NoMember, Peer, Resolved, allows, egress_table, finish, flow_config, refuse,
+    remember_flow, resolve,
 };
 
 /// `user_ip6[2]` of an IPv4-mapped address (`::ffff:0:0/96`), as read from the context.
@@ -33,7 +40,7 @@ pub fn task_resolve() -> Resolved {
 }
 
 #[inline(always)]
-fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
+fn judge(ctx: &SockAddrContext, hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
     let flow = Flow {
         hook,
         task: true,
@@ -50,7 +57,22 @@ fn judge(hook: u8, peer: Peer, protocol: u32, port: u16) -> i32 {
         Resolved::Subject(s) => s,
     };
     let rule = allows(&s, egress_table(&s), peer, protocol, port);
-    finish(&s, rule, &flow, true)
+    let verdict = finish(&s, rule, &flow, true);
+    // The egress packet hook checks the destination on the wire: when it is this one, it was
+    // judged (and counted, and reported) here already.
+    let (armed, epoch) = flow_config();
+    if verdict == ALLOW && !armed {
+        // SAFETY: helper on this program's context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // MPTCP says 262 here; on the wire it is TCP.
+        let wire = if protocol == IPPROTO_MPTCP {
+            IPPROTO_TCP
+        } else {
+            protocol
+        };
+        remember_flow(cookie, &peer, port, wire, FLOW_ALLOW, epoch, 0, rule);
+    }
+    verdict
 }
 
 #[inline(always)]
@@ -77,7 +99,7 @@ fn v4_peer(ip: u32) -> Peer {
 fn judge4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: context read checked by the verifier; user_ip4 is in network byte order.
     let ip = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) };
-    judge(hook, v4_peer(ip), protocol(ctx), port(ctx))
+    judge(ctx, hook, v4_peer(ip), protocol(ctx), port(ctx))
 }
 
 #[inline(always)]
@@ -94,12 +116,18 @@ fn judge6(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     // v4-mapped destinations are judged by the IPv4 rules: a v6-only check is a bypass.
     if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-        return judge(hook, v4_peer(w[3]), protocol(ctx), port(ctx));
+        return judge(ctx, hook, v4_peer(w[3]), protocol(ctx), port(ctx));
     }
     if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0 {
         w[3] = LOOPBACK6_LAST;
     }
-    judge(hook, Peer::v6(words_to_bytes(w)), protocol(ctx), port(ctx))
+    judge(
+        ctx,
+        hook,
+        Peer::v6(words_to_bytes(w)),
+        protocol(ctx),
+        port(ctx),
+    )
 }
 
 #[inline(always)]

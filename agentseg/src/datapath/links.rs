@@ -151,20 +151,17 @@ impl Datapath {
     /// Detach every program from cgroup `cgroup_id`: drop the held links and remove the pins
     /// (a link goes with its last reference).
     pub fn detach(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        self.links.retain(|(id, _), _| *id != cgroup_id);
         for name in all_programs() {
-            let pin = link_pin(&self.pins, cgroup_id, name);
-            match fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DatapathError::Io {
-                        what: "unpinning",
-                        path: pin,
-                        source,
-                    });
-                }
+            if let Some(held) = self.links.remove(&(cgroup_id, name)) {
+                let _ = sys::link_detach(held.fd.as_fd());
             }
+            remove_link_pin(&link_pin(&self.pins, cgroup_id, name)).map_err(|source| {
+                DatapathError::Io {
+                    what: "unpinning",
+                    path: link_pin(&self.pins, cgroup_id, name),
+                    source,
+                }
+            })?;
         }
         Ok(())
     }
@@ -358,22 +355,36 @@ pub fn uninstall(pin_root: &Path) -> UninstallReport {
     report
 }
 
+/// Detach the link pinned at `pin` (if it is one and still attached) and remove the pin. A
+/// link that is only unpinned is freed later (RCU, then a workqueue): detaching it first means
+/// it is gone when this returns. Not found is not an error.
+fn remove_link_pin(pin: &Path) -> std::io::Result<()> {
+    if let Ok(link) = sys::obj_get(pin) {
+        let _ = sys::link_detach(link.as_fd());
+    }
+    match fs::remove_file(pin) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn uninstall_layout(layout: &Path) -> UninstallReport {
     let mut report = UninstallReport::default();
-    let mut remove_all = |dir: &Path, count: &mut usize| {
-        if let Ok(entries) = fs::read_dir(dir) {
-            for e in entries.filter_map(Result::ok) {
-                match fs::remove_file(e.path()) {
-                    Ok(()) => *count += 1,
-                    Err(err) => report.errors.push(format!("{}: {err}", e.path().display())),
+    let mut remove_all =
+        |dir: &Path, count: &mut usize, remove: fn(&Path) -> std::io::Result<()>| {
+            if let Ok(entries) = fs::read_dir(dir) {
+                for e in entries.filter_map(Result::ok) {
+                    match remove(&e.path()) {
+                        Ok(()) => *count += 1,
+                        Err(err) => report.errors.push(format!("{}: {err}", e.path().display())),
+                    }
                 }
             }
-        }
-    };
+        };
     let (mut links, mut maps) = (0, 0);
-    // Links first: an unpinned link detaches at once (no one else holds it).
-    remove_all(&layout.join("links"), &mut links);
-    remove_all(&layout.join("maps"), &mut maps);
+    // Links first, each detached before its pin goes: gone when this returns.
+    remove_all(&layout.join("links"), &mut links, remove_link_pin);
+    remove_all(&layout.join("maps"), &mut maps, |p| fs::remove_file(p));
     report.links_removed = links;
     report.maps_removed = maps;
     for dir in [layout.join("links"), layout.join("maps"), layout.to_owned()] {

@@ -154,6 +154,7 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// A zeroed `union bpf_attr` large enough for every command used here; the kernel checks that
 /// bytes it does not know are zero.
@@ -209,6 +210,14 @@ pub fn link_create(
     attr.put_u32(4, cgroup.as_raw_fd() as u32);
     attr.put_u32(8, attach_type);
     attr.call(BPF_LINK_CREATE).map(owned)
+}
+
+/// `bpf(BPF_LINK_DETACH)`: detach a link now (a link merely unpinned and closed is freed
+/// later, from a workqueue).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.call(BPF_LINK_DETACH).map(drop)
 }
 
 /// `bpf(BPF_OBJ_PIN)`: pin the object behind `fd` at `path` (on a bpffs).
