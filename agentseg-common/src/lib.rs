@@ -59,7 +59,7 @@ pub mod capacity {
 mod layout;
 mod matching;
 pub use layout::{LAYOUT_HASH, PIN_LAYOUT};
-pub use matching::{has_ports, proto_class, ruleset_allows};
+pub use matching::{has_ports, proto_class, rule_allows, ruleset_allows};
 
 /// Program names (the Rust function names in `agentseg-ebpf`).
 pub mod prog_names {
@@ -116,6 +116,8 @@ pub const PROTO_ICMP: u8 = 1 << 2;
 /// [`PortRule::proto_num`] holds one more IP protocol number the rule allows (UDP-Lite, SCTP,
 /// or any number a rule names).
 pub const PROTO_NUMBERED: u8 = 1 << 3;
+/// Every IP protocol, on every port (a `[quarantine] allow` list).
+pub const PROTO_ALL: u8 = 1 << 4;
 
 /// IP protocol numbers the kernel programs and the compiler name.
 pub const IPPROTO_ICMP: u32 = 1;

@@ -2,8 +2,8 @@
 //! the compiler's tests and the reference matcher all call, so they cannot drift apart.
 use crate::{
     IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, IPPROTO_UDPLITE, PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule,
-    RULE_DEFAULT_DENY, RULESET_CAPACITY, RuleSet,
+    IPPROTO_UDP, IPPROTO_UDPLITE, PROTO_ALL, PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP,
+    PortRule, RULE_DEFAULT_DENY, RULESET_CAPACITY, RuleSet,
 };
 
 /// Class bit of an IP protocol number: `tcp` is TCP and MPTCP, `udp` is UDP only, `icmp` is
@@ -30,6 +30,9 @@ pub fn has_ports(protocol: u32) -> bool {
 /// Whether one ruleset entry allows (protocol, destination port).
 #[inline(always)]
 pub fn rule_allows(r: &PortRule, protocol: u32, port: u16) -> bool {
+    if r.protocols & PROTO_ALL != 0 {
+        return true;
+    }
     let class = proto_class(protocol);
     let protocol_ok = if class != 0 {
         r.protocols & class != 0
@@ -104,6 +107,22 @@ mod tests {
             47,
             0
         ));
+    }
+
+    #[test]
+    fn all_means_every_protocol_and_port() {
+        let all = entry(0, u16::MAX, PROTO_ALL, 0);
+        for p in [
+            IPPROTO_TCP,
+            IPPROTO_UDP,
+            IPPROTO_UDPLITE,
+            IPPROTO_SCTP,
+            47,
+            50,
+            255,
+        ] {
+            assert!(rule_allows(&all, p, 1), "protocol {p}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn reference_proto(rule: &Rule, protocol: u32, port: u16) -> bool {
         Protocol::Any if rule.ports.is_empty() => matches!(protocol, 6 | 262 | 17 | 1 | 58),
         Protocol::Any => matches!(protocol, 6 | 262 | 17),
         Protocol::Number(n) => protocol == u32::from(n),
+        Protocol::All => true,
     };
     proto_ok && port_ok
 }
@@ -197,9 +198,7 @@ pub fn check_structure(c: &Compiled, host: &HostPolicy) {
 
 pub fn check_semantics(set: &PolicySet, c: &Compiled, probes: &[(u32, u16)]) {
     for (seg, out) in set.segments.iter().zip(&c.segments) {
-        // `[quarantine] allow` is documented as "every protocol and port", but the compiler
-        // gives it `any` (TCP, UDP, ICMP: UDP-Lite, SCTP, GRE... are refused): checked as
-        // compiled, the difference is reported, not asserted.
+        // `[quarantine] allow`: every protocol and port, as documented.
         let quarantine: Vec<Rule> = if seg.quarantine_allow.is_empty() {
             Vec::new()
         } else {
@@ -207,7 +206,7 @@ pub fn check_semantics(set: &PolicySet, c: &Compiled, probes: &[(u32, u16)]) {
                 cidrs: seg.quarantine_allow.clone(),
                 except: Vec::new(),
                 ports: Vec::new(),
-                protocol: Protocol::Any,
+                protocol: Protocol::All,
                 origin: seg.origin.clone(),
             }]
         };

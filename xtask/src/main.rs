@@ -146,7 +146,18 @@ fn main() -> anyhow::Result<()> {
             }
             // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
             args.extend(["--", "--test-threads=1"]);
-            let (mut passed, mut failed) = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            let tally = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            let (mut passed, mut failed) = (tally.passed, tally.failed);
+            for name in &tally.ignored {
+                println!("ignored: {name}");
+            }
+            // Without a filter every kernel test file must run something.
+            if filter.is_none() {
+                for file in &tally.empty_test_files {
+                    println!("FAILED: {file} ran no test");
+                    failed += 1;
+                }
+            }
             let fuzz_seconds = fuzz::seconds(fuzz_seconds)?;
             let targets = fuzz::for_filter(filter.as_deref());
             if fuzz_seconds > 0 && !targets.is_empty() {
@@ -159,7 +170,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             // One closing line for the whole suite (cargo prints one per test binary).
-            println!("tests: {passed} passed, {failed} failed");
+            println!(
+                "tests: {passed} passed, {failed} failed, {} ignored",
+                tally.ignored.len()
+            );
             if failed > 0 || passed == 0 {
                 bail!("tests failed");
             }
@@ -168,19 +182,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Run `cargo test`, echoing its output, and add up its `test result:` lines.
-fn run_tests(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
-    use std::io::BufRead as _;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    let stdout = child.stdout.take().context("cargo test stdout")?;
-    let (mut passed, mut failed) = (0, 0);
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test output")?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
+/// What a `cargo test` run said.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTally {
+    passed: u64,
+    failed: u64,
+    /// Names of the tests that did not run (`#[ignore]`): listed, never hidden.
+    ignored: Vec<String>,
+    /// Kernel test files (`tests/*.rs` of a package) that ran no test at all: a file whose
+    /// tests all vanished, or a filter that matched none, must not look like a pass.
+    empty_test_files: Vec<String>,
+}
+
+impl TestTally {
+    /// Fold one line of `cargo test` output in. `current` is the test binary being run (from
+    /// cargo's "Running ..." line).
+    fn line(&mut self, line: &str, current: &mut Option<String>) {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("Running ") {
+            *current = Some(rest.split(' ').next().unwrap_or(rest).to_owned());
+        } else if let Some(name) = trimmed
+            .strip_prefix("test ")
+            .and_then(|t| t.strip_suffix(" ... ignored"))
+        {
+            self.ignored.push(name.to_owned());
+        } else if let Some(rest) = trimmed.strip_prefix("test result: ") {
             let count = |word: &str| {
                 rest.split(';')
                     .find_map(|part| {
@@ -192,15 +218,38 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            passed += count(" passed");
-            failed += count(" failed");
+            let (passed, failed) = (count(" passed"), count(" failed"));
+            self.passed += passed;
+            self.failed += failed;
+            if passed + failed == 0
+                && let Some(file) = current.take().filter(|f| f.starts_with("tests/"))
+            {
+                self.empty_test_files.push(file);
+            }
         }
     }
-    let status = child.wait().context("waiting for cargo test")?;
-    if !status.success() && failed == 0 {
-        failed += 1; // a build failure or a crashed test binary
+}
+
+/// Run `cargo test`, echoing its output, and tally it.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<TestTally> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut tally = TestTally::default();
+    let mut current = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        tally.line(&line, &mut current);
     }
-    Ok((passed, failed))
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && tally.failed == 0 {
+        tally.failed += 1; // a build failure or a crashed test binary
+    }
+    Ok(tally)
 }
 
 /// Clippy on the kernel crate, for the BPF target (it does not build for the host).
@@ -255,4 +304,40 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
         bail!("cargo {} failed", args.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTally;
+
+    fn tally(output: &str) -> TestTally {
+        let mut t = TestTally::default();
+        let mut current = None;
+        for line in output.lines() {
+            t.line(line, &mut current);
+        }
+        t
+    }
+
+    #[test]
+    fn empty_kernel_test_files_and_ignored_tests_are_named() {
+        let t = tally(
+            "     Running unittests src/lib.rs (target/debug/deps/agentseg-1)\n\
+             test a ... ok\n\
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             \x20    Running unittests src/main.rs (target/debug/deps/xtask-2)\n\
+             test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             \x20    Running tests/local.rs (target/debug/deps/local-3)\n\
+             test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             \x20    Running tests/segments.rs (target/debug/deps/segments-4)\n\
+             test slow ... ignored\n\
+             test b ... FAILED\n\
+             test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out\n",
+        );
+        assert_eq!(t.passed, 3);
+        assert_eq!(t.failed, 1);
+        assert_eq!(t.ignored, ["slow"]);
+        // A unit-test binary with no tests is fine; a kernel test file is not.
+        assert_eq!(t.empty_test_files, ["tests/local.rs"]);
+    }
 }

@@ -260,7 +260,7 @@ fn quarantine_rule(seg: &Segment) -> Vec<Rule> {
         cidrs: seg.quarantine_allow.clone(),
         except: Vec::new(),
         ports: Vec::new(),
-        protocol: Protocol::Any,
+        protocol: Protocol::All,
         origin: seg
             .quarantine_origin
             .clone()

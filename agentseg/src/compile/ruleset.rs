@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use agentseg_common::{
-    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY, RULESET_EMPTY,
-    RuleSet,
+    PROTO_ALL, PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULESET_CAPACITY,
+    RULESET_EMPTY, RuleSet,
 };
 
 use crate::policy::{Protocol, Rule};
@@ -40,6 +40,7 @@ pub(super) fn port_rules(rule: &Rule, rule_id: u32) -> Vec<PortRule> {
         }
         // "any" with ports only makes sense for the protocols that have ports.
         Protocol::Any => ranged(PROTO_TCP | PROTO_UDP),
+        Protocol::All => vec![entry(0, u16::MAX, PROTO_ALL)],
         Protocol::Number(n) if rule.ports.is_empty() || !rule.protocol.has_ports() => {
             vec![numbered(0, u16::MAX, PROTO_NUMBERED, n)]
         }

@@ -250,7 +250,8 @@ fn quarantine_allow_list_compiles_to_an_allow_all_ruleset() {
         [[segment]]\nname = \"c.c.c\"\n[[segment.egress]]\ncidrs = [\"::/0\"]\n\
         [peers.logs]\ncidrs = [\"192.0.2.50\", \"2001:db8::50\"]\n";
     let c = compile(&set(text)).expect("compiles");
-    let all = PROTO_TCP | PROTO_UDP | PROTO_ICMP;
+    // Every protocol and port, as `[quarantine] allow` is documented.
+    let all = agentseg_common::PROTO_ALL;
 
     // Rule ids: segments in order; egress, ingress, then the quarantine list.
     let infos: Vec<(u32, &str, Direction, usize)> = c
@@ -351,7 +352,7 @@ fn to_text_includes_quarantine_entries() {
          segment 1 quarantine ::1/128 -> ruleset 2\n\
          ruleset 0 deny\n\
          ruleset 1 tcp 0-65535 rule 0\n\
-         ruleset 2 tcp|udp|icmp 0-65535 rule 1\n\
+         ruleset 2 all rule 1\n\
          rule 0 a.b.c egress t.toml:2\n\
          rule 1 a.b.c quarantine t.toml:5\n"
     );

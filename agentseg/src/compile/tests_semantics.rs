@@ -152,6 +152,7 @@ fn oracle_admits(r: &policy::Rule, proto: u32, port: u16) -> bool {
         policy::Protocol::Any if r.ports.is_empty() => tcp || proto == IPPROTO_UDP || icmp,
         policy::Protocol::Any => tcp || proto == IPPROTO_UDP,
         policy::Protocol::Number(n) => proto == u32::from(n),
+        policy::Protocol::All => true,
     };
     proto_ok
         && (r.ports.is_empty()

@@ -4,8 +4,8 @@
 use std::fmt::{Display, Write};
 
 use agentseg_common::{
-    PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULE_CONTROL_SOCKET, RuleSet,
-    UNIX_DENY,
+    PROTO_ALL, PROTO_ICMP, PROTO_NUMBERED, PROTO_TCP, PROTO_UDP, PortRule, RULE_CONTROL_SOCKET,
+    RuleSet, UNIX_DENY,
 };
 
 use super::{Compiled, UnixEntry};
@@ -107,6 +107,9 @@ fn ruleset(set: &RuleSet) -> String {
 }
 
 fn port_rule(r: &PortRule) -> String {
+    if r.protocols & PROTO_ALL != 0 {
+        return format!("all rule {}", r.rule_id);
+    }
     let mut protos: Vec<String> = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_ICMP, "icmp")]
         .into_iter()
         .filter(|(bit, _)| r.protocols & bit != 0)

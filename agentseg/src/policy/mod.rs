@@ -204,6 +204,9 @@ pub enum Protocol {
     Any,
     /// One IP protocol number that is not TCP, UDP or ICMP (`"udplite"`, `"sctp"`, `47`).
     Number(u8),
+    /// Every IP protocol on every port: not written in policies; what a `[quarantine] allow`
+    /// list compiles to.
+    All,
 }
 
 impl Protocol {
@@ -221,7 +224,7 @@ impl Protocol {
     pub fn has_ports(self) -> bool {
         match self {
             Protocol::Tcp | Protocol::Udp | Protocol::Any => true,
-            Protocol::Icmp => false,
+            Protocol::Icmp | Protocol::All => false,
             Protocol::Number(n) => agentseg_common::has_ports(u32::from(n)),
         }
     }
@@ -234,6 +237,7 @@ impl fmt::Display for Protocol {
             Protocol::Udp => f.write_str("udp"),
             Protocol::Icmp => f.write_str("icmp"),
             Protocol::Any => f.write_str("any"),
+            Protocol::All => f.write_str("all"),
             Protocol::Number(n) => match Protocol::NAMED.iter().find(|(_, v)| v == n) {
                 Some((name, _)) => f.write_str(name),
                 None => write!(f, "{n}"),

@@ -298,3 +298,16 @@ fn quarantine_unknown_keys_types_and_mixed_forms() {
     );
     check_one("[quarantine]\nallow = [\"::1\"]\n", &[(1, 1, "no `name`")]);
 }
+
+#[test]
+fn a_forged_newline_in_a_group_name_stays_on_one_error_line() {
+    let text = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"@x\\nrepro/a.toml:1:1: forged\"]\n";
+    let errors = crate::policy::load_files(&[(
+        std::path::PathBuf::from("a.toml"),
+        text.as_bytes().to_vec(),
+    )])
+    .expect_err("an unknown group");
+    let shown = errors.to_string();
+    assert_eq!(shown.lines().count(), 1, "{shown}");
+    assert!(shown.contains("unknown peer group \"@x\\nrepro"), "{shown}");
+}

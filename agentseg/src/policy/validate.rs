@@ -303,7 +303,8 @@ impl Ctx<'_> {
                     Some(group) => nets.extend(group),
                     None => {
                         ok = false;
-                        let msg = format!("unknown peer group \"@{g}\"");
+                        // Quoted with escapes: the name is the user's text (one error, one line).
+                        let msg = format!("unknown peer group {:?}", format!("@{g}"));
                         self.errors.push(src.error_at(c, msg));
                     }
                 },
