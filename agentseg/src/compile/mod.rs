@@ -1,18 +1,22 @@
 //! [`PolicySet`] → the desired contents of the kernel maps. Pure and deterministic: the same
 //! policy always gives the same ids and the same [`Compiled::to_text`].
 //!
-//! Segment id = index + 1 (0 is never used), ruleset 0 = the empty set (deny), rule id =
+//! Segment id = index + 1 (0 is never used), ruleset 0 = the empty set (deny), rulesets of a
+//! segment's `fqdns` rules interned after its egress prefixes' ones (`fqdn.rs`), rule id =
 //! index into [`Compiled::rules`] (segments in order; within one: egress then ingress in file
 //! order, the quarantine allow list if it has one, `[[unix]]` rules in file order, the host's
 //! AF_UNIX baseline if it has one, `[quarantine] unix` if present).
 
 mod cover;
+mod fqdn;
 mod ruleset;
 mod text;
 mod unix;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fqdn;
 #[cfg(test)]
 mod tests_semantics;
 #[cfg(test)]
@@ -24,8 +28,9 @@ use std::path::PathBuf;
 use agentseg_common::{MODE_AUDIT, MODE_ENFORCE, PortRule, RULESET_CAPACITY, RuleSet};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{DaemonLoss, Mode, Origin, PolicySet, Protocol, Rule, Segment};
+use crate::policy::{DaemonLoss, Fqdn, Mode, Origin, PolicySet, Protocol, Rule, Segment};
 use cover::{FamRule, Net};
+pub use fqdn::FqdnEntry;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
@@ -50,6 +55,9 @@ pub struct CompiledSegment {
     pub egress_v6: Vec<(Ipv6Net, u32)>,
     pub ingress_v4: Vec<(Ipv4Net, u32)>,
     pub ingress_v6: Vec<(Ipv6Net, u32)>,
+    /// `[[egress]] fqdns`: one entry per (rule, pattern), sorted by pattern then rule id; for
+    /// the resolver ([`CompiledSegment::fqdn_rules_for`]), not a kernel map of its own.
+    pub fqdns: Vec<FqdnEntry>,
     /// `[quarantine] allow`: every prefix maps to one ruleset that allows every protocol and
     /// port (its rule id is the quarantine list's [`RuleInfo`]). Applies to both directions
     /// while the segment or one of its agents is quarantined. Sorted like the others; empty
@@ -125,20 +133,42 @@ pub struct RuleInfo {
     pub line: usize,
 }
 
-/// A prefix whose covering rules need more port rules than one kernel ruleset holds.
+/// A prefix whose covering rules (or an `fqdns` rule whose ports) need more port rules than
+/// one kernel ruleset holds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "segment \"{segment}\" {direction} {prefix}: {count} port rules (after merging) exceed the \
+    "segment \"{segment}\" {direction} {target}: {count} port rules (after merging) exceed the \
      ruleset capacity of {RULESET_CAPACITY}; rules involved: {}",
     origins(.rules)
 )]
 pub struct CompileError {
     pub segment: String,
     pub direction: Direction,
-    pub prefix: IpNet,
+    pub target: Target,
     pub count: usize,
-    /// Every rule covering the prefix.
+    /// Every rule covering the prefix (the one rule, for names).
     pub rules: Vec<Origin>,
+}
+
+/// What a [`CompileError`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A prefix's LPM entry.
+    Prefix(IpNet),
+    /// The ruleset of one rule's `fqdns`.
+    Names(Vec<Fqdn>),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Prefix(net) => write!(f, "{net}"),
+            Target::Names(names) => {
+                let names: Vec<&str> = names.iter().map(Fqdn::as_str).collect();
+                write!(f, "fqdns {}", names.join(", "))
+            }
+        }
+    }
 }
 
 fn origins(rules: &[Origin]) -> String {
@@ -186,6 +216,7 @@ pub fn compile_with(set: &PolicySet, host: &HostPolicy) -> Result<Compiled, Comp
             egress_v6: Vec::new(),
             ingress_v4: Vec::new(),
             ingress_v6: Vec::new(),
+            fqdns: Vec::new(),
             quarantine_v4: Vec::new(),
             quarantine_v6: Vec::new(),
             member_cgroups: seg.members.cgroups.clone(),
@@ -230,7 +261,12 @@ pub fn compile_with(set: &PolicySet, host: &HostPolicy) -> Result<Compiled, Comp
                 IpNet::V4(_) => None,
             });
             match direction {
-                Direction::Egress => (out.egress_v4, out.egress_v6) = (v4, v6),
+                Direction::Egress => {
+                    (out.egress_v4, out.egress_v6) = (v4, v6);
+                    // After the prefixes: a policy without names keeps its ruleset numbers.
+                    out.fqdns =
+                        fqdn::entries(&out.name, dir_rules, first_id, &mut interner, &mut errors);
+                }
                 Direction::Ingress => (out.ingress_v4, out.ingress_v6) = (v4, v6),
                 Direction::Quarantine => (out.quarantine_v4, out.quarantine_v6) = (v4, v6),
                 Direction::Unix | Direction::QuarantineUnix => {}
@@ -259,6 +295,7 @@ fn quarantine_rule(seg: &Segment) -> Vec<Rule> {
     vec![Rule {
         cidrs: seg.quarantine_allow.clone(),
         except: Vec::new(),
+        fqdns: Vec::new(),
         ports: Vec::new(),
         protocol: Protocol::All,
         origin: seg
@@ -305,7 +342,7 @@ impl DirCompiler<'_> {
                 Err(count) => self.errors.push(CompileError {
                     segment: self.segment.to_string(),
                     direction: self.direction,
-                    prefix: net.into(),
+                    target: Target::Prefix(net.into()),
                     count,
                     rules: covering
                         .iter()
@@ -334,6 +371,11 @@ impl Compiled {
                     + s.quarantine_v6.len()
             })
             .sum()
+    }
+
+    /// Number of [`FqdnEntry`]s over all segments.
+    pub fn fqdn_entry_count(&self) -> usize {
+        self.segments.iter().map(|s| s.fqdns.len()).sum()
     }
 
     /// Number of AF_UNIX trie entries over all segments (quarantine lists included).

@@ -93,6 +93,7 @@ fn rule(cidrs: &[&str], ports: &[(u16, u16)], protocol: Protocol, line: usize) -
     policy::Rule {
         cidrs: cidrs.iter().map(|c| c.parse().expect("cidr")).collect(),
         except: vec![],
+        fqdns: vec![],
         ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
         protocol,
         origin: Origin {
@@ -195,7 +196,12 @@ fn bundled_examples_compile_deterministically() {
             .iter()
             .map(|s| 1 + s.member_cgroups.len() + s.member_units.len())
             .sum();
-        members + c.entry_count() + c.unix_entry_count() + c.rulesets.len() + c.rules.len()
+        members
+            + c.entry_count()
+            + c.fqdn_entry_count()
+            + c.unix_entry_count()
+            + c.rulesets.len()
+            + c.rules.len()
     });
     assert!(text.contains("ruleset 0 deny\n"), "{text}");
 }

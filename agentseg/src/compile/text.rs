@@ -8,7 +8,7 @@ use agentseg_common::{
     RuleSet, UNIX_DENY,
 };
 
-use super::{Compiled, UnixEntry};
+use super::{Compiled, FqdnEntry, UnixEntry};
 use crate::policy::Protocol;
 
 impl Compiled {
@@ -32,6 +32,7 @@ impl Compiled {
             }
             entries(&mut out, s.id, "egress", &s.egress_v4);
             entries(&mut out, s.id, "egress", &s.egress_v6);
+            self.fqdn_entries(&mut out, s.id, &s.fqdns);
             entries(&mut out, s.id, "ingress", &s.ingress_v4);
             entries(&mut out, s.id, "ingress", &s.ingress_v6);
             entries(&mut out, s.id, "quarantine", &s.quarantine_v4);
@@ -60,6 +61,27 @@ impl Compiled {
 }
 
 impl Compiled {
+    /// `segment 1 fqdn *.example.org -> ruleset 3 rule 2 (a.toml:7)`.
+    fn fqdn_entries(&self, out: &mut String, id: u32, list: &[FqdnEntry]) {
+        for e in list {
+            let (pattern, set, rule) = (&e.pattern, e.ruleset_id, e.rule_id);
+            match self.rules.get(rule as usize) {
+                Some(r) => line(
+                    out,
+                    format_args!(
+                        "segment {id} fqdn {pattern} -> ruleset {set} rule {rule} ({}:{})",
+                        r.file.display(),
+                        r.line
+                    ),
+                ),
+                None => line(
+                    out,
+                    format_args!("segment {id} fqdn {pattern} -> ruleset {set} rule {rule}"),
+                ),
+            }
+        }
+    }
+
     /// `segment 1 unix "/run/x.sock" -> allow rule 3 (a.toml:7)`; the pattern is quoted so
     /// that any byte in it stays on the line.
     fn unix_entries(&self, out: &mut String, id: u32, table: &str, list: &[UnixEntry]) {

@@ -16,7 +16,7 @@ use super::{
     Family, NetlinkProtocol, Position, Positions, Sandbox, Sockets, UnixPattern, UnixRule,
 };
 
-fn position(src: &Source<'_>, at: &Spanned<impl Sized>) -> Position {
+pub(super) fn position(src: &Source<'_>, at: &Spanned<impl Sized>) -> Position {
     let (line, column) = src.position(at.span().start);
     Position { line, column }
 }

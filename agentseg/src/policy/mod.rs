@@ -2,15 +2,20 @@
 //!
 //! Loading never stops at the first problem: every file is parsed, every value checked, and all
 //! errors are returned together with file, line and column. The raw serde structs live in `raw`,
-//! single-value parsers in `parse`, and the checks that turn raw files into the model in
-//! `validate`.
+//! single-value parsers in `parse`, the checks that turn raw files into the model in
+//! `validate` (`[[egress]]`/`[[ingress]]` rules in `rules`), domain-name patterns (`fqdns`) in
+//! `fqdn`, and what a valid policy may still do wrong in `warnings` (DNS around agentseg's
+//! resolver in `dns_warnings`).
 
+mod dns_warnings;
 mod error;
+pub mod fqdn;
 mod local;
 mod monitor;
 mod parse;
 mod peers;
 mod raw;
+mod rules;
 pub mod sandbox;
 pub mod systemd;
 pub mod unix;
@@ -21,6 +26,8 @@ mod warnings;
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_errors;
+#[cfg(test)]
+mod tests_fqdn;
 #[cfg(test)]
 mod tests_local;
 #[cfg(test)]
@@ -35,7 +42,9 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
+pub use dns_warnings::{DOH_ENDPOINTS, PUBLIC_RESOLVERS};
 pub use error::{PolicyError, PolicyErrors};
+pub use fqdn::Fqdn;
 pub use monitor::{Action, IdleRule, Monitor, RateRule};
 pub use sandbox::{Capability, Family, NetlinkProtocol, Sandbox, Sockets};
 pub use unix::{UnixKind, UnixPattern};
@@ -103,6 +112,10 @@ pub struct Positions {
     pub writable: Vec<Position>,
     /// The `io_uring` value, when written.
     pub io_uring: Option<Position>,
+    /// Per `[[egress]]` rule, per `ports` entry (same order as `Rule::ports`).
+    pub egress_ports: Vec<Vec<Position>>,
+    /// Per `[[egress]]` rule, per name (same order as `Rule::fqdns`).
+    pub egress_fqdns: Vec<Vec<Position>>,
 }
 
 /// One `[[unix]]` rule: `paths = [...]` (see [`UnixPattern`]), duplicates dropped.
@@ -169,12 +182,16 @@ pub enum DaemonLoss {
 }
 
 /// One `[[egress]]`/`[[ingress]]` rule: traffic to (egress) or from (ingress) `cidrs` minus
-/// `except`, on `ports` (empty = all), with `protocol`.
+/// `except`, and (egress only) to the addresses agentseg's resolver answered for `fqdns`, on
+/// `ports` (empty = all), with `protocol`. A rule has cidrs, fqdns or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    /// `@group` references already expanded.
+    /// `@group` references already expanded; empty for a rule with only `fqdns`.
     pub cidrs: Vec<IpNet>,
+    /// Only ever inside `cidrs`.
     pub except: Vec<IpNet>,
+    /// Domain-name patterns, duplicates dropped keeping the first; always empty for ingress.
+    pub fqdns: Vec<Fqdn>,
     /// Empty = all ports.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,

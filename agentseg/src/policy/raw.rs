@@ -56,7 +56,11 @@ pub(super) struct RawSegment {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRule {
     pub cidrs: Option<Spanned<Vec<Spanned<String>>>>,
-    pub except: Option<Vec<Spanned<String>>>,
+    /// Spanned as a whole so that an `except` without `cidrs` can be reported.
+    pub except: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Domain-name patterns (`[[egress]]` only). Spanned as a whole so that `fqdns = []` and
+    /// `fqdns` in an ingress rule can be reported.
+    pub fqdns: Option<Spanned<Vec<Spanned<String>>>>,
     /// Integers or strings ("443", "8000-8100"): kept as raw values and checked by hand.
     pub ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     /// A name or a protocol number (integer or numeric string): checked by hand.

@@ -69,6 +69,7 @@ fn spec_example_loads_to_the_expected_model() {
                 net("::1/128"),
             ],
             except: vec![net("10.0.0.0/8")],
+            fqdns: vec![],
             ports: vec![
                 PortRange { lo: 443, hi: 443 },
                 PortRange { lo: 8000, hi: 8100 },
@@ -79,6 +80,7 @@ fn spec_example_loads_to_the_expected_model() {
         ingress: vec![Rule {
             cidrs: vec![net("192.0.2.0/28")],
             except: vec![],
+            fqdns: vec![],
             ports: vec![PortRange { lo: 9100, hi: 9100 }],
             protocol: Protocol::Tcp,
             origin: origin("a.toml", 11),
@@ -93,7 +95,21 @@ fn spec_example_loads_to_the_expected_model() {
         unix: vec![],
         quarantine_unix: vec![],
         sandbox: Sandbox::default(),
-        positions: Positions::default(),
+        // Where the egress rule's ports are written (for warnings); ingress is not recorded.
+        positions: Positions {
+            egress_ports: vec![vec![
+                Position {
+                    line: 8,
+                    column: 10,
+                },
+                Position {
+                    line: 8,
+                    column: 15,
+                },
+            ]],
+            egress_fqdns: vec![vec![]],
+            ..Positions::default()
+        },
         origin: origin("a.toml", 1),
     };
     assert_eq!(set.segments, vec![expected]);

@@ -13,12 +13,11 @@ use toml::Spanned;
 use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
 use super::local;
 use super::monitor::{self, Monitor};
-use super::parse::{self, CidrEntry};
+use super::parse;
 use super::peers::PeerGroup;
-use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawRule, RawSegment};
+use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawSegment};
 use super::{
-    DaemonLoss, Members, Mode, Origin, PolicySet, Positions, Protocol, Rule, Segment, SegmentName,
-    UnixPattern,
+    DaemonLoss, Members, Mode, Origin, PolicySet, Positions, Segment, SegmentName, UnixPattern,
 };
 
 pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
@@ -115,13 +114,13 @@ pub(super) fn origin(src: &Source<'_>, offset: usize) -> Origin {
 }
 
 /// State shared by all segments of the directory.
-struct Ctx<'p> {
-    peers: &'p BTreeMap<String, Vec<IpNet>>,
+pub(super) struct Ctx<'p> {
+    pub peers: &'p BTreeMap<String, Vec<IpNet>>,
     seen_names: HashMap<SegmentName, Origin>,
     /// cgroup → (segment name, where it was listed).
     seen_cgroups: HashMap<String, (String, Origin)>,
     seen_units: HashMap<String, (String, Origin)>,
-    errors: Vec<PolicyError>,
+    pub errors: Vec<PolicyError>,
 }
 
 impl Ctx<'_> {
@@ -149,8 +148,8 @@ impl Ctx<'_> {
         let mut positions = Positions::default();
         let sandbox = local::sandbox(src, &raw, &mut positions, &mut self.errors);
         let unix = local::unix_rules(src, raw.unix, &mut positions, &mut self.errors);
-        let egress = self.rules(src, raw.egress);
-        let ingress = self.rules(src, raw.ingress);
+        let egress = self.rules(src, raw.egress, Some(&mut positions));
+        let ingress = self.rules(src, raw.ingress, None);
         let members = match raw.members {
             Some(m) => self.members(src, m.into_inner(), &label),
             None => Members::default(),
@@ -212,110 +211,6 @@ impl Ctx<'_> {
         }
         self.seen_names.insert(name.clone(), seg_origin.clone());
         Some(name)
-    }
-
-    fn rules(&mut self, src: &Source<'_>, raw: Option<Vec<Spanned<RawRule>>>) -> Vec<Rule> {
-        raw.unwrap_or_default()
-            .into_iter()
-            .map(|r| self.rule(src, r))
-            .collect()
-    }
-
-    fn rule(&mut self, src: &Source<'_>, raw: Spanned<RawRule>) -> Rule {
-        let start = raw.span().start;
-        let raw = raw.into_inner();
-        let protocol = match &raw.protocol {
-            None => Some(Protocol::Any),
-            Some(p) => parse::protocol(p.get_ref())
-                .map_err(|e| self.errors.push(src.error_at(p, e)))
-                .ok(),
-        };
-
-        let mut cidrs: Vec<IpNet> = Vec::new();
-        let mut cidrs_ok = false;
-        match &raw.cidrs {
-            None => self.errors.push(src.error(
-                start,
-                "rule has no `cidrs`; use [\"0.0.0.0/0\", \"::/0\"] to mean everywhere",
-            )),
-            Some(list) if list.get_ref().is_empty() => {
-                self.errors
-                    .push(src.error_at(list, "`cidrs` must not be empty"));
-            }
-            Some(list) => (cidrs, cidrs_ok) = self.cidr_list(src, list.get_ref()),
-        }
-
-        let mut except = Vec::new();
-        for e in raw.except.iter().flatten() {
-            if e.get_ref().starts_with('@') {
-                let msg = "peer group references are only allowed in `cidrs`, not in `except`";
-                self.errors.push(src.error_at(e, msg));
-                continue;
-            }
-            match parse::cidr(e.get_ref()) {
-                // Only judged against fully valid cidrs, to avoid a follow-on error.
-                Ok(n) if cidrs_ok && !cidrs.iter().any(|c| c.contains(&n)) => {
-                    let msg = format!("except {n} is not inside any of the rule's cidrs");
-                    self.errors.push(src.error_at(e, msg));
-                }
-                Ok(n) => except.push(n),
-                Err(m) => self.errors.push(src.error_at(e, m)),
-            }
-        }
-        dedup_in_order(&mut except);
-
-        let mut ports = Vec::new();
-        if let Some(list) = &raw.ports {
-            if list.get_ref().is_empty() {
-                let msg = "`ports` must not be empty; omit the key to allow all ports";
-                self.errors.push(src.error_at(list, msg));
-            }
-            if let Some(Err(msg)) = protocol.map(parse::ports_allowed) {
-                self.errors.push(src.error_at(list, msg));
-            }
-            for p in list.get_ref() {
-                match parse::port_entry(p.get_ref()) {
-                    Ok(r) => ports.push(r),
-                    Err(m) => self.errors.push(src.error_at(p, m)),
-                }
-            }
-        }
-
-        Rule {
-            cidrs,
-            except,
-            ports,
-            protocol: protocol.unwrap_or_default(),
-            origin: origin(src, start),
-        }
-    }
-
-    /// Entries of `cidrs` or `[quarantine] allow`: prefixes, bare addresses and `@group`
-    /// references (expanded), duplicates dropped keeping the first. The flag is false when any
-    /// entry was rejected.
-    fn cidr_list(&mut self, src: &Source<'_>, list: &[Spanned<String>]) -> (Vec<IpNet>, bool) {
-        let mut nets = Vec::new();
-        let mut ok = true;
-        for c in list {
-            match parse::cidr_entry(c.get_ref()) {
-                Ok(CidrEntry::Net(n)) => nets.push(n),
-                Ok(CidrEntry::Group(g)) => match self.peers.get(g) {
-                    Some(group) => nets.extend(group),
-                    None => {
-                        ok = false;
-                        // Quoted with escapes: the name is the user's text (one error, one line).
-                        let msg = format!("unknown peer group {:?}", format!("@{g}"));
-                        self.errors.push(src.error_at(c, msg));
-                    }
-                },
-                Err(m) => {
-                    ok = false;
-                    self.errors.push(src.error_at(c, m));
-                }
-            }
-        }
-        dedup_in_order(&mut nets);
-        (nets, ok)
     }
 
     /// `[quarantine]`: the `allow` peers and the `unix` patterns (either may be absent).
@@ -405,9 +300,4 @@ fn claim(
         (segment.to_string(), origin(src, at.span().start)),
     );
     true
-}
-
-fn dedup_in_order(nets: &mut Vec<IpNet>) {
-    let mut seen = std::collections::HashSet::new();
-    nets.retain(|n| seen.insert(*n));
 }

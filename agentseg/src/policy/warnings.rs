@@ -67,6 +67,7 @@ pub fn warnings(set: &PolicySet) -> Vec<PolicyWarning> {
 
 impl Segment {
     fn warnings(&self, out: &mut Vec<PolicyWarning>) {
+        self.dns_warnings(out);
         let at = |pos: Option<&Position>, line: usize, message: String| PolicyWarning {
             file: self.origin.file.clone(),
             line: pos.map_or(line, |p| p.line),
