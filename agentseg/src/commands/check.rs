@@ -32,8 +32,13 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
                 0 => String::new(),
                 n => format!(", {n} warning(s)"),
             };
+            // Name patterns are the resolver's, not kernel map entries.
+            let names = match compiled.fqdn_entry_count() {
+                0 => String::new(),
+                n => format!(", {n} name pattern(s)"),
+            };
             println!(
-                "agentseg: {} ok: {} segments, {} map entries{warned}",
+                "agentseg: {} ok: {} segments, {} map entries{names}{warned}",
                 dir.display(),
                 compiled.segments.len(),
                 compiled.entry_count() + compiled.unix_entry_count()

@@ -261,6 +261,10 @@ fn bundled_examples_load() {
             .iter()
             .any(|s| s.sandbox.allow_root && !s.sandbox.writable.is_empty())
     );
+    // summarizer.toml documents `fqdns`.
+    assert!(set.segments.iter().any(|s| s.egress.iter().any(|r| {
+        r.cidrs.is_empty() && r.fqdns.iter().any(Fqdn::is_wildcard) && !r.ports.is_empty()
+    })));
     // No bundled example hands an agent a deputy or a capability that opens the pen: the only
     // warnings are netdiag's AF_PACKET, which it explains.
     let warned: Vec<String> = warnings(&set).iter().map(|w| w.message.clone()).collect();
