@@ -1,10 +1,12 @@
 //! What the `compiler` target checks on a policy that compiled: the tables' structure (ids,
 //! order, uniqueness, the control socket refused) and their meaning, against a plain reference
-//! matcher written from the policy's documented semantics.
+//! matcher written from the policy's documented semantics; for `fqdns`, one entry per (rule,
+//! name) whose ruleset is the rule's ports and protocol, and `fqdn_rules_for` against a plain
+//! label-by-label name matcher.
 use std::net::IpAddr;
 
-use agentseg::compile::{Compiled, HostPolicy, UnixEntry};
-use agentseg::policy::{PolicySet, Protocol, Rule, UnixPattern};
+use agentseg::compile::{Compiled, CompiledSegment, Direction, HostPolicy, UnixEntry};
+use agentseg::policy::{PolicySet, Protocol, Rule, Segment, UnixPattern};
 use agentseg_common::{
     RULE_CONTROL_SOCKET, RULE_DEFAULT_DENY, RULESET_CAPACITY, RuleSet, UNIX_ALLOW, UNIX_DENY,
     ruleset_allows,
@@ -198,6 +200,7 @@ pub fn check_structure(c: &Compiled, host: &HostPolicy) {
 
 pub fn check_semantics(set: &PolicySet, c: &Compiled, probes: &[(u32, u16)]) {
     for (seg, out) in set.segments.iter().zip(&c.segments) {
+        check_fqdns(seg, out, c, probes);
         // `[quarantine] allow`: every protocol and port, as documented.
         let quarantine: Vec<Rule> = if seg.quarantine_allow.is_empty() {
             Vec::new()
@@ -205,6 +208,7 @@ pub fn check_semantics(set: &PolicySet, c: &Compiled, probes: &[(u32, u16)]) {
             vec![Rule {
                 cidrs: seg.quarantine_allow.clone(),
                 except: Vec::new(),
+                fqdns: Vec::new(),
                 ports: Vec::new(),
                 protocol: Protocol::All,
                 origin: seg.origin.clone(),
@@ -261,5 +265,138 @@ pub fn check_semantics(set: &PolicySet, c: &Compiled, probes: &[(u32, u16)]) {
                 }
             }
         }
+    }
+}
+
+/// Whether `pattern` (as `Fqdn` displays it) matches `name`, from the documented meaning: the
+/// name lower-cased without one trailing dot must be made of 1-63 character labels of
+/// `a-z 0-9 - _`, 253 characters at most; an exact pattern is that name, `*.D` every name with
+/// more labels than `D` whose last labels are `D`'s.
+fn reference_name(pattern: &str, name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253 || !labels.iter().all(label_ok) {
+        return false;
+    }
+    match pattern.strip_prefix("*.") {
+        None => name == pattern,
+        Some(domain) => {
+            let domain: Vec<&str> = domain.split('.').collect();
+            labels.len() > domain.len() && labels[labels.len() - domain.len()..] == domain[..]
+        }
+    }
+}
+
+/// The names probed against a segment's patterns: each domain, names below it, its parent,
+/// near misses, in mixed case and with trailing dots.
+fn probe_names(seg: &Segment) -> Vec<String> {
+    let mut names = vec![String::new(), ".".to_owned(), "example.org".to_owned()];
+    for rule in &seg.egress {
+        for pattern in &rule.fqdns {
+            let d = pattern.domain();
+            names.push(d.to_owned());
+            names.push(format!("{}.", d.to_ascii_uppercase()));
+            names.push(format!("x.{d}"));
+            names.push(format!("X.y-1.{d}."));
+            names.push(format!("x{d}"));
+            names.push(format!("x..{d}"));
+            names.push(format!("a b.{d}"));
+            names.push(format!("{}.{d}", "a".repeat(64)));
+            names.push(pattern.to_string());
+            if let Some((_, parent)) = d.split_once('.') {
+                names.push(parent.to_owned());
+                names.push(format!("x.{parent}"));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A segment's `fqdns` entries: exactly one per (egress rule, name), sorted, each naming its
+/// rule and a ruleset that allows what the rule allows; `fqdn_rules_for` as the reference.
+fn check_fqdns(seg: &Segment, out: &CompiledSegment, c: &Compiled, probes: &[(u32, u16)]) {
+    let name = &seg.name;
+    let keys: Vec<(String, u32)> = out
+        .fqdns
+        .iter()
+        .map(|e| (e.pattern.to_string(), e.rule_id))
+        .collect();
+    sorted_unique(&keys, "fqdn entries");
+    // Egress rules come first among a segment's rule ids, in file order.
+    let first = c
+        .rules
+        .iter()
+        .position(|r| r.segment == name.as_ref() && r.direction == Direction::Egress);
+    let mut want: Vec<(String, u32)> = Vec::new();
+    for (i, rule) in seg.egress.iter().enumerate() {
+        let Some(first) = first else {
+            panic!("segment {name}: egress rules but no egress rule ids");
+        };
+        let id = u32::try_from(first + i).expect("rule id");
+        want.extend(rule.fqdns.iter().map(|p| (p.to_string(), id)));
+    }
+    want.sort();
+    assert_eq!(keys, want, "segment {name}: fqdn entries");
+    assert!(
+        seg.ingress.iter().all(|r| r.fqdns.is_empty()),
+        "ingress names"
+    );
+
+    for e in &out.fqdns {
+        assert!(
+            e.ruleset_id != 0 && (e.ruleset_id as usize) < c.rulesets.len(),
+            "segment {name}: fqdn {} names ruleset {}",
+            e.pattern,
+            e.ruleset_id
+        );
+        let first = first.expect("egress rule ids");
+        let rule = &seg.egress[e.rule_id as usize - first];
+        let rs = &c.rulesets[e.ruleset_id as usize];
+        let ports: Vec<u16> = rule
+            .ports
+            .iter()
+            .flat_map(|p| [p.lo, p.hi, p.lo.wrapping_sub(1), p.hi.wrapping_add(1)])
+            .chain(probes.iter().take(4).map(|p| p.1))
+            .chain([1, 53, 443, 853, u16::MAX])
+            .collect();
+        for &protocol in PROBE_PROTOCOLS {
+            for &port in &ports {
+                let want = reference_proto(rule, protocol, port);
+                let got = ruleset_allows(rs, protocol, port);
+                assert_eq!(
+                    got != RULE_DEFAULT_DENY,
+                    want,
+                    "segment {name}: fqdn {} protocol {protocol} port {port}",
+                    e.pattern
+                );
+                assert!(
+                    got == RULE_DEFAULT_DENY || got == e.rule_id,
+                    "segment {name}: fqdn {} allowed by rule {got}, not {}",
+                    e.pattern,
+                    e.rule_id
+                );
+            }
+        }
+    }
+
+    for probe in probe_names(seg) {
+        let got: Vec<(String, u32)> = out
+            .fqdn_rules_for(&probe)
+            .map(|e| (e.pattern.to_string(), e.rule_id))
+            .collect();
+        let want: Vec<(String, u32)> = keys
+            .iter()
+            .filter(|(p, _)| reference_name(p, &probe))
+            .cloned()
+            .collect();
+        assert_eq!(got, want, "segment {name}: fqdn_rules_for({probe:?})");
     }
 }

@@ -1,8 +1,9 @@
 //! A small policy grammar, rendered as policy files. Raw bytes almost never get past the TOML
 //! parser and the validator; this gives the compiler real work: several files and segments,
 //! overlapping and nested v4/v6 prefixes from a few shared bases, excepts carved inside a
-//! rule's cidrs, peer groups, ports, every kind of protocol, `[[unix]]` patterns around the
-//! control socket, quarantine lists. About one choice in twenty is a deliberate mistake so that
+//! rule's cidrs, peer groups, `fqdns` names (exact and wildcard, beside or instead of cidrs),
+//! ports, every kind of protocol, `[[unix]]` patterns around the control socket, quarantine
+//! lists. About one choice in twenty is a deliberate mistake so that
 //! the error paths are fuzzed too without making every policy invalid.
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -48,9 +49,12 @@ pub struct RuleSpec {
     pub cidrs: Vec<Cidr>,
     /// (which cidr it is carved from, extra prefix bits, address bits).
     pub except: Vec<(u8, u8, u128)>,
+    /// Indices into [`FQDNS`] (egress only, unless sloppy).
+    pub fqdns: Vec<u8>,
     pub ports: Option<Vec<(u16, u16)>>,
     pub protocol: Option<u8>,
-    /// A [`mistake`]: keep mistakes (no cidrs, ports on ICMP, reversed ranges, port 0).
+    /// A [`mistake`]: keep mistakes (no cidrs and no fqdns, fqdns on ingress, ports on ICMP,
+    /// reversed ranges, port 0).
     pub sloppy: u8,
 }
 
@@ -124,6 +128,33 @@ const UNIX: &[&str] = &[
     "/run/a*b",
 ];
 const UNIX_MISTAKES: usize = 12;
+
+/// Valid name patterns first (nesting and overlapping: a wildcard, names below and at its
+/// domain, case and trailing dots, a DoH endpoint, the longest label); from [`FQDN_MISTAKES`]
+/// on, refused ones.
+pub const FQDNS: &[&str] = &[
+    "api.example.com",
+    "*.example.org",
+    "example.org",
+    "a.example.org",
+    "*.a.example.org",
+    "B.A.Example.ORG.",
+    "x_y.example.org",
+    "dns.google",
+    "*.cloudflare-dns.com",
+    "xn--bcher-kva.example",
+    "localhost",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.example",
+    "*",
+    "a.*.b",
+    "*foo.example.org",
+    "a..example.org",
+    "-a.example.org",
+    "10.0.0.1",
+    "bad name.example",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.example",
+];
+pub const FQDN_MISTAKES: usize = 12;
 
 /// Whether a choice byte asks for a deliberate mistake: 5 values in 256, and neither 0 nor
 /// 255, which libFuzzer produces far more often than the others.
@@ -232,14 +263,28 @@ fn quoted(items: impl Iterator<Item = String>) -> String {
     format!("[{}]", items.join(", "))
 }
 
-fn render_rule(out: &mut String, header: &str, r: &RuleSpec) {
+fn render_rule(out: &mut String, header: &str, egress: bool, r: &RuleSpec) {
     let sloppy = mistake(r.sloppy);
     let cidrs = &r.cidrs[..r.cidrs.len().min(4)];
-    if cidrs.is_empty() && !sloppy {
+    // Ingress rules take no names: only a sloppy rule tries.
+    let fqdns = if egress || sloppy {
+        &r.fqdns[..r.fqdns.len().min(4)]
+    } else {
+        &[]
+    };
+    if cidrs.is_empty() && fqdns.is_empty() && !sloppy {
         return;
     }
     let _ = writeln!(out, "[[{header}]]");
-    let _ = writeln!(out, "cidrs = {}", quoted(cidrs.iter().map(Cidr::text)));
+    if !cidrs.is_empty() || fqdns.is_empty() {
+        let _ = writeln!(out, "cidrs = {}", quoted(cidrs.iter().map(Cidr::text)));
+    }
+    if !fqdns.is_empty() {
+        let names = fqdns
+            .iter()
+            .map(|&i| pick(FQDNS, FQDN_MISTAKES, i).to_owned());
+        let _ = writeln!(out, "fqdns = {}", quoted(names));
+    }
     let excepts: Vec<String> = r
         .except
         .iter()
@@ -291,10 +336,10 @@ fn render_segment(out: &mut String, multi: bool, name: &str, s: &Seg) {
         let _ = writeln!(out, "mode = \"audit\"");
     }
     for r in s.egress.iter().take(5) {
-        render_rule(out, &format!("{prefix}egress"), r);
+        render_rule(out, &format!("{prefix}egress"), true, r);
     }
     for r in s.ingress.iter().take(3) {
-        render_rule(out, &format!("{prefix}ingress"), r);
+        render_rule(out, &format!("{prefix}ingress"), false, r);
     }
     for u in s.unix.iter().take(3).filter(|u| !u.is_empty()) {
         let _ = writeln!(out, "[[{prefix}unix]]");
