@@ -5,8 +5,9 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    Config, Counters, Event, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule,
-    RuleSet, SegmentInfo, UnixEvent, UnixKey, UnixValue, capacity,
+    Config, Counters, DnsOrig, Event, FlowVerdict, LearnedKey, LearnedSlot, LearnedValue, Member,
+    PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule, RuleSet, SegmentInfo, UnixEvent, UnixKey,
+    UnixValue, capacity,
 };
 
 /// Bump when the meaning of a field or constant changes without any size or offset changing.
@@ -44,7 +45,8 @@ const SHAPES: &[u64] = &shape![
         segment_ids,
         kind,
         flags,
-        agent_id
+        agent_id,
+        dns_slot
     },
     Config {
         active_gen,
@@ -52,7 +54,8 @@ const SHAPES: &[u64] = &shape![
         heartbeat_ns,
         sample_allows,
         flags,
-        epoch
+        epoch,
+        dns_port
     },
     PolicyKeyV4 {
         segment_id_be,
@@ -87,9 +90,21 @@ const SHAPES: &[u64] = &shape![
         epoch,
         task_cgroup
     },
+    LearnedKey {
+        segment_id,
+        family,
+        addr
+    },
+    LearnedSlot {
+        rule,
+        pattern_hash,
+        expires_ns
+    },
+    LearnedValue { slots },
+    DnsOrig { addr, port, family },
 ];
 
-const CAPACITIES: [u64; 11] = [
+const CAPACITIES: [u64; 13] = [
     capacity::MEMBERS as u64,
     capacity::POLICY_V4 as u64,
     capacity::POLICY_V6 as u64,
@@ -101,6 +116,8 @@ const CAPACITIES: [u64; 11] = [
     capacity::RULE_HITS as u64,
     capacity::UNIX as u64,
     capacity::FLOWS as u64,
+    capacity::LEARNED as u64,
+    capacity::DNS_ORIG as u64,
 ];
 
 const fn fnv1a(mut hash: u64, words: &[u64]) -> u64 {

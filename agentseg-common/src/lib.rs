@@ -32,11 +32,17 @@ pub mod map_names {
     /// socket cookie → [`crate::FlowVerdict`]: the verdict the egress packet hook remembers for
     /// a socket's current destination (LRU: an evicted entry is judged again).
     pub const FLOWS: &str = "AS_FLOWS";
+    /// [`crate::LearnedKey`] → [`crate::LearnedValue`]: addresses a segment's `fqdns` rules
+    /// learned from the resolver's answers, until they expire.
+    pub const LEARNED: &str = "AS_LEARNED";
+    /// socket cookie → [`crate::DnsOrig`]: the server a steered DNS socket asked, to make
+    /// replies appear to come from it (recvmsg, getpeername).
+    pub const DNS_ORIG: &str = "AS_DNS_ORIG";
 
     /// Every map, in the order the loader pins them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG, EVENTS,
-        RULE_HITS, UNIX, FLOWS,
+        RULE_HITS, UNIX, FLOWS, LEARNED, DNS_ORIG,
     ];
 }
 
@@ -54,6 +60,8 @@ pub mod capacity {
     pub const RULE_HITS: u32 = 2 * crate::RULES_PER_GEN;
     pub const UNIX: u32 = 65536;
     pub const FLOWS: u32 = 262144;
+    pub const LEARNED: u32 = 262144;
+    pub const DNS_ORIG: u32 = 65536;
 }
 
 mod layout;
@@ -76,6 +84,11 @@ pub mod prog_names {
     pub const SKB_HANDOFF: &str = "agentseg_skb_handoff";
     /// cgroup/setsockopt: members may not set IP options or IPv6 routing/option headers.
     pub const SETSOCKOPT: &str = "agentseg_setsockopt";
+    /// Steered DNS replies appear to come from the server asked.
+    pub const RECVMSG4: &str = "agentseg_recvmsg4";
+    pub const RECVMSG6: &str = "agentseg_recvmsg6";
+    pub const GETPEERNAME4: &str = "agentseg_getpeername4";
+    pub const GETPEERNAME6: &str = "agentseg_getpeername6";
     /// cgroup/connect_unix and sendmsg_unix (second object, raw loader: aya 0.14 has no
     /// attach type for them).
     pub const CONNECT_UNIX: &str = "agentseg_connect_unix";
@@ -191,8 +204,12 @@ pub const RULE_IP_OPTIONS: u32 = u32::MAX - 5;
 pub const RULE_CONTROL_SOCKET: u32 = u32::MAX - 6;
 /// [`Event::rule_id`]: a member whose registration or attachment failed.
 pub const RULE_FAILED_MEMBER: u32 = u32::MAX - 7;
+/// [`Event::rule_id`]: a member's DNS traffic that cannot go through the resolver (its socket
+/// is bound to another address, IPv6-only, MPTCP; or it addresses the resolver directly), or
+/// a query the resolver refused.
+pub const RULE_DNS: u32 = u32::MAX - 8;
 /// Every value from here up is a sentinel, not a rule id.
-pub const RULE_FIRST_SENTINEL: u32 = RULE_FAILED_MEMBER;
+pub const RULE_FIRST_SENTINEL: u32 = RULE_DNS;
 
 /// [`Event::hook`] values.
 pub const HOOK_CONNECT4: u8 = 1;
@@ -207,6 +224,8 @@ pub const HOOK_SETSOCKOPT: u8 = 9;
 /// The enforcement root's egress packet hook: a socket made outside every pen, used by a
 /// member (handed in), or a member cgroup whose packet programs are not attached yet.
 pub const HOOK_SKB_HANDOFF: u8 = 10;
+/// The resolver (user space): a DNS query refused.
+pub const HOOK_DNS: u8 = 11;
 
 /// [`Event::verdict`] values.
 pub const VERDICT_DENY: u8 = 0;
@@ -280,8 +299,12 @@ pub struct Member {
     pub flags: u32,
     /// Random 128-bit agent id (all zero for plain member cgroups).
     pub agent_id: [u8; 16],
+    /// The member's DNS slot (0: none): its steered queries come from [`dns_slot_addr`], so
+    /// the resolver knows who asks.
+    pub dns_slot: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Member>() == 32);
+const _: () = assert!(core::mem::size_of::<Member>() == 40);
 
 /// The one entry of CONFIG. Written by the daemon; read by every hook.
 #[repr(C)]
@@ -304,7 +327,32 @@ pub struct Config {
     /// Bumped by the daemon at every policy switch, quarantine and release: a remembered
     /// [`FlowVerdict`] of an older epoch is judged again.
     pub epoch: u32,
-    pub _pad: u32,
+    /// The resolver's port (host byte order) on [`DNS_RESOLVER_V4`] in every network namespace
+    /// agentseg serves; 0: DNS is not steered.
+    pub dns_port: u16,
+    pub _pad: u16,
+}
+
+/// The resolver's IPv4 address (network byte order) in every namespace it serves: 127.64.0.1.
+pub const DNS_RESOLVER_V4: [u8; 4] = [127, 64, 0, 1];
+/// DNS slots are the addresses of 127.64.0.0/10 (22 bits); 0 and 1 are never handed out.
+pub const DNS_SLOT_BITS: u32 = 22;
+/// The first slot handed out.
+pub const DNS_SLOT_FIRST: u32 = 2;
+
+/// The source address (network byte order) a member's steered DNS queries come from.
+pub const fn dns_slot_addr(slot: u32) -> [u8; 4] {
+    (0x7f40_0000u32 | (slot & ((1 << DNS_SLOT_BITS) - 1))).to_be_bytes()
+}
+
+/// The slot an address of 127.64.0.0/10 names, or None for any other address.
+pub const fn dns_slot_of(addr: [u8; 4]) -> Option<u32> {
+    let a = u32::from_be_bytes(addr);
+    if a & !((1 << DNS_SLOT_BITS) - 1) == 0x7f40_0000 {
+        Some(a & ((1 << DNS_SLOT_BITS) - 1))
+    } else {
+        None
+    }
 }
 
 /// [`Config::flags`]: some agent or segment is quarantined.
@@ -466,6 +514,61 @@ pub struct FlowVerdict {
 }
 const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 40);
 
+/// Key of LEARNED: an address a segment learned from an allowed DNS answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    /// Live segment id (generation bit included: the daemon writes both generations).
+    pub segment_id: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// Network byte order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LearnedKey>() == 24);
+
+/// Rule entries one learned address can carry at once (an address several names or patterns
+/// led to: a CDN); the daemon replaces the one expiring first when all are taken.
+pub const LEARNED_SLOTS: usize = 4;
+
+/// One rule's claim on a learned address: one entry of the fqdns rule's ruleset (a rule with
+/// several port ranges takes a slot per range), until it expires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedSlot {
+    /// What the rule allows to the address; its `rule_id` is the live generation's.
+    pub rule: PortRule,
+    /// FNV-1a of the name pattern that allowed it (lets a restarted daemon map the entry to
+    /// the rule of its own policy).
+    pub pattern_hash: u32,
+    /// CLOCK_BOOTTIME nanoseconds after which the slot no longer allows anything (TTL,
+    /// clamped, plus grace); 0: unused.
+    pub expires_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<LearnedSlot>() == 24);
+
+/// Value of LEARNED.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedValue {
+    pub slots: [LearnedSlot; LEARNED_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<LearnedValue>() == 96);
+
+/// Value of DNS_ORIG: the server a steered socket asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 24);
+
 /// Per-CPU decision counters of one member cgroup (agent or member cgroup), summed by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -499,6 +602,9 @@ mod user {
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for UnixValue {}
     unsafe impl aya::Pod for FlowVerdict {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for LearnedValue {}
+    unsafe impl aya::Pod for DnsOrig {}
 
     impl Default for RuleSet {
         fn default() -> Self {

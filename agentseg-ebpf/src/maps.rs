@@ -2,8 +2,8 @@
 //! their capacities come from `agentseg_common::capacity` so that the pinned layout version
 //! covers them.
 use agentseg_common::{
-    Config, Counters, EVENTS_RING_BYTES, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
+    Config, Counters, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
+    PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
 };
 use aya_ebpf::{
     macros::map,
@@ -65,3 +65,15 @@ pub static UNIX: LpmTrie<UnixKey, UnixValue> = LpmTrie::with_max_entries(capacit
 /// evicted entry only costs a new judgement.
 #[map(name = "AS_FLOWS")]
 pub static FLOWS: LruHashMap<u64, FlowVerdict> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+
+/// (segment, address) → the fqdns rule's ruleset and an expiry: what the resolver learned from
+/// an allowed answer. Written by the daemon before it releases the answer; read by every
+/// egress decision after the segment's prefixes.
+#[map(name = "AS_LEARNED")]
+pub static LEARNED: HashMap<LearnedKey, LearnedValue> =
+    HashMap::with_max_entries(capacity::LEARNED, 0);
+
+/// socket cookie → the DNS server a steered socket asked. Written by the connect/sendmsg
+/// hooks when they steer port 53 to the resolver; read by recvmsg and getpeername.
+#[map(name = "AS_DNS_ORIG")]
+pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(capacity::DNS_ORIG, 0);

@@ -21,12 +21,13 @@
 //! | otherwise                                          | deny, or allow if mode = audit  |
 use agentseg_common::{
     CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, Counters, Event, FlowVerdict, INGRESS_BIT,
-    MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD, MEMBER_OUTSIDER,
-    MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RULE_DEADMAN,
-    RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED,
-    RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_RELEASED,
-    STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER, STAT_NO_RULESET,
-    STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, ruleset_allows,
+    LEARNED_SLOTS, LearnedKey, MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD,
+    MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT,
+    RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS,
+    RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
+    SEGMENT_RELEASED, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER,
+    STAT_NO_RULESET, STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    rule_allows, ruleset_allows,
 };
 use aya_ebpf::{
     helpers::{
@@ -37,8 +38,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    CONFIG, COUNTERS, EVENTS, FLOWS, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS, SEGMENTS,
-    STATS,
+    CONFIG, COUNTERS, EVENTS, FLOWS, LEARNED, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS,
+    SEGMENTS, STATS,
 };
 
 /// Return codes of cgroup sock_addr, sockopt and cgroup_skb programs alike.
@@ -105,6 +106,8 @@ pub struct Subject {
     pub deadman: bool,
     /// The member's own packet programs are attached.
     pub attached: bool,
+    /// The member's DNS slot (0: none, its DNS is refused).
+    pub dns_slot: u32,
     /// One allow in this many becomes an event (0: none).
     pub sample_allows: u32,
 }
@@ -146,7 +149,7 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
     let mut found_id: u64 = 0;
     // Only the fields a decision needs are copied (the agent id stays in the map): the packet
     // hooks' frames are close to the 512-byte limit.
-    let (mut seg0, mut seg1, mut member_flags) = (0u32, 0u32, 0u32);
+    let (mut seg0, mut seg1, mut member_flags, mut dns_slot) = (0u32, 0u32, 0u32, 0u32);
     // An agent almost always runs in its own member cgroup, the deepest possible match: one
     // lookup instead of one per level.
     // SAFETY: read at once; MEMBERS values are plain integers.
@@ -155,7 +158,8 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
         && m.kind != MEMBER_OUTSIDER
     {
         found_id = own;
-        (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
+        (seg0, seg1, member_flags, dns_slot) =
+            (m.segment_ids[0], m.segment_ids[1], m.flags, m.dns_slot);
     }
     let mut level: i32 = if found_id != 0 {
         MAX_CGROUP_DEPTH as i32
@@ -175,7 +179,8 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
             Some(m) => {
                 if m.kind != MEMBER_OUTSIDER {
                     found_id = id;
-                    (seg0, seg1, member_flags) = (m.segment_ids[0], m.segment_ids[1], m.flags);
+                    (seg0, seg1, member_flags, dns_slot) =
+                        (m.segment_ids[0], m.segment_ids[1], m.flags, m.dns_slot);
                 }
                 guarded = m.flags & MEMBER_GUARD != 0;
             }
@@ -249,6 +254,7 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
         quarantined: member_flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
         deadman,
         attached: member_flags & MEMBER_ATTACHED != 0,
+        dns_slot,
         sample_allows,
     })
 }
@@ -313,18 +319,53 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -
             },
         ))
     };
-    let Some(value) = found else { return none };
-    let ruleset_id = value.ruleset_id;
-    let Some(rs) = RULESETS.get(ruleset_id) else {
-        stat(STAT_NO_RULESET);
-        return none;
+    let rule = match found {
+        Some(value) => match RULESETS.get(value.ruleset_id) {
+            Some(rs) => ruleset_allows(rs, protocol, port),
+            None => {
+                stat(STAT_NO_RULESET);
+                RULE_DEFAULT_DENY
+            }
+        },
+        None => RULE_DEFAULT_DENY,
     };
-    let rule = ruleset_allows(rs, protocol, port);
-    if rule == RULE_DEFAULT_DENY {
-        none
-    } else {
-        rule
+    if rule != RULE_DEFAULT_DENY {
+        return rule;
     }
+    if table == Table::Egress {
+        let rule = learned(s, peer, protocol, port);
+        if rule != RULE_DEFAULT_DENY {
+            return rule;
+        }
+    }
+    none
+}
+
+/// The fqdns rule that allows (peer, protocol, port) through an address the segment learned
+/// from an allowed DNS answer and that has not expired, or [`RULE_DEFAULT_DENY`].
+#[inline(always)]
+fn learned(s: &Subject, peer: Peer, protocol: u32, port: u16) -> u32 {
+    let key = LearnedKey {
+        segment_id: s.segment_id,
+        family: if peer.v6 { 6 } else { 4 },
+        addr: peer.addr,
+    };
+    // SAFETY: read in place; LearnedValue is plain integers (a concurrent update by the daemon
+    // can at worst pair one slot's rule with another's expiry, both of this segment).
+    let Some(v) = (unsafe { LEARNED.get(key) }) else {
+        return RULE_DEFAULT_DENY;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut i = 0;
+    while i < LEARNED_SLOTS {
+        let slot = &v.slots[i];
+        if slot.expires_ns > now && rule_allows(&slot.rule, protocol, port) {
+            return slot.rule.rule_id;
+        }
+        i += 1;
+    }
+    RULE_DEFAULT_DENY
 }
 
 /// Whether a value returned by [`allows`] is a rule (an allow) rather than a sentinel.
@@ -447,6 +488,37 @@ pub fn flow_config() -> (bool, u32) {
         ),
         None => (true, 0),
     }
+}
+
+/// The resolver's port (0: DNS is not steered).
+#[inline(always)]
+pub fn dns_port() -> u16 {
+    match CONFIG.get(0) {
+        Some(c) => c.dns_port,
+        None => 0,
+    }
+}
+
+/// Whether (address, port) is the resolver's, where steered DNS goes: 127.64.0.1 (or its
+/// IPv4-mapped form, as a dual-stack socket sees it) on the resolver's port.
+#[inline(always)]
+pub fn is_resolver(peer: &Peer, port: u16, dns_port: u16) -> bool {
+    if dns_port == 0 || port != dns_port {
+        return false;
+    }
+    let a = peer.addr;
+    let r = agentseg_common::DNS_RESOLVER_V4;
+    if !peer.v6 {
+        return a[0] == r[0] && a[1] == r[1] && a[2] == r[2] && a[3] == r[3];
+    }
+    let zero10 = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
+    zero10
+        && a[10] == 0xff
+        && a[11] == 0xff
+        && a[12] == r[0]
+        && a[13] == r[1]
+        && a[14] == r[2]
+        && a[15] == r[3]
 }
 
 /// Remember a verdict for a socket's destination (protocol as on the wire), for the egress

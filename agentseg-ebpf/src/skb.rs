@@ -9,6 +9,7 @@
 //! | cannot be parsed                                | deny (RULE_MALFORMED)                     |
 //! | IPv4 options, IPv6 routing header               | deny (RULE_IP_OPTIONS): source routing    |
 //! | quarantined agent or segment, dead-man          | `[quarantine] allow` only, every packet   |
+//! | to the resolver, from the member's slot address | pass: steered DNS (sock_addr.rs)          |
 //! | TCP socket, not a SYN                           | pass: the flow's SYN was judged           |
 //! | TCP SYN, and every other packet                 | egress rules for the destination *on the wire* (after NAT, routing headers, `0.0.0.0`), remembered per socket and destination in FLOWS |
 //!
@@ -18,6 +19,7 @@
 //! |-------------------------------------------|-----------------------------------------------|
 //! | cannot be parsed                          | deny (RULE_MALFORMED)                         |
 //! | quarantined agent or segment, dead-man    | `[quarantine] allow` only                     |
+//! | from the resolver                         | pass: answers to steered DNS                  |
 //! | TCP, not to a listener                    | pass (its flow was judged at its start)       |
 //! | UDP or UDP-Lite to a connected socket     | pass (the kernel filters the peer)            |
 //! | to a listener, unconnected UDP, ping, raw | `[[ingress]]`, or egress rules for the sender (a reply) |
@@ -33,14 +35,15 @@ use aya_ebpf::{
 use agentseg_common::{
     FLOW_ALLOW, FLOW_DENY, FLOW_UNTOUCHED, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS,
     IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, RULE_IP_OPTIONS, RULE_MALFORMED, STAT_FLOW_JUDGED,
-    STAT_IP_OPTIONS, STAT_MALFORMED, has_ports, proto_class,
+    STAT_IP_OPTIONS, STAT_MALFORMED, dns_slot_addr, has_ports, proto_class,
 };
 
 use agentseg_ebpf::{
     maps::FLOWS,
     policy::{
-        ALLOW, DENY, Flow, NoMember, Peer, Resolved, Subject, Table, allows, egress_table, finish,
-        flow_config, is_rule, refuse, remember_flow, resolve, stat,
+        ALLOW, DENY, Flow, NoMember, Peer, Resolved, Subject, Table, allows, dns_port,
+        egress_table, finish, flow_config, is_resolver, is_rule, refuse, remember_flow, resolve,
+        stat,
     },
 };
 
@@ -335,6 +338,10 @@ fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m
         return finish(s, RULE_IP_OPTIONS, flow, false);
     }
     let table = egress_table(s);
+    // Steered DNS (connect and sendmsg put the member's slot address as the source).
+    if table == Table::Egress && to_resolver(s, p) {
+        return ALLOW;
+    }
     if table == Table::Egress
         && sk.tcp()
         && (p.tcp_flags & TCP_FLAG_SYN == 0 || p.tcp_flags & TCP_FLAG_ACK != 0)
@@ -363,6 +370,19 @@ fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m
         remember_flow(cookie, &p.dst, p.dport, p.proto, v, epoch, judge, rule);
     }
     verdict
+}
+
+/// A member's packet to the resolver from its own slot address.
+#[inline(always)]
+fn to_resolver(s: &Subject, p: &Packet) -> bool {
+    let slot = dns_slot_addr(s.dns_slot);
+    s.dns_slot != 0
+        && !p.src.v6
+        && is_resolver(&p.dst, p.dport, dns_port())
+        && p.src.addr[0] == slot[0]
+        && p.src.addr[1] == slot[1]
+        && p.src.addr[2] == slot[2]
+        && p.src.addr[3] == slot[3]
 }
 
 /// Whether a member TCP socket's packet is a plain one of an established flow: no IPv4
@@ -448,6 +468,11 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         return finish(&s, rule, &flow, true);
     }
     if !sk.full {
+        return ALLOW;
+    }
+    // The resolver's answers to a steered query (unconnected UDP: the egress rules do not
+    // name the resolver).
+    if is_resolver(&p.src, p.sport, dns_port()) {
         return ALLOW;
     }
     if sk.tcp() {

@@ -499,6 +499,8 @@ impl Engine {
             kind: MEMBER_AGENT,
             flags: MEMBER_ATTACHED,
             agent_id: id.0,
+            dns_slot: 0,
+            _pad: 0,
         };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {
             let _ = cgroup::remove_tree(&cgroup);

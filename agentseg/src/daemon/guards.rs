@@ -83,6 +83,8 @@ impl Engine {
             kind: MEMBER_OUTSIDER,
             flags,
             agent_id: [0; 16],
+            dns_slot: 0,
+            _pad: 0,
         }
     }
 

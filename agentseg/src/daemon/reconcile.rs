@@ -137,6 +137,8 @@ impl Engine {
                     kind: MEMBER_CGROUP,
                     flags: self.guard_flag(*id),
                     agent_id: [0; 16],
+                    dns_slot: 0,
+                    _pad: 0,
                 };
                 self.dp.set_member(*id, member)?;
             }
@@ -332,6 +334,8 @@ impl Engine {
                 kind: MEMBER_CGROUP,
                 flags: self.guard_flag(id),
                 agent_id: [0; 16],
+                dns_slot: 0,
+                _pad: 0,
             };
             // Membership before attachment: the first judged connect already finds it, and
             // until the packet hooks are attached the enforcement root's handoff hook judges

@@ -43,11 +43,15 @@ pub const MEMBER_PROGRAMS: [&str; 2] = [prog_names::SKB_EGRESS, prog_names::SKB_
 /// Programs attached once, at the enforcement root: they judge the calling task (or, for the
 /// handoff hook, sockets whose cgroup is not a member's), so a socket made anywhere and used
 /// by a member is judged, and a member cgroup is judged from its first instant.
-pub const ROOT_PROGRAMS: [&str; 8] = [
+pub const ROOT_PROGRAMS: [&str; 12] = [
     prog_names::CONNECT4,
     prog_names::CONNECT6,
     prog_names::SENDMSG4,
     prog_names::SENDMSG6,
+    prog_names::RECVMSG4,
+    prog_names::RECVMSG6,
+    prog_names::GETPEERNAME4,
+    prog_names::GETPEERNAME6,
     prog_names::SETSOCKOPT,
     prog_names::SKB_HANDOFF,
     prog_names::CONNECT_UNIX,
@@ -68,6 +72,10 @@ fn attach_type(name: &str) -> u32 {
         prog_names::CONNECT6 => 11,
         prog_names::SENDMSG4 => 14,
         prog_names::SENDMSG6 => 15,
+        prog_names::RECVMSG4 => 19,
+        prog_names::RECVMSG6 => 20,
+        prog_names::GETPEERNAME4 => 29,
+        prog_names::GETPEERNAME6 => 30,
         prog_names::SETSOCKOPT => 22,
         prog_names::CONNECT_UNIX => unix_loader::BPF_CGROUP_UNIX_CONNECT,
         prog_names::SENDMSG_UNIX => unix_loader::BPF_CGROUP_UNIX_SENDMSG,

@@ -8,8 +8,9 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, EVENTS_RING_BYTES, FlowVerdict, Member, PolicyKeyV4, PolicyKeyV6,
-    PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity, map_names,
+    Config, Counters, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
+    PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
+    map_names,
 };
 use aya::{Ebpf, maps::MapType};
 
@@ -86,7 +87,7 @@ pub fn check_pin(path: &Path) -> Result<(), PinCheckError> {
 }
 
 /// (map, type, key size, value size, capacity) as this build defines them.
-fn expected() -> [(&'static str, MapType, usize, usize, u32); 12] {
+fn expected() -> [(&'static str, MapType, usize, usize, u32); 14] {
     use std::mem::size_of;
     let lpm = |key: usize| 4 + key;
     [
@@ -167,6 +168,20 @@ fn expected() -> [(&'static str, MapType, usize, usize, u32); 12] {
             8,
             size_of::<FlowVerdict>(),
             capacity::FLOWS,
+        ),
+        (
+            map_names::LEARNED,
+            MapType::Hash,
+            size_of::<LearnedKey>(),
+            size_of::<LearnedValue>(),
+            capacity::LEARNED,
+        ),
+        (
+            map_names::DNS_ORIG,
+            MapType::LruHash,
+            8,
+            size_of::<DnsOrig>(),
+            capacity::DNS_ORIG,
         ),
     ]
 }
