@@ -34,9 +34,16 @@ fuzz_target!(|data: &[u8]| {
         Ok(set) => {
             for seg in &set.segments {
                 assert!(seg.origin.line >= 1, "segment {} at line 0", seg.name);
+                for rule in &seg.ingress {
+                    assert!(rule.fqdns.is_empty(), "ingress rule of {} with fqdns", seg.name);
+                }
                 for rule in seg.egress.iter().chain(&seg.ingress) {
                     assert!(rule.origin.line >= 1, "rule of {} at line 0", seg.name);
-                    assert!(!rule.cidrs.is_empty(), "rule of {} without cidrs", seg.name);
+                    assert!(
+                        !rule.cidrs.is_empty() || !rule.fqdns.is_empty(),
+                        "rule of {} without cidrs or fqdns",
+                        seg.name
+                    );
                     for e in &rule.except {
                         assert!(
                             rule.cidrs.iter().any(|c| c.contains(e)),
