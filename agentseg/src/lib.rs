@@ -13,5 +13,6 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod detect;
+pub mod dns;
 pub mod policy;
 pub mod sandbox;
