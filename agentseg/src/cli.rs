@@ -60,6 +60,14 @@ pub struct DaemonArgs {
     /// [default: ""].
     #[arg(long)]
     pub enforcement_root: Option<String>,
+    /// Port of the resolver members' DNS is steered to, on 127.64.0.1 (0: no steering)
+    /// [default: 53].
+    #[arg(long)]
+    pub dns_port: Option<u16>,
+    /// Upstream resolver (ADDR:PORT), repeatable; replaces [dns] upstream [default: the
+    /// nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR:PORT")]
+    pub dns_upstream: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

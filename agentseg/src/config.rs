@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     pub enforcement_root: String,
     /// `[unix]`: the AF_UNIX baseline every segment gets.
     pub unix: UnixConfig,
+    /// `[dns]`: the resolver every member's DNS goes through.
+    pub dns: DnsConfig,
     /// The file these settings came from (not a key: set by the command).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -72,6 +74,104 @@ impl Default for UnixConfig {
     }
 }
 
+/// `[dns]` of the daemon config: the resolver behind `fqdns` rules.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// The resolver's port on 127.64.0.1 in every network namespace it serves; members' UDP
+    /// and TCP to port 53 go there whatever server they ask. 0 turns steering off (members'
+    /// port-53 traffic is then judged by their rules like any other).
+    pub port: u16,
+    /// Upstream resolvers ("ADDR:PORT" or "ADDR"), tried in order; empty: the nameservers of
+    /// /etc/resolv.conf.
+    pub upstream: Vec<String>,
+    /// Bounds of the time an answer's addresses stay allowed (its TTL, clamped)...
+    pub ttl_min_secs: u32,
+    pub ttl_max_secs: u32,
+    /// ...plus this long, for connections already on their way.
+    pub grace_secs: u32,
+    /// Queries per second each agent (or member cgroup) may ask, and the burst above it
+    /// (0: no limit).
+    pub queries_per_sec: u32,
+    pub burst: u32,
+    /// Longest name asked (dotted, no trailing dot); longer ones are refused (tunnels).
+    pub max_name_length: usize,
+    /// How long to wait for one upstream before trying the next.
+    pub upstream_timeout_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            port: 53,
+            upstream: Vec::new(),
+            ttl_min_secs: 5,
+            ttl_max_secs: 3600,
+            grace_secs: 30,
+            queries_per_sec: 20,
+            burst: 50,
+            max_name_length: 200,
+            upstream_timeout_ms: 2000,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The upstream resolvers: `upstream`, or /etc/resolv.conf's nameservers (port 53).
+    pub fn upstreams(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        if !self.upstream.is_empty() {
+            return self
+                .upstream
+                .iter()
+                .map(|s| parse_upstream(s).ok_or_else(|| ConfigError::Upstream(s.clone())))
+                .collect();
+        }
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        Ok(resolv_conf_nameservers(&text))
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.ttl_min_secs > self.ttl_max_secs {
+            return Err(ConfigError::Dns(format!(
+                "ttl_min_secs ({}) is above ttl_max_secs ({})",
+                self.ttl_min_secs, self.ttl_max_secs
+            )));
+        }
+        if !(1..=253).contains(&self.max_name_length) {
+            return Err(ConfigError::Dns(format!(
+                "max_name_length {} is not within 1..=253",
+                self.max_name_length
+            )));
+        }
+        if self.upstream_timeout_ms == 0 {
+            return Err(ConfigError::Dns("upstream_timeout_ms is 0".into()));
+        }
+        self.upstreams().map(drop)
+    }
+}
+
+/// "ADDR:PORT", "[V6]:PORT" or a bare address (port 53).
+pub fn parse_upstream(s: &str) -> Option<std::net::SocketAddr> {
+    let s = s.trim();
+    s.parse()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()))
+}
+
+/// The `nameserver` lines of a resolv.conf (port 53; scoped IPv6 addresses are skipped).
+pub fn resolv_conf_nameservers(text: &str) -> Vec<std::net::SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+        })
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .map(|ip| (ip, 53).into())
+        .collect()
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -89,6 +189,7 @@ impl Default for DaemonConfig {
             agent_uids: Default::default(),
             enforcement_root: String::new(),
             unix: UnixConfig::default(),
+            dns: DnsConfig::default(),
             config_file: None,
             unix_line: None,
         }
@@ -101,6 +202,10 @@ pub enum ConfigError {
     Read { path: PathBuf, err: std::io::Error },
     #[error("metrics address {0:?} is not IP:PORT (or \"off\")")]
     Metrics(String),
+    #[error("[dns] upstream {0:?} is not ADDR:PORT or ADDR")]
+    Upstream(String),
+    #[error("[dns]: {0}")]
+    Dns(String),
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
         path: PathBuf,
@@ -195,6 +300,46 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("a.toml:2:1:"), "{s}");
         assert!(s.contains("policy"), "{s}");
+    }
+
+    #[test]
+    fn dns_upstreams_parse_and_resolv_conf_is_read() {
+        let c = DaemonConfig::parse(
+            Path::new("a.toml"),
+            "[dns]\nupstream = [\"127.0.0.1:5353\", \"::1\", \"[fd00::1]:54\"]\nport = 5300\n",
+        )
+        .unwrap();
+        assert_eq!(c.dns.port, 5300);
+        let ups: Vec<String> = c
+            .dns
+            .upstreams()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(ups, ["127.0.0.1:5353", "[::1]:53", "[fd00::1]:54"]);
+        let bad = DaemonConfig::parse(Path::new("a.toml"), "[dns]\nupstream = [\"dns.google\"]\n")
+            .unwrap();
+        assert!(
+            bad.dns
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("dns.google")
+        );
+        let text =
+            "# x\nnameserver 10.0.0.2\nsearch lan\nnameserver fe80::1%eth0\nnameserver ::1\n";
+        let ns: Vec<String> = resolv_conf_nameservers(text)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(ns, ["10.0.0.2:53", "[::1]:53"]);
+        let c = DaemonConfig::parse(
+            Path::new("a.toml"),
+            "[dns]\nttl_min_secs = 10\nttl_max_secs = 5\n",
+        )
+        .unwrap();
+        assert!(c.dns.check().is_err());
     }
 
     #[test]

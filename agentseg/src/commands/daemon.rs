@@ -32,9 +32,14 @@ pub fn daemon(flags: &DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()>
     set(&mut config.metrics, &flags.metrics);
     set(&mut config.sample_allows, &flags.sample_allows);
     set(&mut config.enforcement_root, &flags.enforcement_root);
+    set(&mut config.dns.port, &flags.dns_port);
+    if !flags.dns_upstream.is_empty() {
+        config.dns.upstream = flags.dns_upstream.clone();
+    }
     config.config_file = Some(path.clone());
     // A bad metrics address is refused before anything is loaded.
     config.metrics_addr()?;
+    config.dns.check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

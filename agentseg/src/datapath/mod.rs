@@ -7,6 +7,7 @@
 //! crash or a restart never opens a gap; `agentseg uninstall` removes them.
 mod bpffs;
 mod generation;
+mod learned;
 mod links;
 mod pins;
 mod sys;
