@@ -4,6 +4,7 @@
 //! usage: agentseg-probe [--netns NAME] [--join-cgroup DIR] [--subcgroup NAME] [--thread]
 //!        [--fork] ACTION
 //! actions: connect tcp|udp ADDR | sendto ADDR | env | serve ADDR...
+//! DNS (`dns.rs`): resolve [--tcp] [--unconnected] [--type T] NAME SERVER:PORT | resolve-connect
 use std::{
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -29,10 +30,14 @@ pub(crate) fn outcome(r: io::Result<()>) -> String {
 }
 
 mod attack;
+mod dns;
 mod local;
 
 fn act(action: &[String]) -> String {
-    if let Some(result) = local::act(action).or_else(|| attack::act(action)) {
+    if let Some(result) = local::act(action)
+        .or_else(|| attack::act(action))
+        .or_else(|| dns::act(action))
+    {
         return result;
     }
     let addr = |i: usize| -> SocketAddr {
