@@ -216,6 +216,18 @@ pub struct SegmentStatus {
     pub denied: u64,
     pub audit_denied: u64,
     pub quarantine: Option<QuarantineInfo>,
+    /// The resolver's answers to the segment's members: names allowed, refused (not sent
+    /// upstream), failed upstream; and the learned addresses in force.
+    #[serde(default)]
+    pub dns: DnsStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsStatus {
+    pub allowed: u64,
+    pub refused: u64,
+    pub failed: u64,
+    pub learned: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

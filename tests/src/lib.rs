@@ -536,9 +536,24 @@ pub struct Daemon {
     /// Where the task-judging programs attach: the test's own tree, never the host's root.
     enforcement_root: String,
     extra: Vec<String>,
+    /// The resolver's port (on 127.64.0.1 in every namespace it serves): one of its own per
+    /// daemon, kept across restarts, so that two daemons of one test never collide.
+    pub dns_port: u16,
     pub dir: tempfile::TempDir,
     pub stdout_lines: Vec<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A port free for both UDP and TCP on the resolver's address, in the test's namespace.
+fn free_dns_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.64.0.1:0").expect("bind 127.64.0.1");
+        let port = udp.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.64.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.64.0.1");
 }
 
 impl Daemon {
@@ -590,6 +605,7 @@ impl Daemon {
             agent_root: tree.rel("agents"),
             enforcement_root: tree.rel.clone(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            dns_port: free_dns_port(),
             dir,
             stdout_lines: Vec::new(),
             stderr: None,
@@ -617,6 +633,11 @@ impl Daemon {
                 &[][..]
             } else {
                 &["--metrics", "off"][..]
+            })
+            .args(if self.extra.iter().any(|a| a == "--dns-port") {
+                vec![]
+            } else {
+                vec!["--dns-port".to_owned(), self.dns_port.to_string()]
             })
             .args(&self.extra)
             .stdout(Stdio::piped())

@@ -222,13 +222,13 @@ fn the_audit_log_verifies_and_one_changed_character_is_named() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let (denied_peer, allowed_peer) = (
-        UdpSink::bind(&ns, "127.0.0.2:53"),
+        UdpSink::bind(&ns, "127.0.0.2:9053"),
         UdpSink::bind(&ns, "127.0.0.9:9999"),
     );
     let mut d = Daemon::start(&tree, &[("bot.toml", SEG)]);
     for _ in 0..5 {
         assert_eq!(
-            d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:53"]),
+            d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:9053"]),
             "EPERM"
         );
     }
@@ -321,7 +321,7 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
         SEG.replace("ports = [8080]", "ports = [8080, 8090]")
     );
     let connects = TcpCount::bind(&ns, "127.0.0.1:8080");
-    let denied_peer = UdpSink::bind(&ns, "127.0.0.2:53");
+    let denied_peer = UdpSink::bind(&ns, "127.0.0.2:9053");
     let d = Daemon::start(&tree, &[("bot.toml", &policy)]);
     let scratch = d.scratch();
     let (peer_log, agent_log) = (scratch.join("peer.log"), scratch.join("agent.log"));
@@ -344,7 +344,7 @@ fn crossing_a_deny_rate_quarantines_the_agent_and_cuts_its_flow() {
         "{p} stream 127.0.0.1:8090 {alog} >/dev/null & S=$!; \
          {p} loop 127.0.0.1:8080 {stop} 10 & L=$!; \
          while [ ! -e {go} ]; do sleep 0.02; done; \
-         {p} flood 127.0.0.2:53 10; wait $L; kill $S",
+         {p} flood 127.0.0.2:9053 10; wait $L; kill $S",
         p = probe_bin().display(),
         alog = agent_log.display(),
         stop = stop.display(),
@@ -469,7 +469,7 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let (denied_peer, allowed_peer) = (
-        UdpSink::bind(&ns, "127.0.0.2:53"),
+        UdpSink::bind(&ns, "127.0.0.2:9053"),
         UdpSink::bind(&ns, "127.0.0.9:9999"),
     );
     let port = free_port();
@@ -486,7 +486,7 @@ fn a_million_denied_sends_keep_the_daemon_up_with_bounded_memory_and_counted_los
     let out = d.run_agent(
         "bot.test.events",
         &ns,
-        &["flood", "127.0.0.2:53", "1000000"],
+        &["flood", "127.0.0.2:9053", "1000000"],
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -563,7 +563,7 @@ fn sampled_allows_become_events_when_asked() {
     assert_eq!(peer.count(), 1);
     // A denial after it as a marker: records come in order, so the allow's are all in by then.
     assert_eq!(
-        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:53"]),
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.2:9053"]),
         "EPERM"
     );
     d.wait_records(1, |r| r["kind"] == "deny");
@@ -607,7 +607,7 @@ fn events_follow_streams_live_denials() {
     let d = Daemon::start(&tree, &[("bot.toml", SEG), ("other.toml", other)]);
     // One denial before the follower starts: it comes first, as history.
     assert_eq!(
-        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.6:53"]),
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.6:9053"]),
         "EPERM"
     );
     d.wait_records(1, |r| r["kind"] == "deny" && r["dst"] == "127.0.0.6");
@@ -647,7 +647,7 @@ fn events_follow_streams_live_denials() {
     // Then, in order: another segment's denial (filtered out), this segment's allowed send (not
     // an event) and this segment's live denial, which must be the next line.
     assert_eq!(
-        d.run_probe("bot.test.other", &ns, &["sendto", "127.0.0.8:53"]),
+        d.run_probe("bot.test.other", &ns, &["sendto", "127.0.0.8:9053"]),
         "EPERM"
     );
     assert_eq!(
@@ -655,7 +655,7 @@ fn events_follow_streams_live_denials() {
         "ok"
     );
     assert_eq!(
-        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.7:53"]),
+        d.run_probe("bot.test.events", &ns, &["sendto", "127.0.0.7:9053"]),
         "EPERM"
     );
     let v = next("live event");

@@ -43,7 +43,7 @@ fn listen_all(ns: &Netns) -> Listeners {
     Listeners::bind(
         ns,
         &["[::]:8080", "[::]:9090", "[::]:8050", "[::]:8101"],
-        &["[::]:5353", "[::]:5354", "[::]:53", "[::]:8080"],
+        &["[::]:5353", "[::]:5354", "[::]:54", "[::]:8080"],
     )
 }
 
@@ -141,7 +141,7 @@ fn unconnected_udp_sendto_is_judged_per_message() {
     let go = |args: &[&str]| attempt(&l, &run, args);
     assert_eq!(go(&["sendto", "127.0.0.1:5353"]), "ok");
     assert_eq!(go(&["sendto", "127.0.0.2:5353"]), "EPERM");
-    assert_eq!(go(&["sendto", "127.0.0.1:53"]), "EPERM");
+    assert_eq!(go(&["sendto", "127.0.0.1:54"]), "EPERM");
     // Per message: the same peer again after the denials.
     assert_eq!(go(&["sendto", "127.0.0.1:5353"]), "ok");
     l.assert_silent("at the end");
@@ -356,11 +356,11 @@ fn audit_mode_denies_nothing_and_counts() {
             5353,
         ),
         (
-            &["sendto", "127.0.0.1:53"],
+            &["sendto", "127.0.0.1:54"],
             "sendmsg4",
             "udp",
             "127.0.0.1",
-            53,
+            54,
         ),
     ];
     for (args, ..) in &would_deny {

@@ -34,13 +34,17 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             status.cgroup2.display()
         );
         println!(
-            "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}",
-            "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT"
+            "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>22}",
+            "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT", "DNS OK/REF/FAIL/ADDRS"
         );
         for s in &status.segments {
+            let dns = format!(
+                "{}/{}/{}/{}",
+                s.dns.allowed, s.dns.refused, s.dns.failed, s.dns.learned
+            );
             println!(
-                "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10}",
-                s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied
+                "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>22}",
+                s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied, dns
             );
         }
         if !status.agents.is_empty() {

@@ -90,6 +90,8 @@ pub struct Engine {
     pub(super) sandbox_refusals: BTreeMap<(String, String), u64>,
     /// What no agent may write, whatever its uid (sent to the launcher).
     pub(super) protected: Vec<PathBuf>,
+    /// The resolver's state: slots, learned addresses, served namespaces.
+    pub(super) dns: super::dns::DnsState,
 }
 
 pub struct StartOptions {
@@ -115,6 +117,12 @@ pub struct StartOptions {
     pub watch: Option<super::guards::CgroupWatch>,
     /// The host policy every segment gets (AF_UNIX baseline, control socket refused).
     pub host: compile::HostPolicy,
+    pub dns: super::dns::DnsSettings,
+    /// The resolver, already serving the daemon's own namespace (None: `[dns] port = 0`).
+    pub resolver: Option<(
+        std::sync::Arc<super::resolver::Resolver>,
+        super::resolver::Serving,
+    )>,
 }
 
 impl Engine {
@@ -172,9 +180,21 @@ impl Engine {
             enforcement_root_id,
             alarms: 0,
             last_alarm: None,
+            dns: super::dns::DnsState::new(opts.dns),
         };
+        if let Some((resolver, own)) = opts.resolver {
+            engine.dns_start(resolver, own);
+        }
         if engine.dp.adopted() {
             engine.adopt_agents();
+            // Slots stay with their members across a restart (queries in flight keep their
+            // asker); what was learned stays allowed until it expires.
+            for (id, m) in engine.dp.members().unwrap_or_default() {
+                if m.dns_slot != 0 {
+                    engine.dns.slots.adopt(m.dns_slot, id);
+                }
+            }
+            engine.dns_adopt(&compiled);
         }
         engine.apply(compiled)?;
         engine.recover_quarantines();
@@ -404,6 +424,7 @@ impl Engine {
             c.deadman_secs = self.deadman_secs;
             c.sample_allows = self.sample_allows;
             c.flags = self.config_flags(None);
+            c.dns_port = self.dns.settings.port;
             self.dp.set_config(c)
         });
         if let Err(e) = result {
@@ -411,8 +432,14 @@ impl Engine {
         }
     }
 
-    pub fn start_agent(&mut self, segment: &str, uid: Option<u32>, gid: Option<u32>) -> Reply {
-        match self.try_start_agent(segment, uid, gid) {
+    pub fn start_agent(
+        &mut self,
+        segment: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        launcher: Option<i32>,
+    ) -> Reply {
+        match self.try_start_agent(segment, uid, gid, launcher) {
             Ok(reply) => reply,
             Err(e) => Reply::Error {
                 message: format!("{e:#}"),
@@ -425,6 +452,7 @@ impl Engine {
         segment: &str,
         uid: Option<u32>,
         gid: Option<u32>,
+        launcher: Option<i32>,
     ) -> anyhow::Result<Reply> {
         let seg = self
             .live()
@@ -468,7 +496,19 @@ impl Engine {
             protected: self.protected.clone(),
             allow_abstract_unix,
         };
-        let result = self.register_agent(&name, compiled_id, dynamic_uid, launch);
+        // The agent runs in the launcher's network namespace: its DNS is served there before
+        // it exists (a namespace that cannot be served refuses the agent, not its queries).
+        let served = match launcher.and_then(|p| u32::try_from(p).ok()) {
+            Some(pid) => self.dns_serve_netns_of(pid).map_err(|e| {
+                anyhow::anyhow!("serving DNS in the launcher's network namespace: {e:#}")
+            }),
+            None if self.dns.resolver.is_some() => Err(anyhow::anyhow!(
+                "the launcher's pid is unknown: cannot serve its DNS"
+            )),
+            None => Ok(()),
+        };
+        let result =
+            served.and_then(|()| self.register_agent(&name, compiled_id, dynamic_uid, launch));
         if result.is_err()
             && let Some(u) = dynamic_uid
         {
@@ -499,10 +539,11 @@ impl Engine {
             kind: MEMBER_AGENT,
             flags: MEMBER_ATTACHED,
             agent_id: id.0,
-            dns_slot: 0,
+            dns_slot: self.dns_slot_for(cgroup_id, 0),
             _pad: 0,
         };
         if let Err(e) = self.dp.set_member(cgroup_id, member) {
+            self.dns_release_slot(cgroup_id);
             let _ = cgroup::remove_tree(&cgroup);
             return Err(e.into());
         }
@@ -600,6 +641,7 @@ impl Engine {
             if let Err(e) = self.dp.remove_member(agent.cgroup_id) {
                 warn!(agent = %id, "removing membership: {e}");
             }
+            self.dns_release_slot(agent.cgroup_id);
             let target = Target::Agent(id.to_string());
             if self.store.records.contains_key(&target) {
                 self.release(&target, None, "agent-gone");

@@ -12,11 +12,11 @@ use std::{
 };
 
 use agentseg_common::{
-    Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG_UNIX, HOOK_SENDMSG4,
-    HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS,
-    RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL,
-    RULE_IP_OPTIONS, RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, RULES_PER_GEN, UNIX_PATH_LEN,
-    UnixEvent, VERDICT_AUDIT, VERDICT_DENY,
+    Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_DNS, HOOK_SENDMSG_UNIX,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF,
+    HOOK_SKB_INGRESS, RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_DNS,
+    RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED, RULE_PENDING,
+    RULE_QUARANTINE, RULES_PER_GEN, UNIX_PATH_LEN, UnixEvent, VERDICT_AUDIT, VERDICT_DENY,
 };
 use aya::maps::{MapData, RingBuf};
 use serde_json::{Value, json};
@@ -47,12 +47,22 @@ pub struct EventLine {
     pub json: String,
 }
 
-/// One kernel record: an inet decision, or an AF_UNIX one with its address.
+/// One kernel record: an inet decision, or an AF_UNIX one with its address; or one of the
+/// resolver's decisions (hook `dns`), with the query.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub event: Event,
     /// The AF_UNIX address as text: a path, or `@name` for an abstract name.
     pub unix: Option<String>,
+    pub dns: Option<DnsNote>,
+}
+
+/// What the resolver adds to its events.
+#[derive(Debug, Clone)]
+pub struct DnsNote {
+    /// The name asked (or the CNAME that was refused); None when the query could not be read.
+    pub query: Option<String>,
+    pub reason: String,
 }
 
 /// An AF_UNIX address as operators write it: the path, or `@` + the abstract name (bytes
@@ -99,11 +109,16 @@ pub async fn read_ring(ring: RingBuf<MapData>, tx: mpsc::Sender<Job>) {
                     batch.push(Record {
                         event: u.event,
                         unix: Some(unix_address(&u.path, u.path_len)),
+                        dns: None,
                     });
                 } else if item.len() >= std::mem::size_of::<Event>() {
                     // SAFETY: as above, for an `Event`.
                     let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
-                    batch.push(Record { event, unix: None });
+                    batch.push(Record {
+                        event,
+                        unix: None,
+                        dns: None,
+                    });
                 }
                 if batch.len() >= BATCH {
                     break;
@@ -129,6 +144,9 @@ struct EventRecord<'a> {
     cgroup: &'a str,
     comm: &'a str,
     direction: &'a str,
+    /// The name the destination was learned for (an `fqdns` rule's address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
     dport: u16,
     dst: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,6 +159,12 @@ struct EventRecord<'a> {
     pid: u32,
     prev: String,
     protocol: &'a str,
+    /// The DNS query (hook `dns`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<&'a str>,
+    /// Why the resolver refused (hook `dns`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     rule: &'a str,
     rule_id: Option<u32>,
     segment: &'a str,
@@ -193,6 +217,7 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_SENDMSG_UNIX => "sendmsg_unix",
         HOOK_SETSOCKOPT => "setsockopt",
         HOOK_SKB_HANDOFF => "skb_handoff",
+        HOOK_DNS => "dns",
         _ => "unknown",
     }
 }
@@ -208,6 +233,7 @@ fn sentinel_name(rule: u32) -> Option<&'static str> {
         RULE_IP_OPTIONS => "ip-options",
         RULE_CONTROL_SOCKET => "control-socket",
         RULE_FAILED_MEMBER => "failed-member",
+        RULE_DNS => "dns",
         _ => return None,
     })
 }
@@ -285,7 +311,14 @@ impl Engine {
                 protocol_name(e.protocol)
             };
             let rule_id = (e.rule_id < RULE_FIRST_SENTINEL).then_some(e.rule_id % RULES_PER_GEN);
-            self.sink.read += 1;
+            let domain = if egress && e.hook != HOOK_DNS {
+                self.dns.learned.name_for(segment, dst)
+            } else {
+                None
+            };
+            if r.dns.is_none() {
+                self.sink.read += 1;
+            }
             // The audit line (with its seq and hash) is what subscribers see too.
             let json = match self
                 .sink
@@ -295,6 +328,7 @@ impl Engine {
                     cgroup,
                     comm: &comm,
                     direction: if egress { "egress" } else { "ingress" },
+                    domain,
                     dport: e.dport,
                     dst: &dst_text,
                     hash,
@@ -304,6 +338,8 @@ impl Engine {
                     pid: (e.pid_tgid >> 32) as u32,
                     prev,
                     protocol: &protocol,
+                    query: r.dns.as_ref().and_then(|d| d.query.as_deref()),
+                    reason: r.dns.as_ref().map(|d| d.reason.as_str()),
                     rule: &rule,
                     rule_id,
                     segment,

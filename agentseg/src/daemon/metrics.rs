@@ -104,6 +104,36 @@ impl Engine {
             "Connects, sends and packets judged, by segment and verdict",
             decisions,
         );
+        let queries = Family::<Labels, Counter>::default();
+        let learned = Family::<Labels, Gauge>::default();
+        for s in &status.segments {
+            for (outcome, n) in [
+                ("allowed", s.dns.allowed),
+                ("refused", s.dns.refused),
+                ("failed", s.dns.failed),
+            ] {
+                queries
+                    .get_or_create(&vec![
+                        ("segment".into(), s.name.clone()),
+                        ("outcome".into(), outcome.into()),
+                    ])
+                    .inc_by(n);
+            }
+            learned
+                .get_or_create(&vec![("segment".into(), s.name.clone())])
+                .set(s.dns.learned as i64);
+        }
+        registry.register(
+            "dns_queries",
+            "DNS queries of members, by segment and outcome (refused: never sent upstream; \
+             failed: no upstream answered)",
+            queries,
+        );
+        registry.register(
+            "dns_learned_addresses",
+            "Addresses learned from allowed DNS answers and in force, by segment",
+            learned,
+        );
         registry.register(
             "events_lost",
             "Kernel event records lost to a full ring buffer",

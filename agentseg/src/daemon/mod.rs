@@ -4,12 +4,14 @@
 //! Shape (mini-redis): the engine thread owns the datapath and takes requests over a channel;
 //! the tokio side accepts connections, checks credentials and forwards. The shutdown signal is
 //! a parameter so tests and `main` drive it the same way.
+mod dns;
 mod engine;
 mod events;
 mod guards;
 mod metrics;
 mod quarantine;
 mod reconcile;
+mod resolver;
 mod revoke;
 mod status;
 mod uids;
@@ -58,6 +60,8 @@ enum Job {
     Events(Vec<events::Record>),
     /// A metrics scrape: the Prometheus text.
     Metrics(oneshot::Sender<String>),
+    /// The resolver asks (and waits for the verdict) or reports.
+    Dns(dns::DnsRequest, Option<oneshot::Sender<dns::DnsDecision>>),
 }
 
 /// How often member cgroups are re-scanned (a new member joins within this).
@@ -95,6 +99,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         cgroup2.join(cgroup::check_relative(&config.enforcement_root)?)
     };
     let (watch, watch_events) = cgroup_watch();
+    let (tx, rx) = mpsc::channel::<Job>(64);
+    // The resolver listens before anything is steered to it; a port it cannot have stops the
+    // start (a resolver that is not there fails closed, but silently).
+    let resolver = if config.dns.port != 0 {
+        let upstreams = config.dns.upstreams()?;
+        if upstreams.is_empty() {
+            warn!(
+                "no upstream resolver ([dns] upstream, /etc/resolv.conf): every allowed query fails"
+            );
+        }
+        let r = resolver::Resolver::new(
+            resolver::ResolverConfig {
+                port: config.dns.port,
+                upstreams,
+                limits: crate::dns::message::Limits {
+                    max_name_len: config.dns.max_name_length,
+                    ..Default::default()
+                },
+                timeout: Duration::from_millis(config.dns.upstream_timeout_ms),
+                queries_per_sec: config.dns.queries_per_sec,
+                burst: config.dns.burst,
+            },
+            tx.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let own = r.serve_in(None)?;
+        Some((r, own))
+    } else {
+        None
+    };
     let mut dp = Datapath::open(&config.pin_root)?;
     let ring = dp.take_events()?;
     let (bus, _) = tokio::sync::broadcast::channel(4096);
@@ -120,11 +154,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             enforcement_root,
             watch,
             host,
+            dns: dns::DnsSettings {
+                port: config.dns.port,
+                ttl_min_secs: config.dns.ttl_min_secs,
+                ttl_max_secs: config.dns.ttl_max_secs,
+                grace_secs: config.dns.grace_secs,
+            },
+            resolver,
         },
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
 
-    let (tx, rx) = mpsc::channel::<Job>(64);
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine_loop(engine, rx))
@@ -234,6 +274,14 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                 engine.sync_members();
                 engine.sweep();
                 engine.expire_quarantines();
+                engine.dns_sweep();
+                engine.dns_discover();
+            }
+            Job::Dns(request, reply) => {
+                let decision = engine.on_dns(request);
+                if let Some(reply) = reply {
+                    let _ = reply.send(decision);
+                }
             }
             Job::CgroupsChanged => engine.sync_members(),
             Job::Heartbeat => engine.heartbeat(),
@@ -246,7 +294,7 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                     Ok(()) => match request {
                         Request::Status => Reply::Status(engine.status()),
                         Request::StartAgent { segment, uid, gid } => {
-                            engine.start_agent(&segment, uid, gid)
+                            engine.start_agent(&segment, uid, gid, pid)
                         }
                         Request::SandboxReport { agent_id, refusals } => {
                             engine.sandbox_report(&agent_id, refusals)

@@ -119,6 +119,11 @@ impl Engine {
                 SEGMENT_RELEASED
             };
             member.segment_ids[next as usize] = value;
+            member.dns_slot = if value == SEGMENT_RELEASED {
+                member.dns_slot
+            } else {
+                self.dns_slot_for(id, member.dns_slot)
+            };
             self.dp.set_member(id, member)?;
         }
         for (id, (index, path)) in &desired {
@@ -137,7 +142,7 @@ impl Engine {
                     kind: MEMBER_CGROUP,
                     flags: self.guard_flag(*id),
                     agent_id: [0; 16],
-                    dns_slot: 0,
+                    dns_slot: self.dns_slot_for(*id, 0),
                     _pad: 0,
                 };
                 self.dp.set_member(*id, member)?;
@@ -145,9 +150,13 @@ impl Engine {
             self.attach_member(*id, path);
         }
 
+        // What the resolver learned goes with each segment into the new generation.
+        let stale_learned = self.dns_prepare_switch(next, &compiled, &old_ids);
+
         // The switch.
         let mut config = self.dp.config()?;
         config.active_gen = next;
+        config.dns_port = self.dns.settings.port;
         config.epoch = config.epoch.wrapping_add(1);
         config.deadman_secs = self.deadman_secs;
         config.sample_allows = self.sample_allows;
@@ -156,6 +165,7 @@ impl Engine {
         self.dp.set_config(config)?;
         self.generation = next;
 
+        self.dns_remove_keys(&stale_learned);
         for id in released {
             self.forget_member(id);
         }
@@ -258,6 +268,7 @@ impl Engine {
         if let Err(e) = self.dp.detach(id) {
             warn!(cgroup_id = id, "detaching: {e:#}");
         }
+        self.dns_release_slot(id);
         self.attached.remove(&id);
         self.failed.remove(&id);
     }
@@ -334,7 +345,7 @@ impl Engine {
                 kind: MEMBER_CGROUP,
                 flags: self.guard_flag(id),
                 agent_id: [0; 16],
-                dns_slot: 0,
+                dns_slot: self.dns_slot_for(id, 0),
                 _pad: 0,
             };
             // Membership before attachment: the first judged connect already finds it, and

@@ -54,6 +54,16 @@ impl Engine {
                 s.audit_denied += t.audit_denied;
             }
         }
+        let learned = self.dns.learned.count_by_segment();
+        for s in &mut segments {
+            let c = self.dns.counts.get(&s.name).copied().unwrap_or_default();
+            s.dns = crate::control::DnsStatus {
+                allowed: c.allowed,
+                refused: c.refused,
+                failed: c.failed,
+                learned: learned.get(s.name.as_str()).copied().unwrap_or(0),
+            };
+        }
         for (path, m) in &self.members {
             let c = self.dp.counters(m.cgroup_id);
             let Some(s) = segments.get_mut(m.segment) else {

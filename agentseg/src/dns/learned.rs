@@ -205,7 +205,7 @@ pub fn kernel_value(
     generation: u32,
 ) -> Option<LearnedValue> {
     let mut order: Vec<&Claim> = claims.iter().collect();
-    order.sort_by(|a, b| b.expires_ns.cmp(&a.expires_ns));
+    order.sort_by_key(|c| std::cmp::Reverse(c.expires_ns));
     let mut value = LearnedValue::default();
     let mut n = 0;
     for claim in order {

@@ -37,8 +37,8 @@ impl Slots {
         let span = SLOT_END - DNS_SLOT_FIRST;
         for i in 0..span {
             let slot = DNS_SLOT_FIRST + (self.next - DNS_SLOT_FIRST + i) % span;
-            if !self.owner.contains_key(&slot) {
-                self.owner.insert(slot, cgroup);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.owner.entry(slot) {
+                e.insert(cgroup);
                 self.by_cgroup.insert(cgroup, slot);
                 self.next = if slot + 1 >= SLOT_END {
                     DNS_SLOT_FIRST
