@@ -118,11 +118,16 @@ impl Segment {
                     );
                     out.push(at(pos, line, m));
                 }
-                if listed(DNS) && has_names {
+                if listed(DNS) {
+                    let names = if has_names {
+                        "the names of its fqdns rules resolve through agentseg"
+                    } else {
+                        "the segment has no fqdns rule, so no name resolves"
+                    };
                     let m = format!(
                         "segment {name}: port 53 is steered to agentseg's resolver whatever \
-                         server is asked: this rule never reaches that server on port 53 (the \
-                         segment has fqdns rules; their names resolve through agentseg)"
+                         server is asked: this rule never reaches that server on port 53 \
+                         ({names}; unless the daemon's [dns] port = 0)"
                     );
                     out.push(at(pos, line, m));
                 }

@@ -195,10 +195,16 @@ fn port_53_by_address_in_a_segment_with_names() {
             (8, Some(10), "port 53 is steered"),
         ],
     );
-    // Without names the segment's DNS rules are its own business.
+    // Without names every member's DNS is steered all the same: no name resolves at all.
     let without = text.replace(
         "fqdns = [\"api.example.com\"]",
         "cidrs = [\"198.51.100.1\"]",
     );
-    expect(&without, &[]);
+    expect(
+        &without,
+        &[
+            (4, Some(10), "the segment has no fqdns rule, so no name resolves"),
+            (8, Some(10), "port 53 is steered"),
+        ],
+    );
 }
