@@ -917,15 +917,16 @@ pub fn probe(ns: &Netns, join: Option<&Path>, args: &[&str]) -> String {
 /// Programs agentseg attaches to each member cgroup and the agent root (the packet hooks).
 pub const PROGRAMS: usize = 2;
 /// Programs agentseg attaches once, at the enforcement root (the test tree's root): connect,
-/// sendmsg (v4, v6), setsockopt, the handoff packet hook, AF_UNIX connect and sendmsg.
-pub const ROOT_PROGRAMS: usize = 8;
+/// sendmsg, recvmsg, getpeername (v4, v6), setsockopt, the handoff packet hook, AF_UNIX
+/// connect and sendmsg.
+pub const ROOT_PROGRAMS: usize = 12;
 
 /// How many agentseg programs are attached to a cgroup, over every attach type agentseg
 /// uses (asked of the kernel directly: bpftool 7.1 does not know the AF_UNIX attach types).
 pub fn attachments(cgroup: &Path) -> usize {
-    // BPF_CGROUP_INET_INGRESS/EGRESS, INET4/6_CONNECT, UDP4/6_SENDMSG, SETSOCKOPT, UNIX_CONNECT,
-    // UNIX_SENDMSG.
-    const ATTACH_TYPES: [u32; 9] = [0, 1, 10, 11, 14, 15, 22, 49, 50];
+    // BPF_CGROUP_INET_INGRESS/EGRESS, INET4/6_CONNECT, UDP4/6_SENDMSG, UDP4/6_RECVMSG,
+    // SETSOCKOPT, INET4/6_GETPEERNAME, UNIX_CONNECT, UNIX_SENDMSG.
+    const ATTACH_TYPES: [u32; 13] = [0, 1, 10, 11, 14, 15, 19, 20, 22, 29, 30, 49, 50];
     let dir = std::fs::File::open(cgroup).expect("open cgroup");
     ATTACH_TYPES
         .iter()

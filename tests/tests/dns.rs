@@ -245,6 +245,51 @@ fn refused_names_never_reach_upstream_and_are_deny_events() {
 }
 
 #[test]
+fn a_flood_of_queries_is_cut_to_the_rate() {
+    if !kernel_ready() {
+        return;
+    }
+    let up = Upstream::start(&zone());
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agentseg.toml");
+    std::fs::write(&config, "[dns]\nqueries_per_sec = 1\nburst = 3\n").expect("config");
+    let d = start(
+        &tree,
+        &[("dns.toml", &segment("bot.test.flood", None))],
+        &up,
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let out = d.run_probe(
+        "bot.test.flood",
+        &ns,
+        &["resolve-burst", "20", "api.example.com", ASKED],
+    );
+    let rcodes: Vec<&str> = out.split(',').collect();
+    assert_eq!(rcodes.len(), 20, "{out}");
+    // The burst is answered; the rest of a flood far over 1/s is refused (a query or two may
+    // refill while the burst runs).
+    assert_eq!(&rcodes[..3], ["NOERROR"; 3], "{out}");
+    let refused = rcodes.iter().filter(|r| **r == "REFUSED").count();
+    assert!(refused >= 15, "only {refused} of 20 refused: {out}");
+    let asked = up
+        .queries()
+        .iter()
+        .filter(|(n, _, _)| n == "api.example.com")
+        .count();
+    assert_eq!(asked, 20 - refused, "refused queries reached the upstream");
+    let rec = d.wait_records(1, |r| {
+        r["hook"] == "dns"
+            && r["kind"] == "deny"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("rate limit"))
+    });
+    assert_eq!(rec[0]["segment"], "bot.test.flood", "{}", rec[0]);
+}
+
+#[test]
 fn learned_addresses_expire_and_stay_in_their_segment() {
     if !kernel_ready() {
         return;

@@ -367,7 +367,7 @@ fn audit_mode_denies_nothing_and_counts() {
         assert_eq!(go(args), "ok", "{args:?} denied in audit mode");
     }
     // Each attempt is recorded by the hook that judged it, naming the rule that would deny it.
-    let marker = |r: &serde_json::Value| r["hook"] == "sendmsg4" && r["dport"] == 53;
+    let marker = |r: &serde_json::Value| r["hook"] == "sendmsg4" && r["dport"] == 54;
     d.wait_records(1, |r| r["kind"] == "audit_deny" && marker(r));
     let records: Vec<_> = d
         .audit_records()

@@ -282,6 +282,22 @@ impl Resolver {
             self.tell(DnsRequest::Failed { slot }).await;
             return Some(message::servfail(&q));
         };
+        if answer.broken {
+            // A CNAME loop or a target that is not a plain name: where it leads cannot be
+            // judged.
+            self.tell(DnsRequest::Refused {
+                slot,
+                name: answer.chain.last().cloned(),
+                reason: format!(
+                    "the CNAME chain of {} is broken (a loop, or a name that is not plain)",
+                    q.name
+                ),
+                count: 1,
+                tcp,
+            })
+            .await;
+            return Some(message::refused(&q));
+        }
         match self
             .ask(DnsRequest::Learn {
                 slot,

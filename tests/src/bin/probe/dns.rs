@@ -9,6 +9,7 @@
 //!   (addresses, `cname:TARGET`, `txt:TEXT`) or `-`. On failure the errno name (`EPERM`,
 //!   `ECONNREFUSED`, `ETIMEDOUT` after the timeout, default 3000 ms), `error:bad-id` for a reply
 //!   to another query, `error:bad-reply`, `error:closed` for a TCP stream closed early.
+//! - `resolve-burst N NAME SERVER:PORT`: N lookups back to back; the rcodes, comma-separated.
 //! - `resolve-connect [--tcp] NAME SERVER:PORT PORT`: resolve NAME (A, then AAAA when there is
 //!   no A; UDP connected, or TCP), then TCP-connect to the first address on PORT (3 s): prints
 //!   `ADDR outcome` (`127.0.0.9 ok`, `fd00::9 EPERM`), or the resolve line when no address.
@@ -164,6 +165,23 @@ pub fn act(action: &[String]) -> Option<String> {
                 }
             }
             last
+        }
+        "resolve-burst" => {
+            // N lookups back to back from one process: the rcodes in order, comma-separated
+            // (errors by name), for the resolver's rate limit.
+            let o = opts(action);
+            let [n, name, to] = o.args.as_slice() else {
+                die("resolve-burst N NAME SERVER:PORT")
+            };
+            let n: usize = n.parse().unwrap_or_else(|_| die("bad N"));
+            let to = server(to);
+            (0..n)
+                .map(|_| match resolve(&o, name, &o.rtype, to) {
+                    Ok((reply, _)) => reply.rcode,
+                    Err(line) => line,
+                })
+                .collect::<Vec<_>>()
+                .join(",")
         }
         _ => return None,
     })
