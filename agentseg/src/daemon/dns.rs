@@ -99,6 +99,10 @@ const DISCOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const UNSERVE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Processes looked at per member cgroup and scan.
 const PIDS_PER_CGROUP: usize = 32;
+/// Addresses one segment may hold learned at once: a member whose wildcard names an
+/// authoritative server it controls cannot fill the kernel map for everyone (beyond, its
+/// answers are SERVFAIL until entries expire).
+pub const LEARNED_PER_SEGMENT: usize = 16384;
 
 pub(super) struct DnsState {
     pub settings: DnsSettings,
@@ -408,6 +412,18 @@ impl Engine {
         let (min, max, grace) = (s.ttl_min_secs, s.ttl_max_secs, s.grace_secs);
         let generation = self.generation;
         let refs: Vec<&crate::policy::Fqdn> = patterns.iter().collect();
+        let new = addrs
+            .iter()
+            .filter(|(addr, _)| self.dns.learned.claims(&segment, *addr).is_none())
+            .count();
+        if !patterns.is_empty() && self.dns.learned.count_of(&segment) + new > LEARNED_PER_SEGMENT {
+            warn!(
+                segment,
+                "{LEARNED_PER_SEGMENT} learned addresses in force: answering SERVFAIL"
+            );
+            self.dns.counts.entry(segment).or_default().failed += 1;
+            return DnsDecision::Fail;
+        }
         for &(addr, ttl) in addrs {
             let secs = u64::from(ttl.clamp(min, max)) + u64::from(grace);
             let expires = now.saturating_add(secs.saturating_mul(1_000_000_000));

@@ -32,6 +32,9 @@ use crate::dns::{
 const IN_FLIGHT: usize = 512;
 /// A TCP client idle this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP clients at once (all namespaces): beyond, a new one is closed at once (a member must
+/// not exhaust the daemon's descriptors).
+const TCP_CLIENTS: usize = 256;
 /// Askers the rate limiter remembers.
 const RATE_KEYS: usize = 65536;
 /// At most one rate-limit event per asker per this long (the rest are counted in it).
@@ -57,6 +60,7 @@ pub struct Resolver {
     /// Rate-limit refusals not reported yet, and when the asker's last report went out.
     limited: Mutex<std::collections::HashMap<u32, (u64, Instant)>>,
     in_flight: Arc<Semaphore>,
+    tcp_clients: Arc<Semaphore>,
 }
 
 /// The resolver's tasks in one namespace; dropping it closes its sockets.
@@ -124,6 +128,7 @@ impl Resolver {
             )),
             limited: Mutex::new(Default::default()),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            tcp_clients: Arc::new(Semaphore::new(TCP_CLIENTS)),
         })
     }
 
@@ -180,8 +185,15 @@ impl Resolver {
                     continue;
                 }
             };
+            let Ok(slot) = self.tcp_clients.clone().try_acquire_owned() else {
+                debug!(%from, "too many TCP clients: closing");
+                continue;
+            };
             let me = self.clone();
-            tokio::spawn(async move { me.tcp_client(stream, from).await });
+            tokio::spawn(async move {
+                me.tcp_client(stream, from).await;
+                drop(slot);
+            });
         }
     }
 

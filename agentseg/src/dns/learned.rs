@@ -139,6 +139,13 @@ impl LearnedTable {
         self.entries.len()
     }
 
+    /// Addresses `segment` has learned (one range walk over its entries).
+    pub fn count_of(&self, segment: &str) -> usize {
+        let lo = (segment.to_owned(), IpAddr::from([0u8; 4]));
+        let hi = (segment.to_owned(), IpAddr::from([0xffu8; 16]));
+        self.entries.range(lo..=hi).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -286,10 +293,23 @@ protocol = "tcp"
             t.claims("b", ip).is_none(),
             "another segment learned nothing"
         );
+        t.learn(
+            "b",
+            "2001:db8::1".parse().unwrap(),
+            "x.example.org",
+            &[&p],
+            300,
+        );
+        t.learn("ab", ip, "x.example.org", &[&p], 300);
+        assert_eq!(
+            (t.count_of("a"), t.count_of("b"), t.count_of("ab")),
+            (1, 1, 1)
+        );
         assert!(t.learn("a", ip, "api.example.com", &[&fq("api.example.com")], 200));
         assert_eq!(t.claims("a", ip).unwrap().len(), 2);
         assert_eq!(t.expire(150), vec![(("a".to_owned(), ip), false)]);
         assert_eq!(t.expire(250), vec![(("a".to_owned(), ip), true)]);
+        assert_eq!(t.expire(350).len(), 2);
         assert!(t.is_empty());
     }
 
