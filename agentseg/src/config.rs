@@ -98,6 +98,10 @@ pub struct DnsConfig {
     pub max_name_length: usize,
     /// How long to wait for one upstream before trying the next.
     pub upstream_timeout_ms: u64,
+    /// DNS-over-HTTPS endpoints, by name: ordinary peers (allowed only by a rule), and `check`
+    /// and the daemon warn about `fqdns` rules that reach them on 443 or 853 (a way around
+    /// the resolver). The well-known public ones are always included.
+    pub doh_endpoints: Vec<String>,
 }
 
 impl Default for DnsConfig {
@@ -112,6 +116,10 @@ impl Default for DnsConfig {
             burst: 50,
             max_name_length: 200,
             upstream_timeout_ms: 2000,
+            doh_endpoints: crate::policy::DOH_ENDPOINTS
+                .iter()
+                .map(|(name, _)| (*name).to_owned())
+                .collect(),
         }
     }
 }

@@ -15,11 +15,12 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let warnings = policy::warnings(&set);
+    let config = host_config();
+    let warnings = policy::warnings_with(&set, &config.dns.doh_endpoints);
     for w in &warnings {
         eprintln!("{w}");
     }
-    let host = host_policy();
+    let host = host_policy(&config);
     match compile::compile_with(&set, &host) {
         Ok(compiled) => {
             if show {
@@ -62,12 +63,15 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
 /// What the daemon on this host adds to every segment: its `[unix] allow` baseline and its
 /// control socket, from the default config file (all defaults when there is none). The
 /// baseline's rules point at the config file's `[unix]` table (line 1 when it has none).
-fn host_policy() -> HostPolicy {
-    let path = Path::new(DEFAULT_CONFIG);
-    let config = DaemonConfig::load(path, false).unwrap_or_else(|e| {
+fn host_config() -> DaemonConfig {
+    DaemonConfig::load(Path::new(DEFAULT_CONFIG), false).unwrap_or_else(|e| {
         eprintln!("agentseg: {e}; checking with the default daemon settings");
         DaemonConfig::default()
-    });
+    })
+}
+
+fn host_policy(config: &DaemonConfig) -> HostPolicy {
+    let path = Path::new(DEFAULT_CONFIG);
     let line = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| {
@@ -83,7 +87,7 @@ fn host_policy() -> HostPolicy {
     HostPolicy::new(allow, Some(origin), &config.socket).unwrap_or_else(|e| {
         eprintln!("agentseg: daemon settings: {e}; checking without the control socket denial");
         HostPolicy {
-            unix_allow: config.unix.allow,
+            unix_allow: config.unix.allow.clone(),
             ..HostPolicy::default()
         }
     })

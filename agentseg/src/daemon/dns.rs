@@ -75,6 +75,8 @@ pub struct DnsSettings {
     pub ttl_min_secs: u32,
     pub ttl_max_secs: u32,
     pub grace_secs: u32,
+    /// `[dns] doh_endpoints`, for the policy warnings of every reload.
+    pub doh_endpoints: Vec<String>,
 }
 
 /// Queries per segment, for status and metrics.

@@ -319,7 +319,7 @@ impl Engine {
         let result = policy::load_dir(&self.policies)
             .map_err(|e| e.to_string())
             .and_then(|set| {
-                for w in policy::warnings(&set) {
+                for w in policy::warnings_with(&set, &self.dns.settings.doh_endpoints) {
                     warn!("{w}");
                 }
                 compile::compile_with(&set, &self.host).map_err(|e| e.to_string())

@@ -72,7 +72,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let set = policy::load_dir(&config.policies)
         .map_err(|errors| anyhow::anyhow!("refusing to start: the policy has errors:\n{errors}"))?;
-    for w in policy::warnings(&set) {
+    for w in policy::warnings_with(&set, &config.dns.doh_endpoints) {
         warn!("{w}");
     }
     let host = config
@@ -159,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 ttl_min_secs: config.dns.ttl_min_secs,
                 ttl_max_secs: config.dns.ttl_max_secs,
                 grace_secs: config.dns.grace_secs,
+                doh_endpoints: config.dns.doh_endpoints.clone(),
             },
             resolver,
         },

@@ -61,13 +61,18 @@ fn doh_ports(rule: &Rule, dot_listed: bool) -> Option<&'static str> {
     }
 }
 
-/// The DoH endpoints `pattern` matches, as "name (who)".
-fn doh_reached(pattern: &Fqdn) -> Vec<String> {
-    DOH_ENDPOINTS
+/// The DoH endpoints `pattern` matches, as "name (who)": the well-known ones, and those the
+/// daemon config lists (`[dns] doh_endpoints`).
+fn doh_reached(pattern: &Fqdn, extra: &[String]) -> Vec<String> {
+    let known = DOH_ENDPOINTS
         .iter()
         .filter(|(name, _)| pattern.matches(name))
-        .map(|(name, who)| format!("{name} ({who})"))
-        .collect()
+        .map(|(name, who)| format!("{name} ({who})"));
+    let listed = extra
+        .iter()
+        .filter(|name| !DOH_ENDPOINTS.iter().any(|(k, _)| k == name) && pattern.matches(name))
+        .map(|name| format!("{name} ([dns] doh_endpoints)"));
+    known.chain(listed).collect()
 }
 
 /// The public resolvers the rule's cidrs (minus its excepts) contain, one address per
@@ -90,7 +95,7 @@ fn resolvers_reached(rule: &Rule) -> Vec<String> {
 }
 
 impl Segment {
-    pub(super) fn dns_warnings(&self, out: &mut Vec<PolicyWarning>) {
+    pub(super) fn dns_warnings(&self, out: &mut Vec<PolicyWarning>, doh: &[String]) {
         let name = &self.name;
         let at = |pos: Option<&Position>, line: usize, message: String| PolicyWarning {
             file: self.origin.file.clone(),
@@ -136,7 +141,7 @@ impl Segment {
                 continue;
             };
             for (j, pattern) in rule.fqdns.iter().enumerate() {
-                let reached = doh_reached(pattern);
+                let reached = doh_reached(pattern, doh);
                 if !reached.is_empty() {
                     let m = format!(
                         "segment {name}: fqdns {:?} on {via} reaches the DNS-over-HTTPS \

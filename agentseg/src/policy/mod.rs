@@ -48,7 +48,7 @@ pub use fqdn::Fqdn;
 pub use monitor::{Action, IdleRule, Monitor, RateRule};
 pub use sandbox::{Capability, Family, NetlinkProtocol, Sandbox, Sockets};
 pub use unix::{UnixKind, UnixPattern};
-pub use warnings::{PolicyWarning, warnings};
+pub use warnings::{PolicyWarning, warnings, warnings_with};
 
 /// Everything a policy directory defines.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -203,8 +203,30 @@ fn port_53_by_address_in_a_segment_with_names() {
     expect(
         &without,
         &[
-            (4, Some(10), "the segment has no fqdns rule, so no name resolves"),
+            (
+                4,
+                Some(10),
+                "the segment has no fqdns rule, so no name resolves",
+            ),
             (8, Some(10), "port 53 is steered"),
         ],
+    );
+}
+
+#[test]
+fn doh_endpoints_of_the_daemon_config_are_named_too() {
+    let text = "name = \"a.b.c\"\n\
+        [[egress]]\nfqdns = [\"doh.corp.example\", \"api.example.com\"]\nports = [443]\n";
+    let set = load(text);
+    assert!(warnings(&set).is_empty(), "no known endpoint matches");
+    let extra = vec!["doh.corp.example".to_owned(), "dns.google".to_owned()];
+    let w: Vec<String> = warnings_with(&set, &extra)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("doh.corp.example ([dns] doh_endpoints)"),
+        "{w:?}"
     );
 }

@@ -57,17 +57,23 @@ const SENSITIVE_DIRS: &[(&str, &str)] = &[
 
 /// Every warning for `set`, in file, line and column order.
 pub fn warnings(set: &PolicySet) -> Vec<PolicyWarning> {
+    warnings_with(set, &[])
+}
+
+/// [`warnings`], with DNS-over-HTTPS endpoints of the daemon config (`[dns] doh_endpoints`)
+/// besides the well-known ones.
+pub fn warnings_with(set: &PolicySet, doh_endpoints: &[String]) -> Vec<PolicyWarning> {
     let mut out = Vec::new();
     for seg in &set.segments {
-        seg.warnings(&mut out);
+        seg.warnings(&mut out, doh_endpoints);
     }
     out.sort();
     out
 }
 
 impl Segment {
-    fn warnings(&self, out: &mut Vec<PolicyWarning>) {
-        self.dns_warnings(out);
+    fn warnings(&self, out: &mut Vec<PolicyWarning>, doh_endpoints: &[String]) {
+        self.dns_warnings(out, doh_endpoints);
         let at = |pos: Option<&Position>, line: usize, message: String| PolicyWarning {
             file: self.origin.file.clone(),
             line: pos.map_or(line, |p| p.line),
