@@ -990,3 +990,38 @@ pub mod bpf {
         Some(String::from_utf8_lossy(&name[..end]).into_owned())
     }
 }
+
+/// GET /metrics from a daemon started with `--metrics 127.0.0.1:PORT`: the body.
+pub fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).expect("read");
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    // A real HTTP response: headers, a blank line, a body of the announced length.
+    let (head, body) = out.split_once("\r\n\r\n").expect("header/body separator");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Content-Length");
+    assert_eq!(body.len(), length);
+    body.to_owned()
+}
+
+pub fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .map(|v| v.trim().parse::<f64>().unwrap_or(-1.0) as u64)
+        })
+        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}

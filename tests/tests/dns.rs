@@ -13,7 +13,7 @@ use std::{
 use agentseg_tests::{
     CgroupTree, Daemon, Listeners, Netns, V6_A,
     dns::{Rr, Upstream},
-    kernel_ready, probe, wait_until,
+    free_port, kernel_ready, metric, probe, scrape, wait_until,
 };
 
 /// The server agents are configured with: nothing listens there.
@@ -179,11 +179,13 @@ fn refused_names_never_reach_upstream_and_are_deny_events() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let l = Listeners::bind(&ns, &["127.0.0.12:443", "127.0.0.13:443"], &[]);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
     let d = start(
         &tree,
         &[("dns.toml", &segment("bot.test.dns", None))],
         &up,
-        &[],
+        &["--metrics", &metrics],
     );
     let run = |args: &[&str]| d.run_probe("bot.test.dns", &ns, args);
     let refused = format!("rcode=REFUSED from={ASKED} answers=-");
@@ -241,6 +243,31 @@ fn refused_names_never_reach_upstream_and_are_deny_events() {
     // The resolver itself is not a peer: only the steered path reaches it.
     let direct = format!("127.64.0.1:{}", d.dns_port);
     assert_eq!(run(&["resolve", "api.example.com", &direct]), "EPERM");
+    // Status and metrics: 1 allowed; 3 + CNAME + TXT + long name refused.
+    let status = d.status_json();
+    assert_eq!(status["segments"][0]["dns"]["allowed"], 1, "{status}");
+    assert_eq!(status["segments"][0]["dns"]["refused"], 6, "{status}");
+    let text = scrape(port);
+    let q = |outcome: &str| {
+        metric(
+            &text,
+            &format!(
+                "agentseg_dns_queries_total{{segment=\"bot.test.dns\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        (q("allowed"), q("refused"), q("failed")),
+        (1, 6, 0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "agentseg_dns_learned_addresses{segment=\"bot.test.dns\"}"
+        ),
+        1
+    );
     l.assert_silent("at the end");
 }
 

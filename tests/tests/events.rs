@@ -7,8 +7,8 @@ use std::{
 };
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Netns, TcpCount, UdpSink, agentseg_bin, kernel_ready, probe_bin,
-    wait_flowing, wait_silent, wait_until,
+    CgroupTree, Daemon, Netns, TcpCount, UdpSink, agentseg_bin, free_port, kernel_ready, metric,
+    probe_bin, scrape, wait_flowing, wait_silent, wait_until,
 };
 
 const SEG: &str = r#"
@@ -23,40 +23,6 @@ cidrs = ["127.0.0.9"]
 ports = [9999]
 protocol = "udp"
 "#;
-
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
-    // A real HTTP response: headers, a blank line, a body of the announced length.
-    let (head, body) = out.split_once("\r\n\r\n").expect("header/body separator");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("Content-Length");
-    assert_eq!(body.len(), length);
-    body.to_owned()
-}
-
-fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .map(|v| v.trim().parse::<f64>().unwrap_or(-1.0) as u64)
-        })
-        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
 
 #[test]
 fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agree() {
