@@ -1,7 +1,6 @@
 //! Events, the tamper-evident audit log, detectors and metrics against the real kernel.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
+    io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
