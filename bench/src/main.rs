@@ -3,11 +3,16 @@
 //! Each subcommand enters a network namespace (`--netns`, via setns: `ip netns exec` would remount
 //! /sys and hide the cgroup2 mount) and optionally a cgroup (`--join-cgroup`) before it starts,
 //! then prints one JSON object on stdout.
+mod dns;
 mod load;
 mod place;
 mod serve;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 
@@ -68,6 +73,33 @@ enum Cmd {
         #[arg(long, default_value = "10")]
         timeout_secs: f64,
     },
+    /// Authoritative UDP DNS server on ADDR (port 0: any): every A question answered with
+    /// ANSWER, TTL 300, until killed. First line: {"listening": "ADDR:PORT"}.
+    DnsServe {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "198.18.0.2")]
+        answer: Ipv4Addr,
+        /// Threads receiving on the one socket.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// A queries for NAME to SERVER over UDP for SECS: CONCURRENCY connected (never bound)
+    /// sockets, one query in flight each, 1 s timeout; rate of answered queries, latency
+    /// percentiles (send to matching reply), replies by rcode.
+    DnsLoad {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "2")]
+        secs: f64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Stop after sending this many queries (even before SECS).
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 fn main() {
@@ -97,6 +129,18 @@ fn run() -> anyhow::Result<()> {
         Cmd::Stream { addr, secs: s } => load::stream(addr, secs(s))?,
         Cmd::Probe { addr, udp } => load::probe(addr, udp)?,
         Cmd::WaitAllowed { addr, timeout_secs } => load::wait_allowed(addr, secs(timeout_secs))?,
+        Cmd::DnsServe {
+            addr,
+            answer,
+            threads,
+        } => return dns::serve(addr, answer, threads),
+        Cmd::DnsLoad {
+            server,
+            name,
+            secs: s,
+            concurrency,
+            count,
+        } => dns::load(server, &name, secs(s), concurrency.clamp(1, 1024), count)?,
     };
     println!("{out}");
     Ok(())

@@ -1,6 +1,7 @@
 //! An agentseg daemon started by the bench: stopped (SIGTERM, only our own child) and
 //! uninstalled on drop, so no program or pin outlives the run.
 use std::{
+    ffi::OsStr,
     io::BufRead as _,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -34,13 +35,38 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// A port free for both UDP and TCP on the resolver's address 127.64.0.1 (in the bench's
+/// namespace: the resolver also listens there, and in the namespaces of its members).
+fn free_dns_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.64.0.1:0").context("binding 127.64.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.64.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP on 127.64.0.1")
+}
+
 impl Daemon {
     pub fn start(bin: &Path, work: &Path, policies: &Path, n: u32) -> anyhow::Result<Self> {
+        Self::start_with(bin, work, policies, n, &[])
+    }
+
+    /// `start` with more daemon flags (`--config FILE`, `--dns-upstream ADDR:PORT`, ...).
+    pub fn start_with(
+        bin: &Path,
+        work: &Path,
+        policies: &Path,
+        n: u32,
+        extra: &[&OsStr],
+    ) -> anyhow::Result<Self> {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}{n}", super::env::PREFIX));
         let socket = work.join(format!("agentseg-{n}.sock"));
         let audit_log = work.join(format!("audit-{n}.jsonl"));
         let state = work.join(format!("state-{n}"));
         let stderr = std::fs::File::create(work.join(format!("daemon-{n}.log")))?;
+        let dns_port = free_dns_port()?;
         let start = Instant::now();
         let mut child = die_with_parent(
             Command::new(bin)
@@ -61,6 +87,11 @@ impl Daemon {
                 .arg("--audit-log")
                 .arg(&audit_log)
                 .args(["--metrics", "off"])
+                // The resolver's port of its own, never the default 53 on the host's
+                // 127.64.0.1 (a daemon of the host's, or of the tests, may hold it).
+                .arg("--dns-port")
+                .arg(dns_port.to_string())
+                .args(extra)
                 .stdout(Stdio::piped())
                 .stderr(stderr),
         )

@@ -4,6 +4,7 @@
 mod cut;
 mod daemon;
 mod detector;
+mod dns;
 mod env;
 mod load;
 mod report;
@@ -129,6 +130,13 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
         }
         Err(e) => res.note(format!("quarantine cut: {e:#}")),
     }
+    step("DNS resolver: an allowed lookup through agentseg vs the same upstream asked directly");
+    ctx.daemon_seq += 1;
+    let reps = plan.rounds.max(5);
+    match dns::measure(&ctx.agentseg, &lg, &work, ctx.daemon_seq, reps, plan.secs) {
+        Ok(d) => record_dns(&mut res, d),
+        Err(e) => res.note(format!("dns resolver: {e:#}")),
+    }
     step("unit timings: detector flood and 100k compile (release unit tests), agentseg check");
     let reps = plan.rounds.max(3);
     match units::build() {
@@ -153,6 +161,77 @@ pub fn run(root: &Path, args: Args) -> anyhow::Result<()> {
     drop(_ns);
     let _ = std::fs::remove_dir_all(&work);
     res.write(&out_dir)
+}
+
+/// The resolver's figures, one value per round (direct and through agentseg side by side).
+fn record_dns(res: &mut Results, d: dns::Dns) {
+    const C: u32 = dns::QPS_CONCURRENCY;
+    let direct = "`dns-load` asking the upstream (`dns-serve`, 127.0.0.1) from the host \
+                  namespace, in no segment";
+    let through = "the same load as an agent of a segment whose `fqdns` rule allows the name, \
+                   asking 127.0.0.153:53: steered to the daemon's resolver, which asks the same \
+                   upstream";
+    res.extra_in(
+        "dns_direct_p50_us",
+        &format!("A lookup, one in flight, send to reply: {direct}"),
+        "µs",
+        d.direct_p50_us,
+    );
+    res.extra_in(
+        "dns_through_p50_us",
+        &format!("A lookup, one in flight, send to reply: {through}"),
+        "µs",
+        d.through_p50_us,
+    );
+    res.extra_in(
+        "dns_added_p50_us",
+        "latency agentseg adds to an allowed lookup: through − direct p50, per round",
+        "µs",
+        d.added_p50_us,
+    );
+    res.extra_in(
+        "dns_p50_ratio",
+        "through / direct p50, per round",
+        "ratio",
+        d.p50_ratio,
+    );
+    res.extra_in(
+        "dns_direct_p99_us",
+        "p99 of the direct lookups above",
+        "µs",
+        d.direct_p99_us,
+    );
+    res.extra_in(
+        "dns_through_p99_us",
+        "p99 of the lookups through agentseg above",
+        "µs",
+        d.through_p99_us,
+    );
+    res.extra_in(
+        "dns_direct_qps",
+        &format!(
+            "answered A lookups per second, {C} sockets with one query in flight each: {direct}"
+        ),
+        "queries/s",
+        d.direct_qps,
+    );
+    res.extra_in(
+        "dns_through_qps",
+        &format!(
+            "answered A lookups per second, {C} sockets with one query in flight each: {through}"
+        ),
+        "queries/s",
+        d.through_qps,
+    );
+    res.extra_in(
+        "dns_qps_ratio",
+        "through / direct queries per second, per round",
+        "ratio",
+        d.qps_ratio,
+    );
+    for n in d.notes {
+        res.note(n);
+    }
 }
 
 /// One variant, one size, one round: load, check it enforces, then time every scenario.

@@ -28,12 +28,13 @@ pub struct Results {
     extras: Vec<Extra>,
 }
 
-/// A figure measured apart from the variant rounds (ms, one value per repetition), with the
-/// bound a test used to assert, if any.
+/// A figure measured apart from the variant rounds (one value per repetition, in `unit`), with
+/// the bound a test used to assert, if any (in the same unit).
 struct Extra {
     name: &'static str,
     what: String,
-    bound_ms: Option<f64>,
+    unit: &'static str,
+    bound: Option<f64>,
     values: Vec<f64>,
 }
 
@@ -130,7 +131,26 @@ impl Results {
         self.extras.push(Extra {
             name,
             what: what.to_owned(),
-            bound_ms,
+            unit: "ms",
+            bound: bound_ms,
+            values,
+        });
+    }
+
+    /// Record a figure measured apart from the variant rounds in another unit than ms ("µs",
+    /// "queries/s", "ratio", ...): one value per repetition, no target.
+    pub fn extra_in(
+        &mut self,
+        name: &'static str,
+        what: &str,
+        unit: &'static str,
+        values: Vec<f64>,
+    ) {
+        self.extras.push(Extra {
+            name,
+            what: what.to_owned(),
+            unit,
+            bound: None,
             values,
         });
     }
@@ -139,38 +159,40 @@ impl Results {
     fn extras_text(&self, md: bool) -> String {
         let mut s = String::new();
         if md {
-            s.push_str("| figure | what | median (ms) | min–max | n | target |\n");
-            s.push_str("| --- | --- | ---: | ---: | ---: | --- |\n");
+            s.push_str("| figure | what | median | unit | min–max | n | target |\n");
+            s.push_str("| --- | --- | ---: | --- | ---: | ---: | --- |\n");
         }
         for e in &self.extras {
             let Some(st) = stat(e.values.clone()) else {
                 let _ = if md {
-                    writeln!(s, "| {} | {} | not measured | | | |", e.name, e.what)
+                    writeln!(s, "| {} | {} | not measured | | | | |", e.name, e.what)
                 } else {
                     writeln!(s, "  {:<22} not measured: {}", e.name, e.what)
                 };
                 continue;
             };
-            let target = e.bound_ms.map_or(String::new(), |b| {
+            let target = e.bound.map_or(String::new(), |b| {
                 let verdict = if st.median <= b { "met" } else { "MISSED" };
-                format!("median ≤ {} ms: {verdict}", num(b))
+                format!("median ≤ {} {}: {verdict}", num(b), e.unit)
             });
             let spread = format!("{}–{}", num(st.min), num(st.max));
             if md {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {spread} | {} | {target} |",
+                    "| {} | {} | {} | {} | {spread} | {} | {target} |",
                     e.name,
                     e.what,
                     num(st.median),
+                    e.unit,
                     st.n
                 );
             } else {
                 let _ = writeln!(
                     s,
-                    "  {:<22} {:>10} {:>18}  n={}  {target}\n  {:<22} {}",
+                    "  {:<22} {:>10} {:<9} {:>18}  n={}  {target}\n  {:<22} {}",
                     e.name,
                     num(st.median),
+                    e.unit,
                     spread,
                     st.n,
                     "",
@@ -408,7 +430,7 @@ impl Results {
         print!("{}", self.targets_text(false));
         let detector = self.detector_text();
         println!("\n{detector}");
-        println!("\nother timings (ms; median, min–max over repetitions):");
+        println!("\nother figures (median, min–max over repetitions):");
         print!("{}", self.extras_text(false));
         for n in &self.notes {
             println!("note: {n}");
@@ -429,8 +451,8 @@ impl Results {
             "samples": samples, "notes": self.notes,
             "detector_latency_ms": self.detector_latency_ms,
             "extras": self.extras.iter().map(|e| json!({"figure": e.name, "what": e.what,
-                "bound_ms": e.bound_ms, "values_ms": e.values,
-                "median_ms": stat(e.values.clone()).map(|s| s.median)})).collect::<Vec<_>>(),
+                "unit": e.unit, "bound": e.bound, "values": e.values,
+                "median": stat(e.values.clone()).map(|s| s.median)})).collect::<Vec<_>>(),
             "targets": self.targets().into_iter().map(|(t, m, ok)| json!({"target": t, "measured": m, "met": ok})).collect::<Vec<_>>(),
         });
         let json_path = out.join("results.json");
@@ -447,7 +469,7 @@ impl Results {
         md.push_str("\n### Targets\n\n");
         md.push_str(&self.targets_text(true));
         let _ = writeln!(md, "\n### Detector latency\n\n{detector}");
-        md.push_str("\n### Other timings\n\n");
+        md.push_str("\n### Other figures\n\n");
         md.push_str(&self.extras_text(true));
         if !self.notes.is_empty() {
             md.push_str("\n### Notes\n\n");
