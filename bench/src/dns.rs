@@ -17,6 +17,8 @@ use hickory_proto::{
 };
 use serde_json::{Value, json};
 
+use crate::load::{errno_name, percentile};
+
 /// TTL of every answer the server gives, seconds.
 const TTL: u32 = 300;
 /// A query without its reply after this long counts as failed ("timeout").
@@ -307,23 +309,6 @@ fn drain(c: &mut Client, buf: &mut [u8], t: &mut Tally) {
             (ResponseCode::NoError, false) => t.error("no-address".into()),
             _ => t.failed += 1,
         }
-    }
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
-}
-
-fn errno_name(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::EPERM) => "EPERM".into(),
-        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
-        Some(n) => format!("errno {n}"),
-        None => e.kind().to_string(),
     }
 }
 

@@ -66,6 +66,15 @@ fn start(tree: &CgroupTree, files: &[(&str, &str)], up: &Upstream, extra: &[&str
     Daemon::start_with(tree, files, &args)
 }
 
+/// A daemon config file holding `text` (its directory lives as long as the returned guard).
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agentseg.toml");
+    std::fs::write(&path, text).expect("config");
+    let path = path.to_str().expect("utf8").to_owned();
+    (dir, path)
+}
+
 /// `resolve-connect`'s "ADDR outcome", checked against the listeners like a connect.
 fn judged_resolve_connect(l: &Listeners, dst: &str, line: String) -> String {
     let (addr, outcome) = line.split_once(' ').unwrap_or(("", line.as_str()));
@@ -279,14 +288,12 @@ fn a_flood_of_queries_is_cut_to_the_rate() {
     let up = Upstream::start(&zone());
     let tree = CgroupTree::create();
     let ns = Netns::create();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("agentseg.toml");
-    std::fs::write(&config, "[dns]\nqueries_per_sec = 1\nburst = 3\n").expect("config");
+    let (_dir, config) = config_file("[dns]\nqueries_per_sec = 1\nburst = 3\n");
     let d = start(
         &tree,
         &[("dns.toml", &segment("bot.test.flood", None))],
         &up,
-        &["--config", config.to_str().expect("utf8")],
+        &["--config", &config],
     );
     let out = d.run_probe(
         "bot.test.flood",
@@ -325,20 +332,9 @@ fn learned_addresses_expire_and_stay_in_their_segment() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let l = Listeners::bind(&ns, &["127.0.0.14:443"], &[]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("agentseg.toml");
-    std::fs::write(
-        &config,
-        "[dns]\nttl_min_secs = 1\nttl_max_secs = 1\ngrace_secs = 1\n",
-    )
-    .expect("config");
+    let (_dir, config) = config_file("[dns]\nttl_min_secs = 1\nttl_max_secs = 1\ngrace_secs = 1\n");
     let policy = segment("bot.test.one", None) + &segment("bot.test.two", None);
-    let d = start(
-        &tree,
-        &[("dns.toml", &policy)],
-        &up,
-        &["--config", config.to_str().expect("utf8")],
-    );
+    let d = start(&tree, &[("dns.toml", &policy)], &up, &["--config", &config]);
     let one = |args: &[&str]| d.run_probe("bot.test.one", &ns, args);
     let two = |args: &[&str]| d.run_probe("bot.test.two", &ns, args);
     let dst = "127.0.0.14:443";
