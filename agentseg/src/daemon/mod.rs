@@ -166,11 +166,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     )?;
     let (segments, prefixes) = (engine.segment_count(), engine.prefix_count());
 
+    let policy_watch = PolicyWatch::default();
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine_loop(engine, rx))
+        .spawn({
+            let policy_watch = policy_watch.clone();
+            move || engine_loop(engine, rx, policy_watch)
+        })
         .context("starting the engine thread")?;
-    watch_policies(&config.policies, tx.clone());
+    watch_policies(&config.policies, tx.clone(), policy_watch.clone());
     if let Some(inotify) = watch_events {
         forward_cgroup_events(inotify, tx.clone());
     }
@@ -262,7 +266,7 @@ fn spawn_ticker(
     })
 }
 
-fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
+fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: PolicyWatch) {
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Shutdown => break,
@@ -287,6 +291,7 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
             Job::CgroupsChanged => engine.sync_members(),
             Job::Heartbeat => engine.heartbeat(),
             Job::Reload => {
+                policy_watch.taken();
                 engine.reload();
             }
             Job::Request(request, pid, uid, reply) => {
@@ -362,9 +367,11 @@ fn forward_cgroup_events(
     }
 }
 
-/// Reload when a file in the policy directory changes (inotify), debounced so an editor's
-/// write-rename dance triggers one reload.
-fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
+/// Reload as soon as a policy file's save is complete: written and closed, renamed into place,
+/// removed, or its mode changed (a file merely created or being written is not complete). No
+/// sleep in the path: while a reload is queued or running, further saves only ask for one more
+/// (`PolicyWatch::pending`), so a burst of saves coalesces into at most two reloads.
+fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>, pending: PolicyWatch) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
         Ok(i) => i,
@@ -373,13 +380,12 @@ fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
             return;
         }
     };
-    let flags = AddWatchFlags::IN_CLOSE_WRITE
+    let complete = AddWatchFlags::IN_CLOSE_WRITE
         | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_CREATE
         | AddWatchFlags::IN_DELETE
         | AddWatchFlags::IN_ATTRIB;
-    if let Err(e) = inotify.add_watch(dir, flags) {
+    if let Err(e) = inotify.add_watch(dir, complete) {
         warn!(dir = %dir.display(), "cannot watch the policy directory ({e}); reload with SIGHUP");
         return;
     }
@@ -387,20 +393,22 @@ fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
         .name("policy-watch".into())
         .spawn(move || {
             loop {
-                if inotify.read_events().is_err() {
+                let Ok(events) = inotify.read_events() else {
                     return;
+                };
+                // Only policy files count (an editor's swap and backup files do not); a queue
+                // overflow may have hidden one.
+                let relevant = events.iter().any(|e| {
+                    e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                        || e.name.as_ref().is_some_and(|n| {
+                            std::path::Path::new(n)
+                                .extension()
+                                .is_some_and(|x| x == "toml")
+                        })
+                });
+                if !relevant || pending.ask() {
+                    continue;
                 }
-                // Let the burst of events from one save settle, then drain it.
-                std::thread::sleep(Duration::from_millis(30));
-                let _ = nix::fcntl::fcntl(
-                    &inotify,
-                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-                );
-                while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
-                let _ = nix::fcntl::fcntl(
-                    &inotify,
-                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-                );
                 info!("policy directory changed: reloading");
                 if tx.blocking_send(Job::Reload).is_err() {
                     return;
@@ -409,6 +417,24 @@ fn watch_policies(dir: &Path, tx: mpsc::Sender<Job>) {
         });
     if let Err(e) = spawned {
         warn!("starting the policy watcher: {e}");
+    }
+}
+
+/// Whether a reload the watcher asked for is still to start. The watcher sets it when it
+/// queues one; the engine clears it *before* it reads the directory, so a save made during
+/// the reload queues the next one.
+#[derive(Clone, Default)]
+pub(crate) struct PolicyWatch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl PolicyWatch {
+    /// Ask for a reload; true when one is already queued (nothing to send).
+    fn ask(&self) -> bool {
+        self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The engine starts a reload: later saves need another.
+    fn taken(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
