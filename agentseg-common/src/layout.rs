@@ -5,7 +5,7 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    Config, Counters, DnsOrig, Event, FlowVerdict, LearnedKey, LearnedSlot, LearnedValue, Member,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, Event, FlowVerdict, LearnedKey, LearnedSlot, LearnedValue, Member,
     PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule, RuleSet, SegmentInfo, UnixEvent, UnixKey,
     UnixValue, capacity,
 };
@@ -34,7 +34,11 @@ const SHAPES: &[u64] = &shape![
         sport,
         dport,
         saddr,
-        daddr
+        daddr,
+        agg_flow_ns,
+        agg_from,
+        agg_to,
+        cpu
     },
     UnixEvent {
         event,
@@ -78,7 +82,30 @@ const SHAPES: &[u64] = &shape![
     Counters {
         allowed,
         denied,
-        audit_denied
+        audit_denied,
+        inbound_denied,
+        records_dropped,
+        budget_tat_ns
+    },
+    DenyFlowKey {
+        cgroup_id,
+        pid,
+        segment_id,
+        rule_id,
+        hook,
+        verdict,
+        family,
+        protocol,
+        sport,
+        dport,
+        saddr,
+        daddr
+    },
+    DenyFlow {
+        count,
+        reported,
+        first_ns,
+        emit_ns
     },
     UnixKey { table_be, path },
     UnixValue { rule_id, verdict },
@@ -104,7 +131,7 @@ const SHAPES: &[u64] = &shape![
     DnsOrig { addr, port, family },
 ];
 
-const CAPACITIES: [u64; 13] = [
+const CAPACITIES: [u64; 14] = [
     capacity::MEMBERS as u64,
     capacity::POLICY_V4 as u64,
     capacity::POLICY_V6 as u64,
@@ -118,6 +145,7 @@ const CAPACITIES: [u64; 13] = [
     capacity::FLOWS as u64,
     capacity::LEARNED as u64,
     capacity::DNS_ORIG as u64,
+    capacity::DENY_FLOWS as u64,
 ];
 
 const fn fnv1a(mut hash: u64, words: &[u64]) -> u64 {

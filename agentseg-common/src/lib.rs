@@ -38,11 +38,14 @@ pub mod map_names {
     /// socket cookie → [`crate::DnsOrig`]: the server a steered DNS socket asked, to make
     /// replies appear to come from it (recvmsg, getpeername).
     pub const DNS_ORIG: &str = "AS_DNS_ORIG";
+    /// [`crate::DenyFlowKey`] → per-CPU [`crate::DenyFlow`]: refused flows being aggregated
+    /// (LRU: an evicted flow's unreported count is left to the member's exact counters).
+    pub const DENY_FLOWS: &str = "AS_DENY_FLOWS";
 
     /// Every map, in the order the loader pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         MEMBERS, POLICY_V4, POLICY_V6, RULESETS, SEGMENTS, COUNTERS, STATS, CONFIG, EVENTS,
-        RULE_HITS, UNIX, FLOWS, LEARNED, DNS_ORIG,
+        RULE_HITS, UNIX, FLOWS, LEARNED, DNS_ORIG, DENY_FLOWS,
     ];
 }
 
@@ -62,6 +65,7 @@ pub mod capacity {
     pub const FLOWS: u32 = 262144;
     pub const LEARNED: u32 = 262144;
     pub const DNS_ORIG: u32 = 65536;
+    pub const DENY_FLOWS: u32 = 16384;
 }
 
 mod layout;
@@ -264,8 +268,17 @@ pub struct Event {
     /// Network byte order; IPv4 in the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// Repeated denials of one flow are aggregated in the kernel (`AS_DENY_FLOWS`, per CPU):
+    /// this record stands for the flow's denials `agg_from + 1 ..= agg_to` on CPU `cpu` of the
+    /// flow entry made at `agg_flow_ns` (0 for records that are not aggregated: allow samples,
+    /// AF_UNIX decisions; then it stands for one decision, `agg_from` 0 and `agg_to` 1).
+    pub agg_flow_ns: u64,
+    pub agg_from: u64,
+    pub agg_to: u64,
+    pub cpu: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 88);
+const _: () = assert!(core::mem::size_of::<Event>() == 120);
 
 /// Bytes of an AF_UNIX address (`sun_path`).
 pub const UNIX_PATH_LEN: usize = 108;
@@ -282,7 +295,7 @@ pub struct UnixEvent {
     /// Bytes of `path` that belong to the address (abstract names may hold NULs).
     pub path_len: u32,
 }
-const _: () = assert!(core::mem::size_of::<UnixEvent>() == 88 + UNIX_PATH_LEN + 4);
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 120 + UNIX_PATH_LEN + 4);
 
 /// Value of MEMBERS, keyed by the cgroup id (the cgroup directory's inode number, host u64).
 /// Written by the daemon when it applies policy or starts an agent; read by every hook.
@@ -579,8 +592,60 @@ pub struct Counters {
     pub denied: u64,
     /// Would-be denials let through because the segment is in audit mode.
     pub audit_denied: u64,
+    /// Of `denied + audit_denied`: inbound packets refused (peers knocking on the member's
+    /// ports). They never count toward the member's own `deny_rate`.
+    pub inbound_denied: u64,
+    /// Records the member's denials would have written but did not: its record budget on this
+    /// CPU was spent, or the ring was full. The denials themselves are counted above and, for
+    /// aggregated flows, reported by a later summary.
+    pub records_dropped: u64,
+    /// The member's record budget on this CPU (GCRA): the theoretical arrival time of its next
+    /// record, CLOCK_BOOTTIME ns. Not a counter (user space ignores it).
+    pub budget_tat_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+const _: () = assert!(core::mem::size_of::<Counters>() == 48);
+
+/// Key of `AS_DENY_FLOWS`: one refused flow of one member, as its records name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DenyFlowKey {
+    pub cgroup_id: u64,
+    /// The process (tgid) for the task hooks, 0 for packet hooks: each process's attempts
+    /// keep their own records.
+    pub pid: u32,
+    pub segment_id: u32,
+    pub rule_id: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    pub family: u8,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DenyFlowKey>() == 64);
+
+/// Value of `AS_DENY_FLOWS` (per CPU): how many denials the flow had on this CPU, how many of
+/// them records have reported, when the entry was made and when it last wrote a record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyFlow {
+    pub count: u64,
+    pub reported: u64,
+    pub first_ns: u64,
+    pub emit_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<DenyFlow>() == 32);
+
+/// A flow that keeps being refused writes at most one summary record per this interval (per
+/// CPU); the daemon sweeps what a flow that went quiet left unreported.
+pub const DENY_SUMMARY_NS: u64 = 1_000_000_000;
+/// A member's record budget per CPU: one record per this interval on average ...
+pub const RECORD_INTERVAL_NS: u64 = 4_000_000;
+/// ... with bursts of this many records (a port scan of 256 ports is reported record by record).
+pub const RECORD_BURST: u64 = 512;
 
 #[cfg(feature = "user")]
 mod user {
@@ -605,6 +670,8 @@ mod user {
     unsafe impl aya::Pod for LearnedKey {}
     unsafe impl aya::Pod for LearnedValue {}
     unsafe impl aya::Pod for DnsOrig {}
+    unsafe impl aya::Pod for DenyFlowKey {}
+    unsafe impl aya::Pod for DenyFlow {}
 
     impl Default for RuleSet {
         fn default() -> Self {

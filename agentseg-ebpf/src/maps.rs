@@ -2,12 +2,14 @@
 //! their capacities come from `agentseg_common::capacity` so that the pinned layout version
 //! covers them.
 use agentseg_common::{
-    Config, Counters, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
     PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
 };
 
 /// cgroup id → membership. Written by the daemon, read by every hook (ancestor walk).
@@ -50,6 +52,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::STA
 /// blocks a hook: the loss is counted in STATS and the verdict stands.
 #[map(name = "AS_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// A member's refused flow → its denials on this CPU and how many records reported. Written
+/// here (one record when a flow first appears, then at most one summary per second); read by
+/// the daemon's sweep, which reports what a flow that went quiet left over. LRU: under a flood
+/// of distinct flows the oldest go, and their leftover is only in the member's exact counters.
+#[map(name = "AS_DENY_FLOWS")]
+pub static DENY_FLOWS: LruPerCpuHashMap<DenyFlowKey, DenyFlow> =
+    LruPerCpuHashMap::with_max_entries(capacity::DENY_FLOWS, 0);
 
 /// rule id → allows it decided (per CPU). Written here; read by the daemon for `audit`.
 #[map(name = "AS_RULE_HITS")]

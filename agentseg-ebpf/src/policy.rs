@@ -20,7 +20,8 @@
 //! | longest prefix's ruleset has (protocol, port)      | allow                           |
 //! | otherwise                                          | deny, or allow if mode = audit  |
 use agentseg_common::{
-    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, Counters, Event, FlowVerdict, INGRESS_BIT,
+    CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, Counters, DENY_SUMMARY_NS, DenyFlow, DenyFlowKey,
+    Event, FlowVerdict, HOOK_SKB_INGRESS, INGRESS_BIT, RECORD_BURST, RECORD_INTERVAL_NS,
     LEARNED_SLOTS, LearnedKey, MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD,
     MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT,
     RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS,
@@ -32,13 +33,14 @@ use agentseg_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+        generated::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
     },
-    maps::lpm_trie::Key,
+    macros::map,
+    maps::{PerCpuArray, lpm_trie::Key},
 };
 
 use crate::maps::{
-    CONFIG, COUNTERS, EVENTS, FLOWS, LEARNED, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS,
+    CONFIG, COUNTERS, DENY_FLOWS, EVENTS, FLOWS, LEARNED, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS,
     SEGMENTS, STATS,
 };
 
@@ -50,6 +52,7 @@ pub const DENY: i32 = 0;
 /// initialised: an enum with a 4- and a 16-byte variant leaves bytes the verifier calls
 /// uninitialised ("!read_ok") when the value is copied.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Peer {
     pub v6: bool,
     /// IPv4 in the first 4 bytes, or IPv6.
@@ -80,21 +83,43 @@ pub fn stat(index: u32) {
 }
 
 #[inline(always)]
-pub fn count(cgroup: u64, f: impl Fn(&mut Counters)) {
+pub fn count(cgroup: u64, f: impl FnOnce(&mut Counters)) {
     match COUNTERS.get_ptr_mut(cgroup) {
         // SAFETY: per-CPU value, only this CPU writes it.
         Some(p) => f(unsafe { &mut *p }),
         None => {
-            let mut c = Counters::default();
-            f(&mut c);
-            // A failed insert (map full) loses one count, never the verdict.
-            let _ = COUNTERS.insert(cgroup, c, 0);
+            // The new value is built in a per-CPU scratch slot, not on the stack (the global
+            // functions' frames add up with the hooks').
+            let Some(c) = SCRATCH_EMIT.get_ptr_mut(0) else {
+                return;
+            };
+            // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
+            let c = unsafe { &mut (*c).counters };
+            *c = Counters::default();
+            f(c);
+            // A failed insert (map full) loses one count, never the verdict. By reference: a
+            // copy would land on the stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            let _ = COUNTERS.insert(cgroup, &*c, 0);
         }
     }
 }
 
+/// Scratch space of [`emit_inline`] and [`count`], one per CPU: what would not fit on the
+/// stack next to a packet hook's frame. Not pinned (nothing outlives a program run).
+#[repr(C)]
+pub struct EmitScratch {
+    pub key: DenyFlowKey,
+    pub flow: DenyFlow,
+    pub counters: Counters,
+}
+
+#[map(name = "AS_SCRATCH_EMIT")]
+static SCRATCH_EMIT: PerCpuArray<EmitScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// The member a decision is about.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Subject {
     /// Member cgroup id (the counters' key).
     pub cgroup: u64,
@@ -294,14 +319,67 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -
     if s.deadman {
         return RULE_DEADMAN;
     }
-    let none = if table == Table::QuarantineAllow {
+    let mut flags = 0;
+    if peer.v6 {
+        flags |= LOOKUP_V6;
+    }
+    match table {
+        Table::Egress => flags |= LOOKUP_LEARNED,
+        Table::QuarantineAllow => flags |= LOOKUP_QUARANTINE,
+        Table::Ingress => {}
+    }
+    // The peer goes by a per-CPU scratch slot: taking its address on the stack pushed the
+    // packet hooks past 512 bytes.
+    let Some(p) = SCRATCH_PEER.get_ptr_mut(0) else {
+        return RULE_DEFAULT_DENY;
+    };
+    // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
+    unsafe {
+        *p = peer;
+        agentseg_lookup(table_id(s, table), flags, p, protocol, u32::from(port))
+    }
+}
+
+/// One [`Peer`] per CPU for [`allows`]; not pinned (nothing outlives a program run).
+#[map(name = "AS_SCRATCH_PEER")]
+static SCRATCH_PEER: PerCpuArray<Peer> = PerCpuArray::with_max_entries(1, 0);
+
+const LOOKUP_V6: u32 = 1;
+/// Egress: consult the addresses the segment learned from DNS after a miss.
+const LOOKUP_LEARNED: u32 = 2;
+/// A miss is [`RULE_QUARANTINE`] rather than [`RULE_DEFAULT_DENY`].
+const LOOKUP_QUARANTINE: u32 = 4;
+
+/// The policy lookup proper: LPM trie, ruleset scan, learned addresses. A *global* function
+/// (exported to the linker by `agentseg-ebpf/build.rs`): the verifier checks it once per
+/// program instead of once per path that reaches it, which kept the packet hooks under the
+/// verifier's million-instruction budget and cut their load time.
+///
+/// # Safety
+/// `peer` is null or points at a Peer.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn agentseg_lookup(
+    table_seg: u32,
+    flags: u32,
+    peer: *const Peer,
+    protocol: u32,
+    port: u32,
+) -> u32 {
+    // The verifier checks a global function for any caller: the pointer may be null.
+    // SAFETY: see the contract.
+    let Some(peer) = (unsafe { peer.as_ref() }) else {
+        return RULE_DEFAULT_DENY;
+    };
+    let port = port as u16;
+    let none = if flags & LOOKUP_QUARANTINE != 0 {
         RULE_QUARANTINE
     } else {
         RULE_DEFAULT_DENY
     };
-    let seg_be = table_id(s, table).to_be_bytes();
+    let seg_be = table_seg.to_be_bytes();
     let a = peer.addr;
-    let found = if peer.v6 {
+    let found = if flags & LOOKUP_V6 != 0 {
         POLICY_V6.get(Key::new(
             160,
             PolicyKeyV6 {
@@ -332,8 +410,8 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -
     if rule != RULE_DEFAULT_DENY {
         return rule;
     }
-    if table == Table::Egress {
-        let rule = learned(s, peer, protocol, port);
+    if flags & LOOKUP_LEARNED != 0 {
+        let rule = learned(table_seg, flags & LOOKUP_V6 != 0, &a, protocol, port);
         if rule != RULE_DEFAULT_DENY {
             return rule;
         }
@@ -344,11 +422,11 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -
 /// The fqdns rule that allows (peer, protocol, port) through an address the segment learned
 /// from an allowed DNS answer and that has not expired, or [`RULE_DEFAULT_DENY`].
 #[inline(always)]
-fn learned(s: &Subject, peer: Peer, protocol: u32, port: u16) -> u32 {
+fn learned(segment_id: u32, v6: bool, addr: &[u8; 16], protocol: u32, port: u16) -> u32 {
     let key = LearnedKey {
-        segment_id: s.segment_id,
-        family: if peer.v6 { 6 } else { 4 },
-        addr: peer.addr,
+        segment_id,
+        family: if v6 { 6 } else { 4 },
+        addr: *addr,
     };
     // SAFETY: read in place; LearnedValue is plain integers (a concurrent update by the daemon
     // can at worst pair one slot's rule with another's expiry, both of this segment).
@@ -382,6 +460,8 @@ fn auditable(rule: u32) -> bool {
 }
 
 /// What a decision was about, for its event.
+#[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Flow {
     pub hook: u8,
     /// Whether the hook runs in the task's context (pid and comm mean something).
@@ -394,39 +474,161 @@ pub struct Flow {
     pub daddr: [u8; 16],
 }
 
-/// Write one event; a full ring loses the record (counted), never the verdict.
+/// Report a decision. A denial (or would-be denial) is aggregated per flow: the first of a
+/// flow writes a record at once, later ones only count, and a summary record carries the
+/// count at most once per [`DENY_SUMMARY_NS`]. Every record spends the member's budget on this
+/// CPU, so one member's flood cannot fill the ring for the others. A record not written (no
+/// budget, ring full) is counted for the member, never the verdict.
+///
+/// Hooks reach it through [`agentseg_finish`] and [`agentseg_refuse`], *global* functions:
+/// the verifier checks each once, on its own, instead of once per path that reaches it
+/// (inlined, it pushed `agentseg_skb_egress` past the verifier's million instructions and the
+/// 512-byte stack). Their arguments travel in a per-CPU scratch slot, not on the stack.
 #[inline(always)]
-pub fn emit(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        stat(STAT_EVENTS_LOST);
+fn emit_inline(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow, task: bool) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if verdict == VERDICT_ALLOW {
+        if record_budget(cgroup, now) {
+            write_event(cgroup, segment_id, verdict, rule, flow, task, now, (0, 0, 1));
+        }
+        return;
+    }
+    // Key and new value live in the per-CPU scratch slot, not on the stack.
+    let Some(scratch) = SCRATCH_EMIT.get_ptr_mut(0) else {
         return;
     };
-    let (pid_tgid, comm) = if flow.task {
-        (
-            bpf_get_current_pid_tgid(),
-            bpf_get_current_comm().unwrap_or([0; 16]),
-        )
+    // SAFETY: per-CPU slot, only this program on this CPU uses it until it returns.
+    let key = unsafe { &mut (*scratch).key };
+    key.cgroup_id = cgroup;
+    key.pid = if task {
+        (bpf_get_current_pid_tgid() >> 32) as u32
     } else {
-        (0, [0; 16])
+        0
     };
-    entry.write(Event {
-        // SAFETY: plain helper call.
-        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-        cgroup_id: cgroup,
-        pid_tgid,
-        comm,
-        segment_id,
-        rule_id: rule,
-        hook: flow.hook,
-        verdict,
-        family: flow.family,
-        protocol: flow.protocol,
-        sport: flow.sport,
-        dport: flow.dport,
-        saddr: flow.saddr,
-        daddr: flow.daddr,
+    key.segment_id = segment_id;
+    key.rule_id = rule;
+    key.hook = flow.hook;
+    key.verdict = verdict;
+    key.family = flow.family;
+    key.protocol = flow.protocol;
+    key.sport = flow.sport;
+    key.dport = flow.dport;
+    key.saddr = flow.saddr;
+    key.daddr = flow.daddr;
+    key._pad = 0;
+    let key: &DenyFlowKey = key;
+    // The flow's entry, or a new one (count 1) built in the scratch slot.
+    let (f, new) = match DENY_FLOWS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, only this CPU writes it (the daemon only reads).
+        Some(p) => (unsafe { &mut *p }, false),
+        None => {
+            // SAFETY: as above, the scratch slot.
+            let f = unsafe { &mut (*scratch).flow };
+            f.count = 0;
+            f.reported = 0;
+            f.first_ns = now;
+            f.emit_ns = 0;
+            (f, true)
+        }
+    };
+    f.count += 1;
+    // A new flow writes its record now; a known one at most once per interval.
+    if new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS {
+        f.emit_ns = now;
+        // One call site: each inlined copy of the writer added its own stack.
+        if record_budget(cgroup, now)
+            && write_event(
+                cgroup,
+                segment_id,
+                verdict,
+                rule,
+                flow,
+                task,
+                now,
+                (f.first_ns, f.reported, f.count),
+            )
+        {
+            f.reported = f.count;
+        }
+    }
+    if new {
+        // Without an entry (the insert failed) the record written still stood for this one.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = DENY_FLOWS.insert(key, &*f, 0);
+    }
+}
+
+/// Spend one record of the member's budget on this CPU (GCRA: one per
+/// [`RECORD_INTERVAL_NS`], bursts of [`RECORD_BURST`]); false (and counted) when spent.
+#[inline(always)]
+pub fn record_budget(cgroup: u64, now: u64) -> bool {
+    let mut ok = true;
+    count(cgroup, |c| {
+        let tat = if c.budget_tat_ns > now {
+            c.budget_tat_ns
+        } else {
+            now
+        };
+        if tat - now > (RECORD_BURST - 1) * RECORD_INTERVAL_NS {
+            c.records_dropped += 1;
+            ok = false;
+        } else {
+            c.budget_tat_ns = tat + RECORD_INTERVAL_NS;
+        }
     });
+    ok
+}
+
+/// Write one record; false when the ring is full (counted).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn write_event(
+    cgroup: u64,
+    segment_id: u32,
+    verdict: u8,
+    rule: u32,
+    flow: &Flow,
+    task: bool,
+    now: u64,
+    (agg_flow_ns, agg_from, agg_to): (u64, u64, u64),
+) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        stat(STAT_EVENTS_LOST);
+        count(cgroup, |c| c.records_dropped += 1);
+        return false;
+    };
+    // Field by field into the ring: an Event built on the stack first would cost 120 bytes.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record; every field is written before submit.
+    unsafe {
+        if task {
+            (*e).pid_tgid = bpf_get_current_pid_tgid();
+            (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        } else {
+            (*e).pid_tgid = 0;
+            (*e).comm = [0; 16];
+        }
+        (*e).ts_ns = now;
+        (*e).cgroup_id = cgroup;
+        (*e).segment_id = segment_id;
+        (*e).rule_id = rule;
+        (*e).hook = flow.hook;
+        (*e).verdict = verdict;
+        (*e).family = flow.family;
+        (*e).protocol = flow.protocol;
+        (*e).sport = flow.sport;
+        (*e).dport = flow.dport;
+        (*e).saddr = flow.saddr;
+        (*e).daddr = flow.daddr;
+        (*e).agg_flow_ns = agg_flow_ns;
+        (*e).agg_from = agg_from;
+        (*e).agg_to = agg_to;
+        (*e).cpu = bpf_get_smp_processor_id();
+        (*e)._pad = 0;
+    }
     entry.submit(0);
+    true
 }
 
 /// A refusal decided before any segment applied: reported when it has a reason of its own
@@ -434,9 +636,64 @@ pub fn emit(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow) {
 #[inline(always)]
 pub fn refuse(r: &Refusal, flow: &Flow) -> i32 {
     if r.rule != RULE_DEFAULT_DENY {
-        emit(r.cgroup, 0, VERDICT_DENY, r.rule, flow);
+        let Some(p) = SCRATCH_FINISH.get_ptr_mut(0) else {
+            return DENY;
+        };
+        // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
+        unsafe {
+            (*p).flow = *flow;
+            agentseg_refuse(r.cgroup, r.rule);
+        }
     }
     DENY
+}
+
+/// What [`finish`] and [`refuse`] hand to their global halves.
+#[repr(C)]
+pub struct FinishArgs {
+    pub s: Subject,
+    pub flow: Flow,
+}
+
+/// One [`FinishArgs`] per CPU; not pinned (nothing outlives a program run).
+#[map(name = "AS_SCRATCH_FINISH")]
+static SCRATCH_FINISH: PerCpuArray<FinishArgs> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`refuse`]'s report (the flow is in the scratch slot). Global: see [`emit_inline`].
+///
+/// # Safety
+/// Only through [`refuse`], which fills the scratch slot first.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn agentseg_refuse(cgroup: u64, rule: u32) -> i32 {
+    let Some(p) = SCRATCH_FINISH.get_ptr(0) else {
+        return DENY;
+    };
+    // SAFETY: per-CPU slot filled by the caller on this CPU.
+    let flow = unsafe { &(*p).flow };
+    emit_inline(cgroup, 0, VERDICT_DENY, rule, flow, flow.task);
+    DENY
+}
+
+/// [`finish`]'s decision and report (subject and flow are in the scratch slot). Global: see
+/// [`emit_inline`].
+///
+/// # Safety
+/// Only through [`finish`], which fills the scratch slot first.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn agentseg_finish(rule: u32, count_allow: u32) -> i32 {
+    let Some(p) = SCRATCH_FINISH.get_ptr(0) else {
+        return DENY;
+    };
+    // SAFETY: per-CPU slot filled by the caller on this CPU.
+    let a = unsafe { &*p };
+    let inbound = a.flow.hook == HOOK_SKB_INGRESS;
+    let (ret, report) = decide(&a.s, rule, count_allow != 0, inbound);
+    if let Some((verdict, rule)) = report {
+        emit_inline(a.s.cgroup, a.s.segment_id, verdict, rule, &a.flow, a.flow.task);
+    }
+    ret
 }
 
 /// Turn a rule lookup into a verdict: an allow counts its rule (unless `count_allow` is false:
@@ -444,16 +701,44 @@ pub fn refuse(r: &Refusal, flow: &Flow) -> i32 {
 /// would-be denial of an audit-mode segment) is reported as an event.
 #[inline(always)]
 pub fn finish(s: &Subject, rule: u32, flow: &Flow, count_allow: bool) -> i32 {
-    finish_with(s, rule, count_allow, |verdict, rule| {
-        emit(s.cgroup, s.segment_id, verdict, rule, flow)
-    })
+    let Some(p) = SCRATCH_FINISH.get_ptr_mut(0) else {
+        return DENY;
+    };
+    // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
+    unsafe {
+        (*p).s = *s;
+        (*p).flow = *flow;
+        // A global function's result is any scalar to the verifier: the hook's return value
+        // must be provably ALLOW or DENY. The volatile read keeps LLVM from folding this test
+        // away with what it knows of the function's body.
+        let verdict = agentseg_finish(rule, u32::from(count_allow));
+        if core::ptr::read_volatile(&verdict) == ALLOW {
+            ALLOW
+        } else {
+            DENY
+        }
+    }
 }
 
 /// [`finish`] with the report written by `report(verdict, rule)` (the AF_UNIX hooks send a
 /// record with the address).
 #[inline(always)]
 pub fn finish_with(s: &Subject, rule: u32, count_allow: bool, report: impl Fn(u8, u32)) -> i32 {
+    let (ret, r) = decide(s, rule, count_allow, false);
+    if let Some((verdict, rule)) = r {
+        report(verdict, rule);
+    }
+    ret
+}
+
+/// The verdict, the counters it moves, and the (verdict, rule) to report if any. `inbound`
+/// for a packet coming in (counted apart: peers knocking never count as the member's own
+/// denials). No closure: an outlined closure became a subprogram the verifier walked once per
+/// call site.
+#[inline(always)]
+fn decide(s: &Subject, rule: u32, count_allow: bool, inbound: bool) -> (i32, Option<(u8, u32)>) {
     if is_rule(rule) {
+        let mut report = None;
         if count_allow {
             if let Some(p) = RULE_HITS.get_ptr_mut(rule) {
                 // SAFETY: per-CPU slot, no concurrent writer on this CPU.
@@ -462,18 +747,22 @@ pub fn finish_with(s: &Subject, rule: u32, count_allow: bool, report: impl Fn(u8
             count(s.cgroup, |c| c.allowed += 1);
             // SAFETY: plain helper call.
             if s.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % s.sample_allows == 0 {
-                report(VERDICT_ALLOW, rule);
+                report = Some((VERDICT_ALLOW, rule));
             }
         }
-        ALLOW
+        (ALLOW, report)
     } else if s.audit && auditable(rule) {
-        count(s.cgroup, |c| c.audit_denied += 1);
-        report(VERDICT_AUDIT, rule);
-        ALLOW
+        count(s.cgroup, |c| {
+            c.audit_denied += 1;
+            c.inbound_denied += inbound as u64;
+        });
+        (ALLOW, Some((VERDICT_AUDIT, rule)))
     } else {
-        count(s.cgroup, |c| c.denied += 1);
-        report(VERDICT_DENY, rule);
-        DENY
+        count(s.cgroup, |c| {
+            c.denied += 1;
+            c.inbound_denied += inbound as u64;
+        });
+        (DENY, Some((VERDICT_DENY, rule)))
     }
 }
 

@@ -17,7 +17,10 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str},
+        generated::{
+            bpf_get_smp_processor_id, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+            bpf_probe_read_kernel_str,
+        },
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -33,7 +36,10 @@ use aya_ebpf::helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_c
 
 use agentseg_ebpf::{
     maps::{EVENTS, UNIX},
-    policy::{ALLOW, DENY, NoMember, Resolved, Subject, finish_with, is_rule, resolve, stat},
+    policy::{
+        ALLOW, DENY, NoMember, Resolved, Subject, count, finish_with, is_rule, record_budget,
+        resolve, stat,
+    },
 };
 
 /// `struct bpf_sock_addr_kern` up to `uaddrlen` (offset 32), 8-byte aligned.
@@ -153,14 +159,21 @@ fn escapes(p: &[u8; PATH_BUF]) -> bool {
 
 #[inline(always)]
 fn report(s_cgroup: u64, segment_id: u32, hook: u8, verdict: u8, rule: u32, a: &Address) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // AF_UNIX decisions are not aggregated (the key would be the whole path), but they spend
+    // the member's record budget like the others.
+    if !record_budget(s_cgroup, now) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
         stat(STAT_EVENTS_LOST);
+        count(s_cgroup, |c| c.records_dropped += 1);
         return;
     };
     entry.write(UnixEvent {
         event: Event {
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+            ts_ns: now,
             cgroup_id: s_cgroup,
             pid_tgid: bpf_get_current_pid_tgid(),
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -174,6 +187,12 @@ fn report(s_cgroup: u64, segment_id: u32, hook: u8, verdict: u8, rule: u32, a: &
             dport: 0,
             saddr: [0; 16],
             daddr: [0; 16],
+            agg_flow_ns: 0,
+            agg_from: 0,
+            agg_to: 1,
+            // SAFETY: plain helper call.
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            _pad: 0,
         },
         path: path_of(a),
         path_len: a.len,

@@ -164,6 +164,10 @@ pub struct Status {
     pub events_read: u64,
     /// Records the kernel could not write (ring full), since the maps were created.
     pub events_lost: u64,
+    /// Denials the records read since start stand for (the kernel aggregates a flow's
+    /// repeated denials into one record and a summary per second).
+    #[serde(default)]
+    pub denials_reported: u64,
     pub audit_log: PathBuf,
     pub agents: Vec<AgentStatus>,
     /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset, deadman,
@@ -215,6 +219,13 @@ pub struct SegmentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
+    /// Of `denied + audit_denied`: inbound packets refused (peers knocking).
+    #[serde(default)]
+    pub inbound_denied: u64,
+    /// Records its members' decisions did not get (record budget spent, or ring full); the
+    /// decisions themselves are in the counts above.
+    #[serde(default)]
+    pub records_dropped: u64,
     pub quarantine: Option<QuarantineInfo>,
     /// The resolver's answers to the segment's members: names allowed, refused (not sent
     /// upstream), failed upstream; and the learned addresses in force.
@@ -242,6 +253,10 @@ pub struct AgentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub audit_denied: u64,
+    #[serde(default)]
+    pub inbound_denied: u64,
+    #[serde(default)]
+    pub records_dropped: u64,
     pub quarantine: Option<QuarantineInfo>,
 }
 

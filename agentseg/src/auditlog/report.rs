@@ -69,15 +69,16 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, audit: bool, peer: &str) {
+    /// `count`: the denials the record stands for (the kernel aggregates a flow's repeats).
+    fn add(&mut self, audit: bool, peer: &str, count: u64) {
         let n = if audit {
             &mut self.audit_denied
         } else {
             &mut self.denied
         };
-        *n = n.saturating_add(1);
+        *n = n.saturating_add(count);
         let p = self.peers.entry(peer.to_string()).or_default();
-        *p = p.saturating_add(1);
+        *p = p.saturating_add(count);
     }
 
     fn top(&self, top: usize) -> Vec<(String, u64)> {
@@ -127,15 +128,17 @@ pub fn report(
         match str_field(&r, "kind").unwrap_or("") {
             kind @ ("deny" | "audit_deny") => {
                 let audit = kind == "audit_deny";
+                // Records from before aggregation have no count: one denial each.
+                let count = r.get("count").and_then(Value::as_u64).unwrap_or(1);
                 let peer = peer(&r);
                 let segment = str_field(&r, "segment").unwrap_or("(unknown)");
                 let (seg, agents) = segments.entry(segment.to_string()).or_default();
-                seg.add(audit, &peer);
+                seg.add(audit, &peer, count);
                 if let Some(agent) = str_field(&r, "agent_id") {
                     agents
                         .entry(agent.to_string())
                         .or_default()
-                        .add(audit, &peer);
+                        .add(audit, &peer, count);
                 }
             }
             "quarantine" | "release" | "detector" => quarantines.push(r),

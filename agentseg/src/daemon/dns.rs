@@ -482,6 +482,11 @@ impl Engine {
             dport: 53,
             saddr,
             daddr,
+            agg_flow_ns: 0,
+            agg_from: 0,
+            agg_to: 1,
+            cpu: 0,
+            _pad: 0,
         };
         self.on_events(vec![Record {
             event,

@@ -143,11 +143,15 @@ impl Engine {
             .with_context(|| format!("opening the audit log {}", opts.audit_log.display()))?;
         let sink = Sink {
             audit,
-            detectors: Detectors::new(),
+            detectors: Detectors::new().with_exact_denials(),
             bus: opts.bus,
             recent: Default::default(),
             names: Default::default(),
             read: 0,
+            denials_reported: 0,
+            ledger: Default::default(),
+            departed: Default::default(),
+            exact: Default::default(),
             firings: Default::default(),
         };
         let mut engine = Self {
@@ -195,6 +199,7 @@ impl Engine {
                 }
             }
             engine.dns_adopt(&compiled);
+            engine.seed_exact_denials();
         }
         engine.apply(compiled)?;
         engine.recover_quarantines();
@@ -230,8 +235,8 @@ impl Engine {
             at_unix: now_unix(),
             message: String::new(),
         };
-        for (name, insns) in engine.dp.program_sizes() {
-            tracing::debug!(program = name, insns, "program loaded");
+        for (name, insns, verified) in engine.dp.program_sizes() {
+            tracing::debug!(program = name, insns, verified, "program loaded");
         }
         Ok(engine)
     }
@@ -291,6 +296,8 @@ impl Engine {
         t.allowed += c.allowed;
         t.denied += c.denied;
         t.audit_denied += c.audit_denied;
+        t.inbound_denied += c.inbound_denied;
+        t.records_dropped += c.records_dropped;
     }
 
     pub fn segment_count(&self) -> usize {
@@ -622,6 +629,10 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in done {
+            if let Some(a) = self.agents.get(&id) {
+                let (cgroup_id, segment) = (a.cgroup_id, a.segment.clone());
+                self.remember_departed(cgroup_id, id.to_string(), segment);
+            }
             let Some(agent) = self.agents.remove(&id) else {
                 continue;
             };

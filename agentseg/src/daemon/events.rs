@@ -12,7 +12,7 @@ use std::{
 };
 
 use agentseg_common::{
-    Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_DNS, HOOK_SENDMSG_UNIX,
+    DenyFlowKey, Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_DNS, HOOK_SENDMSG_UNIX,
     HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF,
     HOOK_SKB_INGRESS, RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_DNS,
     RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED, RULE_PENDING,
@@ -143,6 +143,8 @@ struct EventRecord<'a> {
     agent_id: Option<&'a str>,
     cgroup: &'a str,
     comm: &'a str,
+    /// Denials this record stands for: the kernel aggregates a flow's repeated denials.
+    count: u64,
     direction: &'a str,
     /// The name the destination was learned for (an `fqdns` rule's address).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +203,15 @@ pub struct Sink {
     pub names: Names,
     /// Events read from the ring since start.
     pub read: u64,
+    /// Decisions those records (and the sweeps) stand for.
+    pub denials_reported: u64,
+    /// Each member's egress denials (kernel counters) deny_rate has been fed, by cgroup id.
+    pub exact: HashMap<u64, u64>,
+    /// How far each aggregated flow has been counted.
+    pub ledger: crate::ledger::Ledger,
+    /// Agents gone from the engine, by cgroup id, so that their last records (read after
+    /// they left) keep their name: (agent id, segment, cgroup path), oldest first.
+    pub departed: VecDeque<(u64, String, String, String)>,
     /// Detector firings, by (detector, action).
     pub firings: HashMap<(String, String), u64>,
 }
@@ -248,6 +259,59 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
+/// The `AS_DENY_FLOWS` key a record was aggregated under (the same fields, as the kernel
+/// copied them into the record).
+fn flow_key(e: &Event) -> DenyFlowKey {
+    DenyFlowKey {
+        cgroup_id: e.cgroup_id,
+        pid: (e.pid_tgid >> 32) as u32,
+        segment_id: e.segment_id,
+        rule_id: e.rule_id,
+        hook: e.hook,
+        verdict: e.verdict,
+        family: e.family,
+        protocol: e.protocol,
+        sport: e.sport,
+        dport: e.dport,
+        saddr: e.saddr,
+        daddr: e.daddr,
+        _pad: 0,
+    }
+}
+
+/// A record for what a sweep found unreported: the flow's fields, no task, the range as a
+/// plain count (`agg_flow_ns` 0: the ledger has counted it already).
+fn swept_record(key: &DenyFlowKey, cpu: u32, now_ns: u64, (from, to): (u64, u64)) -> Record {
+    Record {
+        event: Event {
+            ts_ns: now_ns,
+            cgroup_id: key.cgroup_id,
+            pid_tgid: u64::from(key.pid) << 32,
+            comm: [0; 16],
+            segment_id: key.segment_id,
+            rule_id: key.rule_id,
+            hook: key.hook,
+            verdict: key.verdict,
+            family: key.family,
+            protocol: key.protocol,
+            sport: key.sport,
+            dport: key.dport,
+            saddr: key.saddr,
+            daddr: key.daddr,
+            agg_flow_ns: 0,
+            agg_from: from,
+            agg_to: to,
+            cpu,
+            _pad: 0,
+        },
+        unix: None,
+        dns: None,
+    }
+}
+
+/// Agents remembered after they left, for their late records.
+const DEPARTED: usize = 4096;
+
 fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
     if family == 6 {
         IpAddr::V6(Ipv6Addr::from(bytes))
@@ -268,6 +332,17 @@ impl Engine {
         let wall_now = super::engine::now_unix_ms();
         for r in &batch {
             let e = &r.event;
+            let count = if r.dns.is_some() {
+                1
+            } else {
+                self.sink
+                    .ledger
+                    .record(flow_key(e), e.cpu, e.agg_flow_ns, e.agg_from, e.agg_to)
+            };
+            if count == 0 {
+                // Everything it reports was counted already (by a sweep).
+                continue;
+            }
             let w = who
                 .entry((e.cgroup_id, e.segment_id))
                 .or_insert_with(|| {
@@ -318,6 +393,7 @@ impl Engine {
             };
             if r.dns.is_none() {
                 self.sink.read += 1;
+                self.sink.denials_reported += count;
             }
             // The audit line (with its seq and hash) is what subscribers see too.
             let json = match self
@@ -327,6 +403,7 @@ impl Engine {
                     agent_id: agent_id.as_deref(),
                     cgroup,
                     comm: &comm,
+                    count,
                     direction: if egress { "egress" } else { "ingress" },
                     domain,
                     dport: e.dport,
@@ -380,16 +457,83 @@ impl Engine {
                 agent: agent_key,
                 segment,
                 verdict,
+                direction: if egress {
+                    crate::detect::Direction::Egress
+                } else {
+                    crate::detect::Direction::Ingress
+                },
                 peer,
                 port,
+                count: u32::try_from(count).unwrap_or(u32::MAX),
             };
             firings.extend(self.sink.detectors.observe(&obs));
         }
         if let Err(err) = self.sink.audit.flush() {
             warn!("audit log: {err}");
         }
+        // deny_rate reads the kernel's exact counters of the members this batch is about, not
+        // the records: a flood whose records were aggregated or dropped still counts in full.
+        let now_ms = super::engine::now_unix_ms();
+        for ((cgroup_id, _), w) in &who {
+            firings.extend(self.exact_denials(*cgroup_id, &w.agent_key, &w.segment, now_ms));
+        }
         for f in firings {
             self.act_on(f);
+        }
+    }
+
+    /// Feed deny_rate the member's egress denials (and would-be denials) the kernel counted
+    /// since the last look. Inbound refusals are not the member's doing and are left out.
+    fn exact_denials(
+        &mut self,
+        cgroup_id: u64,
+        agent_key: &str,
+        segment: &str,
+        now_ms: u64,
+    ) -> Vec<Firing> {
+        let c = self.dp.counters(cgroup_id);
+        let egress = (c.denied + c.audit_denied).saturating_sub(c.inbound_denied);
+        let last = self.sink.exact.insert(cgroup_id, egress).unwrap_or(0);
+        // A counter that went back is a new entry (the member was removed and re-made).
+        let n = if egress >= last { egress - last } else { egress };
+        self.sink
+            .detectors
+            .observe_denials(now_ms, agent_key, segment, n)
+    }
+
+    /// Every member's exact denials, from the tick: a member whose records were all dropped
+    /// or aggregated is judged on its counters too. Members gone are forgotten.
+    pub fn exact_denials_all(&mut self) {
+        let now_ms = super::engine::now_unix_ms();
+        let mut seen: Vec<(u64, String, String)> = Vec::new();
+        for (id, a) in &self.agents {
+            seen.push((a.cgroup_id, id.to_string(), a.segment.clone()));
+        }
+        if let Some(compiled) = self.compiled.as_ref() {
+            for m in self.members.values() {
+                if let Some(s) = compiled.segments.get(m.segment) {
+                    seen.push((m.cgroup_id, format!("cgroup:{}", m.cgroup_id), s.name.clone()));
+                }
+            }
+        }
+        let mut firings = Vec::new();
+        for (cgroup_id, key, segment) in &seen {
+            firings.extend(self.exact_denials(*cgroup_id, key, segment, now_ms));
+        }
+        let keep: std::collections::HashSet<u64> = seen.iter().map(|s| s.0).collect();
+        self.sink.exact.retain(|c, _| keep.contains(c));
+        for f in firings {
+            self.act_on(f);
+        }
+    }
+
+    /// After a restart that adopted the pins: what members denied before is history, not a
+    /// burst to judge now.
+    pub(super) fn seed_exact_denials(&mut self) {
+        for (cgroup_id, _) in self.dp.members().unwrap_or_default() {
+            let c = self.dp.counters(cgroup_id);
+            let egress = (c.denied + c.audit_denied).saturating_sub(c.inbound_denied);
+            self.sink.exact.insert(cgroup_id, egress);
         }
     }
 
@@ -431,6 +575,10 @@ impl Engine {
                 .to_string();
             return (segment, Some(id.to_string()), rel);
         }
+        if let Some((_, id, seg, path)) = self.sink.departed.iter().find(|d| d.0 == cgroup_id) {
+            let segment = if segment_id == 0 { seg.clone() } else { segment };
+            return (segment, Some(id.clone()), path.clone());
+        }
         let path = self
             .members
             .iter()
@@ -443,6 +591,35 @@ impl Engine {
             })
             .unwrap_or_else(|| format!("cgroup#{cgroup_id}"));
         (segment, None, path)
+    }
+
+    /// Report what flows that went quiet left unreported in the kernel's aggregation map
+    /// (every second, from the tick).
+    pub fn sweep_deny_flows(&mut self) {
+        let flows = match self.dp.deny_flows() {
+            Ok(f) => f,
+            Err(e) => return warn!("reading the aggregated denials: {e}"),
+        };
+        let now_ns = crate::datapath::boottime_ns();
+        let mut batch = Vec::new();
+        for (key, cpu, f) in &flows {
+            if let Some(range) = self.sink.ledger.sweep(*key, *cpu, f, now_ns) {
+                batch.push(swept_record(key, *cpu, now_ns, range));
+            }
+        }
+        self.sink.ledger.end_round();
+        if !batch.is_empty() {
+            self.on_events(batch);
+        }
+    }
+
+    /// Remember a departing agent's names for its records still in the ring.
+    pub(super) fn remember_departed(&mut self, cgroup_id: u64, id: String, segment: String) {
+        let path = self.identify(cgroup_id, 0).2;
+        if self.sink.departed.len() >= DEPARTED {
+            self.sink.departed.pop_front();
+        }
+        self.sink.departed.push_back((cgroup_id, id, segment, path));
     }
 
     /// A detector fired: record it, and quarantine the agent when its action says so.

@@ -144,6 +144,29 @@ impl Engine {
             "Kernel event records read by the daemon",
             counter(status.events_read),
         );
+        registry.register(
+            "denials_reported",
+            "Denials the records read stand for (a flow's repeats are aggregated in the kernel)",
+            counter(status.denials_reported),
+        );
+        let inbound = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
+        for s in &status.segments {
+            let labels = vec![("segment".into(), s.name.clone())];
+            inbound.get_or_create(&labels).inc_by(s.inbound_denied);
+            dropped.get_or_create(&labels).inc_by(s.records_dropped);
+        }
+        registry.register(
+            "inbound_denials",
+            "Inbound packets refused (peers knocking on members' ports), by segment",
+            inbound,
+        );
+        registry.register(
+            "records_dropped",
+            "Decision records not written (a member's record budget spent, or the ring full), \
+             by segment; the decisions are counted in agentseg_decisions",
+            dropped,
+        );
         let quarantined = Family::<Labels, Gauge>::default();
         let (mut agents, mut segments) = (0, 0);
         for q in &status.quarantines {

@@ -267,6 +267,7 @@ fn spawn_ticker(
 }
 
 fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: PolicyWatch) {
+    let mut ticks = 0u64;
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Shutdown => break,
@@ -275,6 +276,11 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
                 let _ = reply.send(engine.metrics_text());
             }
             Job::Tick => {
+                ticks += 1;
+                if ticks.is_multiple_of(4) {
+                    engine.sweep_deny_flows();
+                }
+                engine.exact_denials_all();
                 engine.check_enforcement();
                 engine.sync_members();
                 engine.sweep();

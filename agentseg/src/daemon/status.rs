@@ -49,9 +49,7 @@ impl Engine {
             .collect();
         for s in &mut segments {
             if let Some(t) = self.retired.get(&s.name) {
-                s.allowed += t.allowed;
-                s.denied += t.denied;
-                s.audit_denied += t.audit_denied;
+                add(s, t);
             }
         }
         let learned = self.dns.learned.count_by_segment();
@@ -70,9 +68,7 @@ impl Engine {
                 continue;
             };
             s.member_cgroups.push(rel(&self.cgroup2, path));
-            s.allowed += c.allowed;
-            s.denied += c.denied;
-            s.audit_denied += c.audit_denied;
+            add(s, &c);
         }
         let agents = self
             .agents
@@ -80,9 +76,7 @@ impl Engine {
             .map(|(id, a)| {
                 let c = self.dp.counters(a.cgroup_id);
                 if let Some(s) = segments.iter_mut().find(|s| s.name == a.segment) {
-                    s.allowed += c.allowed;
-                    s.denied += c.denied;
-                    s.audit_denied += c.audit_denied;
+                    add(s, &c);
                 }
                 AgentStatus {
                     agent_id: id.to_string(),
@@ -93,6 +87,8 @@ impl Engine {
                     allowed: c.allowed,
                     denied: c.denied,
                     audit_denied: c.audit_denied,
+                    inbound_denied: c.inbound_denied,
+                    records_dropped: c.records_dropped,
                     quarantine: self.quarantine_of(&Target::Agent(id.to_string())),
                 }
             })
@@ -109,6 +105,7 @@ impl Engine {
             quarantines: self.store.records.values().cloned().collect(),
             events_read: self.sink.read,
             events_lost: stats[agentseg_common::STAT_EVENTS_LOST as usize],
+            denials_reported: self.sink.denials_reported,
             audit_log: self.sink.audit.path().to_owned(),
             segments,
             agents,
@@ -125,6 +122,14 @@ impl Engine {
             agent_uids: self.uids.held(),
         }
     }
+}
+
+fn add(s: &mut SegmentStatus, c: &agentseg_common::Counters) {
+    s.allowed += c.allowed;
+    s.denied += c.denied;
+    s.audit_denied += c.audit_denied;
+    s.inbound_denied += c.inbound_denied;
+    s.records_dropped += c.records_dropped;
 }
 
 fn rel(root: &Path, path: &Path) -> String {

@@ -22,7 +22,7 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT, map_names, prog_names,
+    Config, Counters, DenyFlow, DenyFlowKey, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT, map_names, prog_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -306,11 +306,17 @@ impl Datapath {
     }
 
     /// Instruction counts of the aya-loaded programs (verifier blow-ups show up here first).
-    pub fn program_sizes(&self) -> Vec<(&'static str, usize)> {
+    /// (program, instructions, instructions the verifier walked to accept it): the second
+    /// is the one with a budget (a million) and the load time.
+    pub fn program_sizes(&self) -> Vec<(&'static str, usize, u32)> {
         all_programs()
             .filter_map(|name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
-                Some((name, info.size_translated().unwrap_or(0) as usize / 8))
+                Some((
+                    name,
+                    info.size_translated().unwrap_or(0) as usize / 8,
+                    info.verified_instruction_count().unwrap_or(0),
+                ))
             })
             .collect()
     }
@@ -394,9 +400,52 @@ impl Datapath {
                 sum.allowed += c.allowed;
                 sum.denied += c.denied;
                 sum.audit_denied += c.audit_denied;
+                sum.inbound_denied += c.inbound_denied;
+                sum.records_dropped += c.records_dropped;
             }
         }
         sum
+    }
+
+    /// Every refused flow the kernel is aggregating, per CPU (only CPUs where it was seen):
+    /// `(key, cpu, value)`. One batched read of the whole map.
+    pub fn deny_flows(&self) -> Result<Vec<(DenyFlowKey, u32, DenyFlow)>, DatapathError> {
+        let name = map_names::DENY_FLOWS;
+        let fd = self
+            .ebpf
+            .map(name)
+            .and_then(map_data)
+            .ok_or(DatapathError::MissingMap(name))?
+            .fd()
+            .as_fd();
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: source,
+            }),
+        })?;
+        let (key_size, slot) = (size_of::<DenyFlowKey>(), size_of::<DenyFlow>().next_multiple_of(8));
+        let mut out = Vec::new();
+        sys::lookup_all(fd, key_size, slot * cpus, 256, |k, v| {
+            // SAFETY: the kernel wrote a DenyFlowKey (repr(C), integers) of exactly this size.
+            let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<DenyFlowKey>()) };
+            for (cpu, bytes) in v.chunks_exact(slot).enumerate() {
+                // SAFETY: as above, one DenyFlow per CPU slot.
+                let f = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyFlow>()) };
+                if f.count > 0 {
+                    out.push((key, cpu as u32, f));
+                }
+            }
+        })
+        .map_err(|source| DatapathError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: source,
+            }),
+        })?;
+        Ok(out)
     }
 
     /// Allows decided by each rule of `generation`, summed over CPUs (index = compiled rule id).
@@ -507,6 +556,7 @@ fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
         | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d)
         | Map::RingBuf(d) => d,
         _ => return None,
     })

@@ -8,7 +8,7 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
     PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
     map_names,
 };
@@ -87,7 +87,7 @@ pub fn check_pin(path: &Path) -> Result<(), PinCheckError> {
 }
 
 /// (map, type, key size, value size, capacity) as this build defines them.
-fn expected() -> [(&'static str, MapType, usize, usize, u32); 14] {
+fn expected() -> [(&'static str, MapType, usize, usize, u32); 15] {
     use std::mem::size_of;
     let lpm = |key: usize| 4 + key;
     [
@@ -182,6 +182,13 @@ fn expected() -> [(&'static str, MapType, usize, usize, u32); 14] {
             8,
             size_of::<DnsOrig>(),
             capacity::DNS_ORIG,
+        ),
+        (
+            map_names::DENY_FLOWS,
+            MapType::LruPerCpuHash,
+            size_of::<DenyFlowKey>(),
+            size_of::<DenyFlow>(),
+            capacity::DENY_FLOWS,
         ),
     ]
 }

@@ -1,10 +1,19 @@
 //! Behaviour detectors over the connection events of each agent: a burst of denials
-//! (`deny_rate`), many new peers (`fan_out`), many ports on one peer (`port_scan`) and silence
-//! (`inactivity`), configured per segment by `[monitor]`.
+//! (`deny_rate`), many new peers (`fan_out`), many ports on one peer (`port_scan`), a burst of
+//! denied inbound packets (`inbound_rate`) and silence (`inactivity`), configured per segment
+//! by `[monitor]`.
+//!
+//! Not foolable by what others send: an ingress observation (a peer knocking on the agent's
+//! ports, denied by its inbound rules) feeds `inbound_rate` only, never the egress detectors
+//! that judge the agent's own behaviour, and `inbound_rate` can only alert (validation refuses
+//! `quarantine`). A flood cannot hide either: an observation standing for `count` identical
+//! denials counts `count` times in `deny_rate` (once in `fan_out` and `port_scan`: one peer,
+//! one port), and denials whose records were lost are fed by [`Detectors::observe_denials`].
 //!
 //! Pure and deterministic: time is passed in (milliseconds), nothing is read from the clock or
-//! the system. Memory is bounded whatever the input: every per-agent structure is capped, and so
-//! is the number of agents (the least recently seen one is forgotten first).
+//! the system. Memory is bounded whatever the input, counts included: every per-agent structure
+//! is capped (a rate window holds at most `min(threshold, 1025)` `(time, count)` buckets), and
+//! so is the number of agents (the least recently seen one is forgotten first).
 
 mod window;
 
@@ -30,21 +39,36 @@ pub enum Verdict {
     AuditDeny,
 }
 
-/// One connection event of an agent.
+/// Which way the connection or packet went, seen from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The agent's own connections and packets: `deny_rate`, `fan_out`, `port_scan`.
+    Egress,
+    /// Others' connections and packets to the agent: `inbound_rate` only.
+    Ingress,
+}
+
+/// One connection event of an agent, or `count` identical ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation<'a> {
     pub now_ms: u64,
     pub agent: &'a str,
     pub segment: &'a str,
     pub verdict: Verdict,
+    pub direction: Direction,
+    /// The remote end: the destination of egress, the source of ingress.
     pub peer: IpAddr,
+    /// The destination port (on the peer for egress, on the agent for ingress).
     pub port: u16,
+    /// How many identical events this stands for (the kernel folds repeated denials of one
+    /// flow into one record). 0 is taken as 1.
+    pub count: u32,
 }
 
 /// A detector that fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Firing {
-    /// `"deny_rate"`, `"fan_out"`, `"port_scan"` or `"inactivity"`.
+    /// `"deny_rate"`, `"fan_out"`, `"port_scan"`, `"inbound_rate"` or `"inactivity"`.
     pub detector: &'static str,
     pub agent: AgentKey,
     pub segment: String,
@@ -85,6 +109,7 @@ struct AgentState {
     deny: RateWindow,
     fan_out: FanOut,
     scan: PortScan,
+    inbound: RateWindow,
     idle: Option<Idle>,
 }
 
@@ -97,6 +122,7 @@ impl AgentState {
             deny: RateWindow::default(),
             fan_out: FanOut::default(),
             scan: PortScan::default(),
+            inbound: RateWindow::default(),
             idle: None,
         }
     }
@@ -112,12 +138,16 @@ impl AgentState {
         if m.port_scan.action == Action::Off {
             self.scan = PortScan::default();
         }
+        if m.inbound_rate.action == Action::Off {
+            self.inbound = RateWindow::default();
+        }
         if idle_rule(m).is_none() {
             self.idle = None;
         }
         self.deny.fit(&m.deny_rate);
         self.fan_out.fit(&m.fan_out);
         self.scan.fit(&m.port_scan);
+        self.inbound.fit(&m.inbound_rate);
     }
 
     fn bytes(&self) -> usize {
@@ -128,10 +158,12 @@ impl AgentState {
             + self.deny.bytes()
             + self.fan_out.bytes()
             + self.scan.bytes()
+            + self.inbound.bytes()
     }
 }
 
-fn rates_off(m: &Monitor) -> bool {
+/// Whether every detector fed by egress observations is off.
+fn egress_off(m: &Monitor) -> bool {
     [&m.deny_rate, &m.fan_out, &m.port_scan]
         .iter()
         .all(|r| r.action == Action::Off)
@@ -139,6 +171,27 @@ fn rates_off(m: &Monitor) -> bool {
 
 fn idle_rule(m: &Monitor) -> Option<crate::policy::IdleRule> {
     m.inactivity.clone().filter(|r| r.action != Action::Off)
+}
+
+fn firing(
+    detector: &'static str,
+    agent: &str,
+    segment: &str,
+    rule: &RateRule,
+    reason: String,
+) -> Firing {
+    Firing {
+        detector,
+        agent: agent.to_string(),
+        segment: segment.to_string(),
+        action: rule.action,
+        reason,
+    }
+}
+
+fn deny_reason(count: u64, rule: &RateRule) -> String {
+    let (w, t) = (show_ms(window_ms(rule)), rule.threshold);
+    format!("deny_rate: {count} denials in {w} (threshold {t})")
 }
 
 /// Durations in reasons: whole seconds like the policy's usual windows, else milliseconds.
@@ -160,6 +213,10 @@ pub struct Detectors {
     lru: VecDeque<(u64, Arc<str>)>,
     seq: u64,
     limits: Limits,
+    /// Whether `observe` feeds deny_rate. The daemon turns it off: it feeds deny_rate from the
+    /// kernel's exact per-member counters (`observe_denials`), which no flood can thin out,
+    /// and counting the records too would count each denial twice.
+    denials_from_observations: bool,
 }
 
 impl Default for Detectors {
@@ -180,7 +237,15 @@ impl Detectors {
             lru: VecDeque::new(),
             seq: 0,
             limits,
+            denials_from_observations: true,
         }
+    }
+
+    /// deny_rate counts only what [`Detectors::observe_denials`] feeds (exact counters);
+    /// observations still feed fan_out, port_scan and inbound_rate.
+    pub fn with_exact_denials(mut self) -> Self {
+        self.denials_from_observations = false;
+        self
     }
 
     /// (Re)configure from a policy: segment name -> Monitor. Segments not listed use
@@ -199,60 +264,91 @@ impl Detectors {
         self.monitors.get(segment).cloned().unwrap_or_default()
     }
 
-    /// Feed one event; returns the detectors it made fire (normally none).
+    /// Feed one event (or `count` identical ones); returns the detectors it made fire
+    /// (normally none).
     pub fn observe(&mut self, o: &Observation<'_>) -> Vec<Firing> {
         let m = self.monitor(o.segment);
+        let denied = matches!(o.verdict, Verdict::Deny | Verdict::AuditDeny);
+        let n = u64::from(o.count.max(1));
+        if o.direction == Direction::Ingress {
+            // What others send the agent says nothing about the agent's own behaviour: it
+            // feeds `inbound_rate` only, and only its denials count.
+            let rule = &m.inbound_rate;
+            if rule.action == Action::Off || !denied {
+                return Vec::new();
+            }
+            let st = self.touch(o.agent, o.segment);
+            let Some(k) = st.inbound.hit(o.now_ms, n, rule) else {
+                return Vec::new();
+            };
+            let (w, t) = (show_ms(window_ms(rule)), rule.threshold);
+            let msg = format!("inbound_rate: {k} inbound denials in {w} (threshold {t})");
+            return vec![firing("inbound_rate", o.agent, o.segment, rule, msg)];
+        }
         // Nothing to count: keep no state (inactivity has its own tick). Detectors that are
         // off are never fed below, and `configure` dropped what they held before.
-        if rates_off(&m) {
+        if egress_off(&m) {
             return Vec::new();
         }
-        let limits = self.limits;
+        let (now, peer, port) = (o.now_ms, o.peer, o.port);
+        let (limits, count_denials) = (self.limits, self.denials_from_observations);
         let st = self.touch(o.agent, o.segment);
         let mut fired = Vec::new();
         let mut fire = |detector: &'static str, rule: &RateRule, reason: String| {
-            fired.push(Firing {
-                detector,
-                agent: o.agent.to_string(),
-                segment: o.segment.to_string(),
-                action: rule.action,
-                reason,
-            });
+            fired.push(firing(detector, o.agent, o.segment, rule, reason));
         };
-        let (now, peer, port) = (o.now_ms, o.peer, o.port);
         let rule = &m.deny_rate;
-        let denied = matches!(o.verdict, Verdict::Deny | Verdict::AuditDeny);
         if rule.action != Action::Off
             && denied
-            && let Some(n) = st.deny.hit(now, rule)
+            && count_denials
+            && let Some(k) = st.deny.hit(now, n, rule)
         {
-            let w = show_ms(window_ms(rule));
-            let t = rule.threshold;
-            fire(
-                "deny_rate",
-                rule,
-                format!("deny_rate: {n} denials in {w} (threshold {t})"),
-            );
+            fire("deny_rate", rule, deny_reason(k, rule));
         }
+        // One peer and one port however many events the observation stands for.
         let rule = &m.fan_out;
         if rule.action != Action::Off
-            && let Some(n) = st.fan_out.hit(now, peer, rule, limits.known_peers)
+            && let Some(k) = st.fan_out.hit(now, peer, rule, limits.known_peers)
         {
             let (w, t) = (show_ms(window_ms(rule)), rule.threshold);
-            let msg = format!("fan_out: {n} new peers in {w} (threshold {t}), latest {peer}");
+            let msg = format!("fan_out: {k} new peers in {w} (threshold {t}), latest {peer}");
             fire("fan_out", rule, msg);
         }
         let rule = &m.port_scan;
         if rule.action != Action::Off
-            && let Some(n) = st.scan.hit(now, peer, port, rule, limits.scan_peers)
+            && let Some(k) = st.scan.hit(now, peer, port, rule, limits.scan_peers)
         {
             let (w, t) = (show_ms(window_ms(rule)), rule.threshold);
             let msg = format!(
-                "port_scan: {n} distinct ports on {peer} in {w} (threshold {t}), latest {port}"
+                "port_scan: {k} distinct ports on {peer} in {w} (threshold {t}), latest {port}"
             );
             fire("port_scan", rule, msg);
         }
         fired
+    }
+
+    /// Feed `n` egress denials of the agent known only as a number (the kernel counted them,
+    /// but their records were lost to a full ring or the member's record budget): they count
+    /// in `deny_rate` only, since a flood of denials is itself a sign. `n = 0` does nothing
+    /// and keeps no state.
+    pub fn observe_denials(
+        &mut self,
+        now_ms: u64,
+        agent: &str,
+        segment: &str,
+        n: u64,
+    ) -> Vec<Firing> {
+        let m = self.monitor(segment);
+        let rule = &m.deny_rate;
+        if n == 0 || rule.action == Action::Off {
+            return Vec::new();
+        }
+        let st = self.touch(agent, segment);
+        st.deny
+            .hit(now_ms, n, rule)
+            .map(|k| firing("deny_rate", agent, segment, rule, deny_reason(k, rule)))
+            .into_iter()
+            .collect()
     }
 
     /// Periodic: inactivity. `activity_total` is a counter that grows with any traffic of the

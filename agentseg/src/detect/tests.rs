@@ -1,4 +1,5 @@
-//! Thresholds, windows, cooldowns, off, reasons, inactivity and the memory bound.
+//! Thresholds, windows, cooldowns, off, reasons, inactivity, counts, directions and the memory
+//! bound.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -26,7 +27,8 @@ fn only(deny: Option<RateRule>, fan: Option<RateRule>, scan: Option<RateRule>) -
     let m = Monitor {
         deny_rate: deny.unwrap_or(off.clone()),
         fan_out: fan.unwrap_or(off.clone()),
-        port_scan: scan.unwrap_or(off),
+        port_scan: scan.unwrap_or(off.clone()),
+        inbound_rate: off,
         inactivity: None,
     };
     let mut d = Detectors::new();
@@ -40,8 +42,10 @@ fn obs(now_ms: u64, verdict: Verdict, peer: IpAddr, port: u16) -> Observation<'s
         agent: "agent-1",
         segment: SEG,
         verdict,
+        direction: Direction::Egress,
         peer,
         port,
+        count: 1,
     }
 }
 
@@ -199,8 +203,9 @@ fn off_never_fires_and_keeps_no_state() {
     assert!(d.agents.is_empty());
     // Switching a detector off drops its state.
     let mut d = only(Some(rule(1000, 60, Action::Alert)), None, None);
+    // A denial every 100 ms: one bucket each.
     for i in 0..500 {
-        deny(&mut d, i);
+        deny(&mut d, i * 100);
     }
     let before = d.state_size();
     d.configure([(
@@ -225,8 +230,10 @@ fn unlisted_segments_use_the_defaults() {
         agent: "x",
         segment: "other.seg.ment",
         verdict: Verdict::Deny,
+        direction: Direction::Egress,
         peer: ip(1),
         port: 1,
+        count: 1,
     };
     let fired: Vec<u64> = (0..200).filter(|&t| !d.observe(&o(t)).is_empty()).collect();
     assert_eq!(fired, [99]); // deny_rate default threshold 100
@@ -276,8 +283,10 @@ fn forget_and_agent_cap_evicts_least_recently_seen() {
             agent,
             segment: SEG,
             verdict: Verdict::Deny,
+            direction: Direction::Egress,
             peer: ip(1),
             port: 1,
+            count: 1,
         });
     };
     seen(&mut d, "a", 0);
@@ -309,6 +318,231 @@ fn moving_segment_starts_afresh() {
     assert!(d.observe(&o).is_empty());
     assert!(deny(&mut d, 2).is_empty());
     assert_eq!(deny(&mut d, 3).len(), 1);
+}
+
+fn monitor(deny: u32, fan: u32, scan: u32, inbound: u32) -> Monitor {
+    Monitor {
+        deny_rate: rule(deny, 60, Action::Quarantine),
+        fan_out: rule(fan, 60, Action::Quarantine),
+        port_scan: rule(scan, 60, Action::Quarantine),
+        inbound_rate: rule(inbound, 60, Action::Alert),
+        inactivity: None,
+    }
+}
+
+fn inbound(now_ms: u64, peer: IpAddr, port: u16, count: u32) -> Observation<'static> {
+    Observation {
+        direction: Direction::Ingress,
+        count,
+        ..obs(now_ms, Verdict::Deny, peer, port)
+    }
+}
+
+#[test]
+fn ingress_denials_never_feed_the_egress_detectors() {
+    let mut d = Detectors::new();
+    d.configure([(SEG.to_string(), monitor(20, 3, 3, 20))]);
+    // 30 knocks: from 15 peers on 15 ports of the agent, and from one peer on 15 more ports
+    // (audit-mode denials count too). As the agent's own they would be a deny_rate, a fan_out
+    // and a port scan.
+    let mut fired = Vec::new();
+    for i in 0..30u16 {
+        let o = if i % 2 == 0 {
+            inbound(u64::from(i), ip(u32::from(i)), 1000 + i, 1)
+        } else {
+            Observation {
+                verdict: Verdict::AuditDeny,
+                ..inbound(u64::from(i), ip(7), 2000 + i, 1)
+            }
+        };
+        fired.extend(d.observe(&o).into_iter().map(|f| (i, f)));
+    }
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let (at, f) = &fired[0];
+    assert_eq!(*at, 19);
+    assert_eq!(
+        *f,
+        Firing {
+            detector: "inbound_rate",
+            agent: "agent-1".into(),
+            segment: SEG.into(),
+            action: Action::Alert,
+            reason: "inbound_rate: 20 inbound denials in 60s (threshold 20)".into(),
+        }
+    );
+    // Allowed inbound traffic counts for nothing and keeps no state.
+    let mut quiet = Detectors::new();
+    quiet.configure([(SEG.to_string(), monitor(1, 1, 1, 1))]);
+    let allowed = Observation {
+        verdict: Verdict::Allow,
+        ..inbound(0, ip(1), 1, 1)
+    };
+    assert!(quiet.observe(&allowed).is_empty());
+    assert!(quiet.agents.is_empty());
+    // The egress detectors start from nothing: 19 denials of the agent's own do not fire.
+    for i in 0..19 {
+        assert!(deny(&mut d, 100 + i).is_empty(), "egress {i}");
+    }
+    let f = deny(&mut d, 200);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].reason, "deny_rate: 20 denials in 60s (threshold 20)");
+}
+
+#[test]
+fn inbound_rate_counts_aggregates_and_can_be_off() {
+    let mut d = Detectors::new();
+    d.configure([(SEG.to_string(), monitor(20, 3, 3, 20))]);
+    let f = d.observe(&inbound(0, ip(1), 22, 30));
+    assert_eq!(f.len(), 1);
+    assert_eq!(
+        f[0].reason,
+        "inbound_rate: 30 inbound denials in 60s (threshold 20)"
+    );
+    // Off: never fires, keeps nothing, and the knocks still never reach deny_rate.
+    let mut m = monitor(1, 1, 1, 20);
+    m.inbound_rate.action = Action::Off;
+    d.configure([(SEG.to_string(), m)]);
+    assert_eq!(d.agents["agent-1"].inbound.bytes(), 0);
+    let mut d = Detectors::new();
+    d.configure([(SEG.to_string(), monitor(1, 1, 1, 20))]);
+    let mut m = monitor(1, 1, 1, 20);
+    m.inbound_rate.action = Action::Off;
+    d.configure([(SEG.to_string(), m)]);
+    for i in 0..1000 {
+        assert!(d.observe(&inbound(i, ip(1), 22, 1000)).is_empty());
+    }
+    assert!(d.agents.is_empty());
+    // Defaults: threshold 100 in 60 s, alert.
+    let mut d = Detectors::new();
+    let o = |now| Observation {
+        segment: "other.seg.ment",
+        ..inbound(now, ip(1), 22, 1)
+    };
+    let fired: Vec<(u64, Action)> = (0..200)
+        .flat_map(|t| d.observe(&o(t)).into_iter().map(move |f| (t, f.action)))
+        .collect();
+    assert_eq!(fired, [(99, Action::Alert)]);
+}
+
+#[test]
+fn a_count_is_that_many_denials_but_one_peer_and_one_port() {
+    let mut d = Detectors::new();
+    d.configure([(SEG.to_string(), monitor(20, 2, 2, 20))]);
+    let one = Observation {
+        count: 50,
+        ..obs(0, Verdict::Deny, ip(1), 443)
+    };
+    let f = d.observe(&one);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].detector, "deny_rate");
+    assert_eq!(f[0].action, Action::Quarantine);
+    assert_eq!(f[0].reason, "deny_rate: 50 denials in 60s (threshold 20)");
+    // A count of 0 is one event.
+    let mut d = only(Some(rule(3, 60, Action::Alert)), None, None);
+    let zero = Observation {
+        count: 0,
+        ..obs(0, Verdict::Deny, ip(1), 443)
+    };
+    assert!(d.observe(&zero).is_empty());
+    assert!(d.observe(&zero).is_empty());
+    assert_eq!(d.observe(&zero).len(), 1);
+    // Counts add up with single events; allowed aggregates count nothing.
+    let mut d = only(Some(rule(20, 60, Action::Alert)), None, None);
+    let allowed = Observation {
+        count: 1000,
+        ..obs(0, Verdict::Allow, ip(1), 443)
+    };
+    assert!(d.observe(&allowed).is_empty());
+    let some = Observation {
+        count: 15,
+        ..obs(1, Verdict::AuditDeny, ip(1), 443)
+    };
+    assert!(d.observe(&some).is_empty());
+    for t in 2..6 {
+        assert!(deny(&mut d, t).is_empty());
+    }
+    assert_eq!(
+        deny(&mut d, 6)[0].reason,
+        "deny_rate: 20 denials in 60s (threshold 20)"
+    );
+}
+
+#[test]
+fn observe_denials_feeds_deny_rate_only() {
+    let mut d = Detectors::new();
+    d.configure([(SEG.to_string(), monitor(20, 1, 1, 1))]);
+    // Nothing: no state.
+    assert!(d.observe_denials(0, "agent-1", SEG, 0).is_empty());
+    assert!(d.agents.is_empty());
+    assert!(d.observe_denials(0, "agent-1", SEG, 19).is_empty());
+    // Neither a new peer nor a port, nor an inbound denial.
+    assert!(d.agents["agent-1"].fan_out.bytes() == 0);
+    assert!(d.agents["agent-1"].inbound.bytes() == 0);
+    let f = d.observe_denials(10, "agent-1", SEG, 1);
+    assert_eq!(
+        f,
+        [Firing {
+            detector: "deny_rate",
+            agent: "agent-1".into(),
+            segment: SEG.into(),
+            action: Action::Quarantine,
+            reason: "deny_rate: 20 denials in 60s (threshold 20)".into(),
+        }]
+    );
+    // Mixed with recorded denials; then the cooldown holds.
+    assert!(d.observe_denials(20, "agent-1", SEG, 1000).is_empty());
+    let f = d.observe_denials(60_010, "agent-1", SEG, 25);
+    assert_eq!(f[0].reason, "deny_rate: 25 denials in 60s (threshold 20)");
+    let mut d = only(Some(rule(5, 60, Action::Alert)), None, None);
+    assert!(d.observe_denials(0, "agent-1", SEG, 4).is_empty());
+    assert_eq!(deny(&mut d, 1).len(), 1);
+    // deny_rate off: nothing, no state.
+    let mut d = only(None, Some(rule(1, 60, Action::Alert)), None);
+    assert!(d.observe_denials(0, "agent-1", SEG, 1_000_000).is_empty());
+    assert!(d.agents.is_empty());
+}
+
+#[test]
+fn huge_counts_keep_the_window_bounded() {
+    // A threshold no window reaches: every event is kept as long as it counts.
+    let mut d = only(Some(rule(1_000_000, 60, Action::Alert)), None, None);
+    for t in 0..200_000u64 {
+        let o = Observation {
+            count: 4,
+            ..obs(t, Verdict::Deny, ip(1), 1)
+        };
+        assert!(d.observe(&o).is_empty(), "{t}");
+        if t % 997 == 0 {
+            let n = d.agents["agent-1"].deny.buckets();
+            assert!(n as u64 <= window::BUCKETS + 1, "{n} buckets at {t}");
+        }
+    }
+    let n = d.agents["agent-1"].deny.buckets();
+    assert!(n >= 1000, "one bucket per 59 ms grain: {n}");
+    // Huge counts: sums never overflow, buckets stay under the threshold's need.
+    let mut d = only(Some(rule(3, 60, Action::Alert)), None, None);
+    let mut firings = 0;
+    for t in 0..100_000u64 {
+        let o = Observation {
+            count: u32::MAX,
+            ..obs(t * 1000, Verdict::Deny, ip(1), 1)
+        };
+        firings += d.observe(&o).len();
+        firings += d
+            .observe_denials(t * 1000 + 1, "agent-1", SEG, u64::MAX)
+            .len();
+        assert!(d.agents["agent-1"].deny.buckets() <= 3);
+    }
+    // Once per 60 s window.
+    assert_eq!(firings, 100_000 / 60 + 1);
+    assert!(d.state_size() < 64 << 10, "{}", d.state_size());
+    // The count reported for a huge burst is capped, never more than were seen.
+    let mut d = only(Some(rule(3, 60, Action::Alert)), None, None);
+    let f = d.observe_denials(0, "a", SEG, u64::MAX);
+    assert_eq!(
+        f[0].reason,
+        format!("deny_rate: {} denials in 60s (threshold 3)", 1u64 << 53)
+    );
 }
 
 /// xorshift64: deterministic pseudo-random input without a dependency.
@@ -354,8 +588,15 @@ fn flood_keeps_memory_bounded() {
             agent: "flooder",
             segment: SEG,
             verdict,
+            direction: if r & 4 == 0 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
             peer,
             port: (r >> 40) as u16,
+            // Mostly single events, now and then a huge aggregate.
+            count: if r & 0xf0 == 0 { u32::MAX } else { 1 },
         };
         firings += d.observe(&o).len();
         if i % 10_000 == 0 {
@@ -365,4 +606,15 @@ fn flood_keeps_memory_bounded() {
     max_size = max_size.max(d.state_size());
     assert!(firings > 0);
     assert!(max_size < 4 << 20, "state grew to {max_size} bytes");
+}
+
+#[test]
+fn with_exact_denials_only_observe_denials_feeds_deny_rate() {
+    let mut d = only(Some(rule(3, 60, Action::Quarantine)), None, None).with_exact_denials();
+    for t in 0..10 {
+        assert!(deny(&mut d, t * 100).is_empty(), "records counted as denials");
+    }
+    let f = d.observe_denials(2000, "agent-1", SEG, 3);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].detector, "deny_rate");
 }

@@ -18,8 +18,8 @@ fn expired(ts: u64, now: u64, window: u64) -> bool {
     ts.saturating_add(window) <= now
 }
 
-fn threshold(rule: &RateRule) -> usize {
-    usize::try_from(rule.threshold).unwrap_or(usize::MAX).max(1)
+fn threshold(rule: &RateRule) -> u64 {
+    u64::from(rule.threshold).max(1)
 }
 
 /// Rough heap bytes of a hash table: buckets plus one control byte each.
@@ -27,47 +27,101 @@ fn table_bytes<T>(capacity: usize) -> usize {
     capacity * (size_of::<T>() + 1)
 }
 
-/// Timestamps of the events in the current window, plus the cooldown after a firing.
+/// A [`RateWindow`] keeps at most `BUCKETS + 1` buckets whatever the threshold and the
+/// input: time is cut in grains of `window / BUCKETS` (rounded up to a whole millisecond), and
+/// the events of one grain share a bucket.
+pub(super) const BUCKETS: u64 = 1024;
+
+/// Most events one bucket counts (2^53): the sum of `BUCKETS + 1` full ones still fits a u64,
+/// so the window's total is exact (and it saturates rather than overflow in any case, e.g.
+/// just after a new rule shortened the grain).
+const BUCKET_MAX: u64 = 1 << 53;
+
+/// The events of the current window as `(time, count)` buckets, oldest first, plus the
+/// cooldown after a firing.
+///
+/// Bounded whatever the input: a hit of `n` events is one bucket (or none: it joins the newest
+/// bucket when that is of the same grain), and buckets no longer needed to reach the
+/// threshold are dropped, so there are never more than `min(threshold, BUCKETS + 1)` of them.
+/// A bucket carries the time of its newest event, so an event may count for up to one grain
+/// (about 0.1% of the window) longer than the window, never shorter: grouping can only make a
+/// detector fire sooner, never miss a burst.
 #[derive(Debug, Default)]
 pub(super) struct RateWindow {
-    events: VecDeque<u64>,
+    buckets: VecDeque<(u64, u64)>,
+    /// Sum of the buckets' counts (see `BUCKET_MAX`).
+    total: u64,
     cooldown_until: u64,
 }
 
 impl RateWindow {
-    /// Records one event; returns the count in the window if that makes the detector fire.
-    pub fn hit(&mut self, now: u64, rule: &RateRule) -> Option<usize> {
-        let window = window_ms(rule);
-        while self
-            .events
-            .front()
-            .is_some_and(|&t| expired(t, now, window))
-        {
-            self.events.pop_front();
-        }
-        // Never more than `threshold` entries: the count only needs to reach it.
-        if self.events.len() >= threshold(rule) {
-            self.events.pop_front();
-        }
-        self.events.push_back(now);
-        if self.events.len() < threshold(rule) || now < self.cooldown_until {
+    /// Records `n` events at `now` (0 records nothing); returns the count in the window if
+    /// that makes the detector fire (at least the threshold; older events the count did not
+    /// need may be left out).
+    pub fn hit(&mut self, now: u64, n: u64, rule: &RateRule) -> Option<u64> {
+        if n == 0 {
             return None;
         }
-        let count = self.events.len();
-        self.events.clear();
+        let window = window_ms(rule);
+        while let Some(&(t, k)) = self.buckets.front() {
+            if !expired(t, now, window) {
+                break;
+            }
+            self.buckets.pop_front();
+            self.total = self.total.saturating_sub(k);
+        }
+        let grain = window.div_ceil(BUCKETS).max(1);
+        match self.buckets.back_mut() {
+            // Same grain, or out of order (records of several CPUs): joins the newest bucket,
+            // which keeps the later time.
+            Some((t, k)) if now / grain <= *t / grain => {
+                let before = *k;
+                *t = (*t).max(now);
+                *k = k.saturating_add(n).min(BUCKET_MAX);
+                self.total = self.total.saturating_add(*k - before);
+            }
+            _ => {
+                let k = n.min(BUCKET_MAX);
+                self.buckets.push_back((now, k));
+                self.total = self.total.saturating_add(k);
+            }
+        }
+        self.trim(rule);
+        if self.total < threshold(rule) || now < self.cooldown_until {
+            return None;
+        }
+        let count = self.total;
+        self.buckets.clear();
+        self.total = 0;
         self.cooldown_until = now.saturating_add(window);
         Some(count)
     }
 
-    /// Applies a new rule to existing state: keeps at most `threshold` newest entries.
-    pub fn fit(&mut self, rule: &RateRule) {
-        while self.events.len() > threshold(rule) {
-            self.events.pop_front();
+    /// Drops the oldest buckets while the rest still reach the threshold: the count only needs
+    /// to reach it.
+    fn trim(&mut self, rule: &RateRule) {
+        let need = threshold(rule);
+        while let Some(&(_, k)) = self.buckets.front() {
+            if self.buckets.len() < 2 || self.total.saturating_sub(k) < need {
+                break;
+            }
+            self.buckets.pop_front();
+            self.total = self.total.saturating_sub(k);
         }
     }
 
+    /// Applies a new rule to existing state: drops what the new threshold does not need.
+    pub fn fit(&mut self, rule: &RateRule) {
+        self.trim(rule);
+    }
+
     pub fn bytes(&self) -> usize {
-        self.events.capacity() * size_of::<u64>()
+        self.buckets.capacity() * size_of::<(u64, u64)>()
+    }
+
+    #[cfg(test)]
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
     }
 }
 
@@ -81,7 +135,7 @@ pub(super) struct FanOut {
 }
 
 impl FanOut {
-    pub fn hit(&mut self, now: u64, peer: IpAddr, rule: &RateRule, cap: usize) -> Option<usize> {
+    pub fn hit(&mut self, now: u64, peer: IpAddr, rule: &RateRule, cap: usize) -> Option<u64> {
         if self.known.contains(&peer) {
             return None;
         }
@@ -92,7 +146,7 @@ impl FanOut {
         }
         self.known.insert(peer);
         self.order.push_back(peer);
-        self.new_peers.hit(now, rule)
+        self.new_peers.hit(now, 1, rule)
     }
 
     pub fn fit(&mut self, rule: &RateRule) {
@@ -189,8 +243,9 @@ impl PortScan {
         port: u16,
         rule: &RateRule,
         cap: usize,
-    ) -> Option<usize> {
+    ) -> Option<u64> {
         let window = window_ms(rule);
+        let need = usize::try_from(threshold(rule)).unwrap_or(usize::MAX);
         if !self.peers.contains_key(&peer) {
             if self.peers.len() >= cap.max(1)
                 && let Some(old) = self.order.pop_front()
@@ -200,18 +255,18 @@ impl PortScan {
             self.order.push_back(peer);
         }
         let ports = self.peers.entry(peer).or_default();
-        let count = ports.hit(now, port, window, threshold(rule));
-        if count < threshold(rule) || now < self.cooldown_until {
+        let count = ports.hit(now, port, window, need);
+        if count < need || now < self.cooldown_until {
             return None;
         }
         ports.clear();
         self.cooldown_until = now.saturating_add(window);
-        Some(count)
+        Some(u64::try_from(count).unwrap_or(u64::MAX))
     }
 
     pub fn fit(&mut self, rule: &RateRule) {
         for ports in self.peers.values_mut() {
-            ports.fit(threshold(rule));
+            ports.fit(usize::try_from(threshold(rule)).unwrap_or(usize::MAX));
         }
     }
 

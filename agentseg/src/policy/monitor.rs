@@ -1,6 +1,11 @@
 //! `[monitor]`: per-segment behaviour detectors (rates and inactivity) and what to do when one
 //! fires. Every key is optional; a missing one takes that detector's default, so a policy only
 //! states what it changes.
+//!
+//! The egress detectors (`deny_rate`, `fan_out`, `port_scan`) judge what the agent does;
+//! `inbound_rate` counts what others do to it (packets its ingress rules deny), so it may
+//! alert but never quarantine: anyone able to send the agent packets could otherwise have an
+//! innocent agent cut off.
 
 use std::fmt;
 use std::time::Duration;
@@ -50,12 +55,15 @@ pub struct IdleRule {
 /// A segment's detectors. [`Monitor::default`] is what a segment without `[monitor]` gets.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Monitor {
-    /// Denied (or audit-denied) connections.
+    /// Denied (or audit-denied) connections and packets of the agent (egress).
     pub deny_rate: RateRule,
-    /// Distinct peers never contacted before.
+    /// Distinct peers never contacted before (egress).
     pub fan_out: RateRule,
-    /// Distinct destination ports on one peer.
+    /// Distinct destination ports on one peer (egress).
     pub port_scan: RateRule,
+    /// Denied (or audit-denied) inbound connections and packets: others knocking on the
+    /// agent's ports. Its action is never `Quarantine` (validation refuses it).
+    pub inbound_rate: RateRule,
     /// Off unless configured: idle agents are normal in many deployments.
     pub inactivity: Option<IdleRule>,
 }
@@ -74,6 +82,7 @@ impl Default for Monitor {
             deny_rate: rate(100, 60),
             fan_out: rate(100, 300),
             port_scan: rate(20, 60),
+            inbound_rate: rate(100, 60),
             inactivity: None,
         }
     }
@@ -87,26 +96,30 @@ pub const DURATION_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 /// default so that checking goes on.
 pub(super) fn check(src: &Source<'_>, raw: RawMonitor, errors: &mut Vec<PolicyError>) -> Monitor {
     let def = Monitor::default();
-    let mut rate_rule = |raw: Option<Spanned<RawRate>>, def: RateRule| match raw {
+    let mut rate_rule = |raw: Option<Spanned<RawRate>>, def: RateRule, inbound: bool| match raw {
         None => def,
-        Some(r) => check_rate(src, r.into_inner(), def, errors),
+        Some(r) => check_rate(src, r.into_inner(), def, inbound, errors),
     };
-    let deny_rate = rate_rule(raw.deny_rate, def.deny_rate);
-    let fan_out = rate_rule(raw.fan_out, def.fan_out);
-    let port_scan = rate_rule(raw.port_scan, def.port_scan);
+    let deny_rate = rate_rule(raw.deny_rate, def.deny_rate, false);
+    let fan_out = rate_rule(raw.fan_out, def.fan_out, false);
+    let port_scan = rate_rule(raw.port_scan, def.port_scan, false);
+    let inbound_rate = rate_rule(raw.inbound_rate, def.inbound_rate, true);
     let inactivity = raw.inactivity.and_then(|r| check_idle(src, r, errors));
     Monitor {
         deny_rate,
         fan_out,
         port_scan,
+        inbound_rate,
         inactivity,
     }
 }
 
+/// `inbound`: the rule is `inbound_rate`, whose action may not be `quarantine`.
 fn check_rate(
     src: &Source<'_>,
     raw: RawRate,
     def: RateRule,
+    inbound: bool,
     errors: &mut Vec<PolicyError>,
 ) -> RateRule {
     let mut out = def;
@@ -124,12 +137,17 @@ fn check_rate(
     }
     if let Some(a) = &raw.action {
         match action(a.get_ref()) {
+            Ok(Action::Quarantine) if inbound => errors.push(src.error_at(a, INBOUND_QUARANTINE)),
             Ok(x) => out.action = x,
             Err(m) => errors.push(src.error_at(a, m)),
         }
     }
     out
 }
+
+const INBOUND_QUARANTINE: &str = "`inbound_rate` cannot quarantine: it counts packets others \
+     send to the agent, so anyone able to reach the agent could get it quarantined; use \
+     \"alert\" or \"off\"";
 
 fn check_idle(
     src: &Source<'_>,

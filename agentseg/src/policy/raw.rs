@@ -110,6 +110,7 @@ pub(super) struct RawMonitor {
     pub deny_rate: Option<Spanned<RawRate>>,
     pub fan_out: Option<Spanned<RawRate>>,
     pub port_scan: Option<Spanned<RawRate>>,
+    pub inbound_rate: Option<Spanned<RawRate>>,
     pub inactivity: Option<Spanned<RawIdle>>,
 }
 

@@ -22,6 +22,7 @@ const FULL: &str = r#"
 deny_rate  = { threshold = 20, window = "1m", action = "quarantine" }
 fan_out    = { threshold = 50, window = "5m", action = "alert" }
 port_scan  = { threshold = 10, window = "1m", action = "off" }
+inbound_rate = { threshold = 500, window = "10s", action = "off" }
 inactivity = { after = "24h", action = "quarantine" }
 "#;
 
@@ -30,6 +31,7 @@ fn full() -> Monitor {
         deny_rate: rule(20, 60, Action::Quarantine),
         fan_out: rule(50, 300, Action::Alert),
         port_scan: rule(10, 60, Action::Off),
+        inbound_rate: rule(500, 10, Action::Off),
         inactivity: Some(IdleRule {
             after: Duration::from_secs(24 * 3600),
             action: Action::Quarantine,
@@ -43,6 +45,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(m.deny_rate, rule(100, 60, Action::Alert));
     assert_eq!(m.fan_out, rule(100, 300, Action::Alert));
     assert_eq!(m.port_scan, rule(20, 60, Action::Alert));
+    assert_eq!(m.inbound_rate, rule(100, 60, Action::Alert));
     assert_eq!(m.inactivity, None);
     let set = load_one("name = \"a.b.c\"\n");
     assert_eq!(set.segments[0].monitor, m);
@@ -187,5 +190,58 @@ fn errors_in_both_forms_are_all_collected() {
             (8, 24, "unknown action \"block\""),
             (9, 24, "after \"31d\" is out of range"),
         ],
+    );
+}
+
+#[test]
+fn inbound_rate_parses_and_keeps_its_defaults() {
+    let set = load_one(
+        "name = \"a.b.c\"\n[monitor]\ninbound_rate = { threshold = 20 }\n\
+         deny_rate = { action = \"quarantine\" }\n",
+    );
+    let want = Monitor {
+        deny_rate: rule(100, 60, Action::Quarantine),
+        inbound_rate: rule(20, 60, Action::Alert),
+        ..Monitor::default()
+    };
+    assert_eq!(set.segments[0].monitor, want);
+    let set = load_one(
+        "[[segment]]\nname = \"a.b.c\"\n[segment.monitor]\n\
+         inbound_rate = { window = \"1m\", action = \"alert\" }\n\
+         [[segment]]\nname = \"d.e.f\"\nmonitor = { inbound_rate = { action = \"off\" } }\n",
+    );
+    assert_eq!(
+        set.segments[0].monitor.inbound_rate,
+        rule(100, 60, Action::Alert)
+    );
+    assert_eq!(
+        set.segments[1].monitor.inbound_rate,
+        rule(100, 60, Action::Off)
+    );
+}
+
+#[test]
+fn inbound_rate_cannot_quarantine() {
+    let why = "`inbound_rate` cannot quarantine: it counts packets others send to the agent, \
+               so anyone able to reach the agent could get it quarantined; use \"alert\" or \
+               \"off\"";
+    check_one(
+        "name = \"a.b.c\"\n[monitor]\n\
+         deny_rate = { action = \"quarantine\" }\n\
+         inbound_rate = { threshold = 20, window = \"1m\", action = \"quarantine\" }\n",
+        &[(4, 58, why)],
+    );
+    // In the multi-segment form too, alongside other errors of the same table.
+    check_one(
+        "[[segment]]\nname = \"a.b.c\"\n[segment.monitor]\n\
+         inbound_rate = { threshold = 0, action = \"quarantine\" }\n",
+        &[
+            (4, 30, "threshold 0 is out of range"),
+            (4, 42, "`inbound_rate` cannot quarantine"),
+        ],
+    );
+    check_one(
+        "name = \"a.b.c\"\n[monitor]\ninbound_rate = { action = \"drop\" }\n",
+        &[(3, 27, "unknown action \"drop\"")],
     );
 }
