@@ -5,11 +5,7 @@ use which::which;
 fn main() {
     // Keep the event writers global functions (bpf-linker internalises every
     // symbol it is not told to export): the verifier then checks it once, on its own.
-    for f in [
-        "agentseg_finish",
-        "agentseg_refuse",
-        "agentseg_lookup",
-    ] {
+    for f in ["agentseg_finish", "agentseg_refuse", "agentseg_lookup"] {
         println!("cargo:rustc-link-arg=--export={f}");
     }
     match which("bpf-linker") {

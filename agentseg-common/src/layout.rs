@@ -5,9 +5,9 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, Event, FlowVerdict, LearnedKey, LearnedSlot, LearnedValue, Member,
-    PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule, RuleSet, SegmentInfo, UnixEvent, UnixKey,
-    UnixValue, capacity,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, Event, FlowVerdict, LearnedKey, LearnedSlot,
+    LearnedValue, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, PortRule, RuleSet, SegmentInfo,
+    UnixEvent, UnixKey, UnixValue, capacity,
 };
 
 /// Bump when the meaning of a field or constant changes without any size or offset changing.

@@ -2,8 +2,9 @@
 //! their capacities come from `agentseg_common::capacity` so that the pinned layout version
 //! covers them.
 use agentseg_common::{
-    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
-    PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey,
+    LearnedValue, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey,
+    UnixValue, capacity,
 };
 use aya_ebpf::{
     macros::map,

@@ -21,27 +21,29 @@
 //! | otherwise                                          | deny, or allow if mode = audit  |
 use agentseg_common::{
     CONFIG_ANY_DEADMAN, CONFIG_ANY_QUARANTINE, Counters, DENY_SUMMARY_NS, DenyFlow, DenyFlowKey,
-    Event, FlowVerdict, HOOK_SKB_INGRESS, INGRESS_BIT, RECORD_BURST, RECORD_INTERVAL_NS,
-    LEARNED_SLOTS, LearnedKey, MAX_CGROUP_DEPTH, MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD,
-    MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT, PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT,
-    RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS,
-    RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
-    SEGMENT_RELEASED, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER,
-    STAT_NO_RULESET, STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
-    rule_allows, ruleset_allows,
+    Event, FlowVerdict, HOOK_SKB_INGRESS, INGRESS_BIT, LEARNED_SLOTS, LearnedKey, MAX_CGROUP_DEPTH,
+    MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD, MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT,
+    PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RECORD_BURST, RECORD_INTERVAL_NS, RULE_DEADMAN,
+    RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED,
+    RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_RELEASED,
+    STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER, STAT_NO_RULESET,
+    STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, rule_allows,
+    ruleset_allows,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
+        bpf_get_current_pid_tgid,
+        generated::{
+            self as raw, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns,
+        },
     },
     macros::map,
     maps::{PerCpuArray, lpm_trie::Key},
 };
 
 use crate::maps::{
-    CONFIG, COUNTERS, DENY_FLOWS, EVENTS, FLOWS, LEARNED, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS, RULESETS,
-    SEGMENTS, STATS,
+    CONFIG, COUNTERS, DENY_FLOWS, EVENTS, FLOWS, LEARNED, MEMBERS, POLICY_V4, POLICY_V6, RULE_HITS,
+    RULESETS, SEGMENTS, STATS,
 };
 
 /// Return codes of cgroup sock_addr, sockopt and cgroup_skb programs alike.
@@ -90,32 +92,83 @@ pub fn count(cgroup: u64, f: impl FnOnce(&mut Counters)) {
         None => {
             // The new value is built in a per-CPU scratch slot, not on the stack (the global
             // functions' frames add up with the hooks').
-            let Some(c) = SCRATCH_EMIT.get_ptr_mut(0) else {
+            let Some(slot) = claim!(SCRATCH_COUNTERS) else {
                 return;
             };
-            // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
-            let c = unsafe { &mut (*c).counters };
+            // SAFETY: this CPU's free slot, held until `release!`.
+            let c = unsafe { &mut (*slot).counters };
             *c = Counters::default();
             f(c);
             // A failed insert (map full) loses one count, never the verdict. By reference: a
             // copy would land on the stack.
             #[allow(clippy::needless_borrows_for_generic_args)]
             let _ = COUNTERS.insert(cgroup, &*c, 0);
+            release!(slot);
         }
     }
 }
 
-/// Scratch space of [`emit_inline`] and [`count`], one per CPU: what would not fit on the
-/// stack next to a packet hook's frame. Not pinned (nothing outlives a program run).
+/// Scratch space of [`emit_inline`], one per CPU: what would not fit on the stack next to a
+/// packet hook's frame. The key doubles as the record's description (every field a record
+/// needs but the time and the counts), so that the writer keeps one pointer live, not a
+/// dozen values spilled to the stack. Not pinned (nothing outlives a program run).
 #[repr(C)]
 pub struct EmitScratch {
+    busy: u64,
     pub key: DenyFlowKey,
     pub flow: DenyFlow,
-    pub counters: Counters,
 }
 
 #[map(name = "AS_SCRATCH_EMIT")]
-static SCRATCH_EMIT: PerCpuArray<EmitScratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_EMIT: PerCpuArray<EmitScratch> = PerCpuArray::with_max_entries(2, 0);
+
+/// [`count`]'s new entries.
+#[repr(C)]
+pub struct CountersScratch {
+    busy: u64,
+    pub counters: Counters,
+}
+
+#[map(name = "AS_SCRATCH_COUNTERS")]
+static SCRATCH_COUNTERS: PerCpuArray<CountersScratch> = PerCpuArray::with_max_entries(2, 0);
+
+/// This CPU's free slot of a two-slot scratch map (its `busy` field set), or None. A hook in
+/// softirq can interrupt another on the same CPU in the middle of its use of slot 0: it then
+/// takes slot 1. Softirqs do not nest and no cgroup hook runs in a hard interrupt, so two
+/// slots suffice; a check interrupted before the flag is set is harmless (the interrupting
+/// hook finishes, and clears the flag, before this one goes on).
+macro_rules! claim {
+    ($map:expr) => {
+        match $map.get_ptr_mut(0) {
+            None => None,
+            // SAFETY: per-CPU slot; volatile so that the flag is really read and written.
+            Some(s0) => unsafe {
+                let idx = if core::ptr::read_volatile(core::ptr::addr_of!((*s0).busy)) == 0 {
+                    0
+                } else {
+                    1
+                };
+                match $map.get_ptr_mut(idx) {
+                    Some(p) => {
+                        core::ptr::write_volatile(core::ptr::addr_of_mut!((*p).busy), 1);
+                        Some(p)
+                    }
+                    None => None,
+                }
+            },
+        }
+    };
+}
+use claim;
+
+/// Give back a slot [`claim!`] returned.
+macro_rules! release {
+    ($slot:expr) => {
+        // SAFETY: the slot `claim!` returned, still valid (a map value).
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$slot).busy), 0) }
+    };
+}
+use release;
 
 /// The member a decision is about.
 #[derive(Clone, Copy)]
@@ -315,7 +368,7 @@ pub fn table_id(s: &Subject, table: Table) -> u32 {
 /// The rule of `table` of the subject's segment that allows (peer, IP protocol number, port),
 /// or [`RULE_DEFAULT_DENY`] (quarantine: [`RULE_QUARANTINE`]; dead-man: [`RULE_DEADMAN`]).
 #[inline(always)]
-pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -> u32 {
+pub fn allows(s: &Subject, table: Table, peer: &Peer, protocol: u32, port: u16) -> u32 {
     if s.deadman {
         return RULE_DEADMAN;
     }
@@ -328,21 +381,12 @@ pub fn allows(s: &Subject, table: Table, peer: Peer, protocol: u32, port: u16) -
         Table::QuarantineAllow => flags |= LOOKUP_QUARANTINE,
         Table::Ingress => {}
     }
-    // The peer goes by a per-CPU scratch slot: taking its address on the stack pushed the
-    // packet hooks past 512 bytes.
-    let Some(p) = SCRATCH_PEER.get_ptr_mut(0) else {
-        return RULE_DEFAULT_DENY;
-    };
-    // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
-    unsafe {
-        *p = peer;
-        agentseg_lookup(table_id(s, table), flags, p, protocol, u32::from(port))
-    }
+    // By a pointer to the caller's stack, never a per-CPU scratch slot: a packet hook in
+    // softirq can interrupt a hook on the same CPU between the write and the read, and a
+    // verdict must never be computed on someone else's peer.
+    // SAFETY: `peer` lives for the call.
+    unsafe { agentseg_lookup(table_id(s, table), flags, peer, protocol, u32::from(port)) }
 }
-
-/// One [`Peer`] per CPU for [`allows`]; not pinned (nothing outlives a program run).
-#[map(name = "AS_SCRATCH_PEER")]
-static SCRATCH_PEER: PerCpuArray<Peer> = PerCpuArray::with_max_entries(1, 0);
 
 const LOOKUP_V6: u32 = 1;
 /// Egress: consult the addresses the segment learned from DNS after a miss.
@@ -486,20 +530,34 @@ pub struct Flow {
 /// 512-byte stack). Their arguments travel in a per-CPU scratch slot, not on the stack.
 #[inline(always)]
 fn emit_inline(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow, task: bool) {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    if verdict == VERDICT_ALLOW {
-        if record_budget(cgroup, now) {
-            write_event(cgroup, segment_id, verdict, rule, flow, task, now, (0, 0, 1));
-        }
-        return;
-    }
-    // Key and new value live in the per-CPU scratch slot, not on the stack.
-    let Some(scratch) = SCRATCH_EMIT.get_ptr_mut(0) else {
+    // Everything about the record goes into a per-CPU scratch slot first (see EmitScratch).
+    let Some(slot) = claim!(SCRATCH_EMIT) else {
         return;
     };
-    // SAFETY: per-CPU slot, only this program on this CPU uses it until it returns.
-    let key = unsafe { &mut (*scratch).key };
+    // SAFETY: this CPU's free slot, held until `release!`.
+    emit_in(
+        unsafe { &mut *slot },
+        cgroup,
+        segment_id,
+        verdict,
+        rule,
+        flow,
+        task,
+    );
+    release!(slot);
+}
+
+#[inline(always)]
+fn emit_in(
+    sc: &mut EmitScratch,
+    cgroup: u64,
+    segment_id: u32,
+    verdict: u8,
+    rule: u32,
+    flow: &Flow,
+    task: bool,
+) {
+    let key = &mut sc.key;
     key.cgroup_id = cgroup;
     key.pid = if task {
         (bpf_get_current_pid_tgid() >> 32) as u32
@@ -517,14 +575,21 @@ fn emit_inline(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow
     key.saddr = flow.saddr;
     key.daddr = flow.daddr;
     key._pad = 0;
-    let key: &DenyFlowKey = key;
-    // The flow's entry, or a new one (count 1) built in the scratch slot.
-    let (f, new) = match DENY_FLOWS.get_ptr_mut(key) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if verdict == VERDICT_ALLOW {
+        if record_budget(cgroup, now) {
+            write_event(&sc.key, task, now, 0, 0, 1);
+        }
+        return;
+    }
+    // The flow's entry, or a new one built in the scratch slot.
+    #[allow(clippy::needless_borrows_for_generic_args)] // a copy would land on the stack
+    let (f, new) = match DENY_FLOWS.get_ptr_mut(&sc.key) {
         // SAFETY: per-CPU value, only this CPU writes it (the daemon only reads).
         Some(p) => (unsafe { &mut *p }, false),
         None => {
-            // SAFETY: as above, the scratch slot.
-            let f = unsafe { &mut (*scratch).flow };
+            let f = &mut sc.flow;
             f.count = 0;
             f.reported = 0;
             f.first_ns = now;
@@ -534,28 +599,20 @@ fn emit_inline(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow
     };
     f.count += 1;
     // A new flow writes its record now; a known one at most once per interval.
-    if new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS {
+    if (new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS)
+        && record_budget(cgroup, now)
+        && write_event(&sc.key, task, now, f.first_ns, f.reported, f.count)
+    {
+        f.reported = f.count;
         f.emit_ns = now;
-        // One call site: each inlined copy of the writer added its own stack.
-        if record_budget(cgroup, now)
-            && write_event(
-                cgroup,
-                segment_id,
-                verdict,
-                rule,
-                flow,
-                task,
-                now,
-                (f.first_ns, f.reported, f.count),
-            )
-        {
-            f.reported = f.count;
-        }
+    } else if new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS {
+        // Due but not written (budget, ring): try again in an interval, not at every denial.
+        f.emit_ns = now;
     }
     if new {
         // Without an entry (the insert failed) the record written still stood for this one.
         #[allow(clippy::needless_borrows_for_generic_args)]
-        let _ = DENY_FLOWS.insert(key, &*f, 0);
+        let _ = DENY_FLOWS.insert(&sc.key, &sc.flow, 0);
     }
 }
 
@@ -580,22 +637,13 @@ pub fn record_budget(cgroup: u64, now: u64) -> bool {
     ok
 }
 
-/// Write one record; false when the ring is full (counted).
+/// Write one record described by `k`, standing for the flow's denials `from + 1 ..= to` of
+/// the entry made at `flow_ns` (0: not aggregated); false when the ring is full (counted).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn write_event(
-    cgroup: u64,
-    segment_id: u32,
-    verdict: u8,
-    rule: u32,
-    flow: &Flow,
-    task: bool,
-    now: u64,
-    (agg_flow_ns, agg_from, agg_to): (u64, u64, u64),
-) -> bool {
+fn write_event(k: &DenyFlowKey, task: bool, now: u64, flow_ns: u64, from: u64, to: u64) -> bool {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         stat(STAT_EVENTS_LOST);
-        count(cgroup, |c| c.records_dropped += 1);
+        count(k.cgroup_id, |c| c.records_dropped += 1);
         return false;
     };
     // Field by field into the ring: an Event built on the stack first would cost 120 bytes.
@@ -604,26 +652,30 @@ fn write_event(
     unsafe {
         if task {
             (*e).pid_tgid = bpf_get_current_pid_tgid();
-            (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            // Straight into the record (the safe wrapper goes through a stack buffer).
+            let comm = core::ptr::addr_of_mut!((*e).comm);
+            if raw::bpf_get_current_comm(comm.cast(), 16) != 0 {
+                (*e).comm = [0; 16];
+            }
         } else {
             (*e).pid_tgid = 0;
             (*e).comm = [0; 16];
         }
         (*e).ts_ns = now;
-        (*e).cgroup_id = cgroup;
-        (*e).segment_id = segment_id;
-        (*e).rule_id = rule;
-        (*e).hook = flow.hook;
-        (*e).verdict = verdict;
-        (*e).family = flow.family;
-        (*e).protocol = flow.protocol;
-        (*e).sport = flow.sport;
-        (*e).dport = flow.dport;
-        (*e).saddr = flow.saddr;
-        (*e).daddr = flow.daddr;
-        (*e).agg_flow_ns = agg_flow_ns;
-        (*e).agg_from = agg_from;
-        (*e).agg_to = agg_to;
+        (*e).cgroup_id = k.cgroup_id;
+        (*e).segment_id = k.segment_id;
+        (*e).rule_id = k.rule_id;
+        (*e).hook = k.hook;
+        (*e).verdict = k.verdict;
+        (*e).family = k.family;
+        (*e).protocol = k.protocol;
+        (*e).sport = k.sport;
+        (*e).dport = k.dport;
+        (*e).saddr = k.saddr;
+        (*e).daddr = k.daddr;
+        (*e).agg_flow_ns = flow_ns;
+        (*e).agg_from = from;
+        (*e).agg_to = to;
         (*e).cpu = bpf_get_smp_processor_id();
         (*e)._pad = 0;
     }
@@ -636,62 +688,50 @@ fn write_event(
 #[inline(always)]
 pub fn refuse(r: &Refusal, flow: &Flow) -> i32 {
     if r.rule != RULE_DEFAULT_DENY {
-        let Some(p) = SCRATCH_FINISH.get_ptr_mut(0) else {
-            return DENY;
-        };
-        // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
-        unsafe {
-            (*p).flow = *flow;
-            agentseg_refuse(r.cgroup, r.rule);
-        }
+        // SAFETY: `flow` lives for the call.
+        unsafe { agentseg_refuse(r.cgroup, r.rule, flow) };
     }
     DENY
 }
 
-/// What [`finish`] and [`refuse`] hand to their global halves.
-#[repr(C)]
-pub struct FinishArgs {
-    pub s: Subject,
-    pub flow: Flow,
-}
-
-/// One [`FinishArgs`] per CPU; not pinned (nothing outlives a program run).
-#[map(name = "AS_SCRATCH_FINISH")]
-static SCRATCH_FINISH: PerCpuArray<FinishArgs> = PerCpuArray::with_max_entries(1, 0);
-
-/// [`refuse`]'s report (the flow is in the scratch slot). Global: see [`emit_inline`].
+/// [`refuse`]'s report. Global: see [`emit_inline`].
 ///
 /// # Safety
-/// Only through [`refuse`], which fills the scratch slot first.
+/// `flow` is null or points at a Flow.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub unsafe extern "C" fn agentseg_refuse(cgroup: u64, rule: u32) -> i32 {
-    let Some(p) = SCRATCH_FINISH.get_ptr(0) else {
+pub unsafe extern "C" fn agentseg_refuse(cgroup: u64, rule: u32, flow: *const Flow) -> i32 {
+    // SAFETY: see the contract (the verifier checks a global function for any caller).
+    let Some(flow) = (unsafe { flow.as_ref() }) else {
         return DENY;
     };
-    // SAFETY: per-CPU slot filled by the caller on this CPU.
-    let flow = unsafe { &(*p).flow };
     emit_inline(cgroup, 0, VERDICT_DENY, rule, flow, flow.task);
     DENY
 }
 
-/// [`finish`]'s decision and report (subject and flow are in the scratch slot). Global: see
-/// [`emit_inline`].
+/// [`finish`]'s decision and report. Global: see [`emit_inline`]. Subject and flow come by
+/// pointers to the caller's stack, never a per-CPU scratch slot: a hook in softirq can
+/// interrupt another on the same CPU, and a verdict must never be taken on someone else's
+/// subject.
 ///
 /// # Safety
-/// Only through [`finish`], which fills the scratch slot first.
+/// `s` and `flow` are null or point at a Subject and a Flow.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub unsafe extern "C" fn agentseg_finish(rule: u32, count_allow: u32) -> i32 {
-    let Some(p) = SCRATCH_FINISH.get_ptr(0) else {
+pub unsafe extern "C" fn agentseg_finish(
+    s: *const Subject,
+    rule: u32,
+    flow: *const Flow,
+    count_allow: u32,
+) -> i32 {
+    // SAFETY: see the contract.
+    let (Some(s), Some(flow)) = (unsafe { s.as_ref() }, unsafe { flow.as_ref() }) else {
         return DENY;
     };
-    // SAFETY: per-CPU slot filled by the caller on this CPU.
-    let a = unsafe { &*p };
-    let inbound = a.flow.hook == HOOK_SKB_INGRESS;
-    let (ret, report) = decide(&a.s, rule, count_allow != 0, inbound);
+    let inbound = flow.hook == HOOK_SKB_INGRESS;
+    let (ret, report) = decide(s, rule, count_allow != 0, inbound);
     if let Some((verdict, rule)) = report {
-        emit_inline(a.s.cgroup, a.s.segment_id, verdict, rule, &a.flow, a.flow.task);
+        emit_inline(s.cgroup, s.segment_id, verdict, rule, flow, flow.task);
     }
     ret
 }
@@ -701,17 +741,12 @@ pub unsafe extern "C" fn agentseg_finish(rule: u32, count_allow: u32) -> i32 {
 /// would-be denial of an audit-mode segment) is reported as an event.
 #[inline(always)]
 pub fn finish(s: &Subject, rule: u32, flow: &Flow, count_allow: bool) -> i32 {
-    let Some(p) = SCRATCH_FINISH.get_ptr_mut(0) else {
-        return DENY;
-    };
-    // SAFETY: per-CPU slot, used by this program on this CPU until it returns.
+    // SAFETY: `s` and `flow` live for the call.
     unsafe {
-        (*p).s = *s;
-        (*p).flow = *flow;
         // A global function's result is any scalar to the verifier: the hook's return value
         // must be provably ALLOW or DENY. The volatile read keeps LLVM from folding this test
         // away with what it knows of the function's body.
-        let verdict = agentseg_finish(rule, u32::from(count_allow));
+        let verdict = agentseg_finish(s, rule, flow, u32::from(count_allow));
         if core::ptr::read_volatile(&verdict) == ALLOW {
             ALLOW
         } else {

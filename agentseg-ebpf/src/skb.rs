@@ -358,7 +358,7 @@ fn judge_egress(s: &Subject, sk: &Sock, p: &Packet, parsed: bool, flow: &Flow, m
         }
     }
     stat(STAT_FLOW_JUDGED);
-    let rule = allows(s, table, p.dst, p.proto, p.dport);
+    let rule = allows(s, table, &p.dst, p.proto, p.dport);
     // TCP and UDP sockets had their allows counted by connect or sendmsg.
     let verdict = finish(s, rule, flow, !(sk.tcp() || sk.udp()));
     if !armed {
@@ -464,7 +464,7 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         return finish(&s, RULE_MALFORMED, &flow, false);
     }
     if s.quarantined || s.deadman {
-        let rule = allows(&s, Table::QuarantineAllow, p.src, p.proto, p.sport);
+        let rule = allows(&s, Table::QuarantineAllow, &p.src, p.proto, p.sport);
         return finish(&s, rule, &flow, true);
     }
     if !sk.full {
@@ -482,7 +482,7 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
         }
         return finish(
             &s,
-            allows(&s, Table::Ingress, p.src, p.proto, p.dport),
+            allows(&s, Table::Ingress, &p.src, p.proto, p.dport),
             &flow,
             true,
         );
@@ -495,11 +495,11 @@ pub fn agentseg_skb_ingress(ctx: SkBuffContext) -> i32 {
     }
     // Unconnected datagram, ping and raw sockets: an ingress rule, or a reply from a peer the
     // egress rules let the agent talk to.
-    let rule = allows(&s, Table::Ingress, p.src, p.proto, p.dport);
+    let rule = allows(&s, Table::Ingress, &p.src, p.proto, p.dport);
     let rule = if is_rule(rule) {
         rule
     } else {
-        allows(&s, Table::Egress, p.src, p.proto, p.sport)
+        allows(&s, Table::Egress, &p.src, p.proto, p.sport)
     };
     finish(&s, rule, &flow, true)
 }

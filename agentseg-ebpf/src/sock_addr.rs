@@ -87,7 +87,7 @@ fn judge(ctx: &SockAddrContext, hook: u8, peer: Peer, protocol: u32, port: u16) 
             return finish(&s, RULE_DNS, &flow, true);
         }
     }
-    let rule = allows(&s, egress_table(&s), peer, protocol, port);
+    let rule = allows(&s, egress_table(&s), &peer, protocol, port);
     let verdict = finish(&s, rule, &flow, true);
     // The egress packet hook checks the destination on the wire: when it is this one, it was
     // judged (and counted, and reported) here already.

@@ -62,7 +62,13 @@ impl Ledger {
     /// One per-CPU entry of the map read by a sweep at `now_ns` (CLOCK_BOOTTIME): the range
     /// still to report, when the flow has been quiet for a summary interval (a busy flow's
     /// next record reports it) and some of it was not counted yet.
-    pub fn sweep(&mut self, key: DenyFlowKey, cpu: u32, f: &DenyFlow, now_ns: u64) -> Option<(u64, u64)> {
+    pub fn sweep(
+        &mut self,
+        key: DenyFlowKey,
+        cpu: u32,
+        f: &DenyFlow,
+        now_ns: u64,
+    ) -> Option<(u64, u64)> {
         let slot = (key, cpu, f.first_ns);
         if let Some(c) = self.counted.get_mut(&slot) {
             c.round = self.round;
@@ -70,7 +76,9 @@ impl Ledger {
         if now_ns.saturating_sub(f.emit_ns) < DENY_SUMMARY_NS {
             return None;
         }
-        let from = f.reported.max(self.counted.get(&slot).map_or(0, |c| c.upto));
+        let from = f
+            .reported
+            .max(self.counted.get(&slot).map_or(0, |c| c.upto));
         (f.count > from && self.advance(slot, f.reported, f.count) > 0).then_some((from, f.count))
     }
 
@@ -97,7 +105,10 @@ impl Ledger {
             self.counted.clear();
         }
         let round = self.round;
-        let c = self.counted.entry(slot).or_insert(Counted { upto: 0, round });
+        let c = self
+            .counted
+            .entry(slot)
+            .or_insert(Counted { upto: 0, round });
         c.round = round;
         let added = to.saturating_sub(from.max(c.upto));
         c.upto = c.upto.max(to);

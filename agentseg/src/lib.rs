@@ -13,7 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod detect;
-pub mod ledger;
 pub mod dns;
+pub mod ledger;
 pub mod policy;
 pub mod sandbox;

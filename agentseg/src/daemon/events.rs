@@ -12,11 +12,12 @@ use std::{
 };
 
 use agentseg_common::{
-    DenyFlowKey, Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_DNS, HOOK_SENDMSG_UNIX,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS, HOOK_SKB_HANDOFF,
-    HOOK_SKB_INGRESS, RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY, RULE_DNS,
-    RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED, RULE_PENDING,
-    RULE_QUARANTINE, RULES_PER_GEN, UNIX_PATH_LEN, UnixEvent, VERDICT_AUDIT, VERDICT_DENY,
+    DenyFlowKey, Event, HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_DNS,
+    HOOK_SENDMSG_UNIX, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SKB_EGRESS,
+    HOOK_SKB_HANDOFF, HOOK_SKB_INGRESS, RULE_CONTROL_SOCKET, RULE_DEADMAN, RULE_DEFAULT_DENY,
+    RULE_DNS, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED,
+    RULE_PENDING, RULE_QUARANTINE, RULES_PER_GEN, UNIX_PATH_LEN, UnixEvent, VERDICT_AUDIT,
+    VERDICT_DENY,
 };
 use aya::maps::{MapData, RingBuf};
 use serde_json::{Value, json};
@@ -309,6 +310,9 @@ fn swept_record(key: &DenyFlowKey, cpu: u32, now_ns: u64, (from, to): (u64, u64)
     }
 }
 
+/// Records a sweep writes for one member at most (one round a second).
+const SWEEP_PER_MEMBER: usize = 64;
+
 /// Agents remembered after they left, for their late records.
 const DEPARTED: usize = 4096;
 
@@ -495,7 +499,11 @@ impl Engine {
         let egress = (c.denied + c.audit_denied).saturating_sub(c.inbound_denied);
         let last = self.sink.exact.insert(cgroup_id, egress).unwrap_or(0);
         // A counter that went back is a new entry (the member was removed and re-made).
-        let n = if egress >= last { egress - last } else { egress };
+        let n = if egress >= last {
+            egress - last
+        } else {
+            egress
+        };
         self.sink
             .detectors
             .observe_denials(now_ms, agent_key, segment, n)
@@ -512,7 +520,11 @@ impl Engine {
         if let Some(compiled) = self.compiled.as_ref() {
             for m in self.members.values() {
                 if let Some(s) = compiled.segments.get(m.segment) {
-                    seen.push((m.cgroup_id, format!("cgroup:{}", m.cgroup_id), s.name.clone()));
+                    seen.push((
+                        m.cgroup_id,
+                        format!("cgroup:{}", m.cgroup_id),
+                        s.name.clone(),
+                    ));
                 }
             }
         }
@@ -576,7 +588,11 @@ impl Engine {
             return (segment, Some(id.to_string()), rel);
         }
         if let Some((_, id, seg, path)) = self.sink.departed.iter().find(|d| d.0 == cgroup_id) {
-            let segment = if segment_id == 0 { seg.clone() } else { segment };
+            let segment = if segment_id == 0 {
+                seg.clone()
+            } else {
+                segment
+            };
             return (segment, Some(id.clone()), path.clone());
         }
         let path = self
@@ -602,8 +618,17 @@ impl Engine {
         };
         let now_ns = crate::datapath::boottime_ns();
         let mut batch = Vec::new();
+        // The sweep writes records too: a member flooding distinct flows gets at most this many
+        // a round (the rest wait, and what the map evicts meanwhile is only in the member's
+        // exact counters), so that no member can grow the log faster than its budget.
+        let mut per_member: HashMap<u64, usize> = HashMap::new();
         for (key, cpu, f) in &flows {
+            let n = per_member.entry(key.cgroup_id).or_default();
+            if *n >= SWEEP_PER_MEMBER {
+                continue;
+            }
             if let Some(range) = self.sink.ledger.sweep(*key, *cpu, f, now_ns) {
+                *n += 1;
                 batch.push(swept_record(key, *cpu, now_ns, range));
             }
         }

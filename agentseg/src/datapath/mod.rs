@@ -22,7 +22,8 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, DenyFlow, DenyFlowKey, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT, map_names, prog_names,
+    Config, Counters, DenyFlow, DenyFlowKey, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT,
+    map_names, prog_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -425,7 +426,10 @@ impl Datapath {
                 io_error: source,
             }),
         })?;
-        let (key_size, slot) = (size_of::<DenyFlowKey>(), size_of::<DenyFlow>().next_multiple_of(8));
+        let (key_size, slot) = (
+            size_of::<DenyFlowKey>(),
+            size_of::<DenyFlow>().next_multiple_of(8),
+        );
         let mut out = Vec::new();
         sys::lookup_all(fd, key_size, slot * cpus, 256, |k, v| {
             // SAFETY: the kernel wrote a DenyFlowKey (repr(C), integers) of exactly this size.

@@ -8,9 +8,9 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey, LearnedValue, Member,
-    PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
-    map_names,
+    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey,
+    LearnedValue, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey,
+    UnixValue, capacity, map_names,
 };
 use aya::{Ebpf, maps::MapType};
 

@@ -92,7 +92,8 @@ pub fn lookup_all(
             out_batch: &mut token_out as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            count: u32::try_from(chunk)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };

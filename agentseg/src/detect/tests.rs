@@ -612,7 +612,10 @@ fn flood_keeps_memory_bounded() {
 fn with_exact_denials_only_observe_denials_feeds_deny_rate() {
     let mut d = only(Some(rule(3, 60, Action::Quarantine)), None, None).with_exact_denials();
     for t in 0..10 {
-        assert!(deny(&mut d, t * 100).is_empty(), "records counted as denials");
+        assert!(
+            deny(&mut d, t * 100).is_empty(),
+            "records counted as denials"
+        );
     }
     let f = d.observe_denials(2000, "agent-1", SEG, 3);
     assert_eq!(f.len(), 1);

@@ -98,17 +98,26 @@ fn act(action: &[String]) -> String {
             })())
         }
         // COUNT unconnected UDP sends as fast as possible; reports how many were refused.
+        // `flood ADDR COUNT [ports]`: COUNT datagrams to ADDR, or with `ports` to ADDR's
+        // address on ports 1, 2, ... 60000, 1, ... (a new flow each time; port 53 is skipped:
+        // a member's DNS is steered to the resolver, not denied).
         Some("flood") => {
             let a = addr(1);
             let count: u64 = action
                 .get(2)
                 .and_then(|c| c.parse().ok())
-                .unwrap_or_else(|| die("flood ADDR COUNT"));
+                .unwrap_or_else(|| die("flood ADDR COUNT [ports]"));
+            let spread = action.get(3).map(String::as_str) == Some("ports");
             let sock = UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
                 .unwrap_or_else(|e| die(&e.to_string()));
             let (mut eperm, mut other) = (0u64, 0u64);
-            for _ in 0..count {
-                match sock.send_to(b"x", a) {
+            for i in 0..count {
+                let mut to = a;
+                if spread {
+                    let port = 1 + (i % 60_000) as u16;
+                    to.set_port(if port == 53 { 54 } else { port });
+                }
+                match sock.send_to(b"x", to) {
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
                     Err(_) => other += 1,
                     Ok(_) => {}
