@@ -534,7 +534,7 @@ fn a_flood_of_distinct_flows_cannot_push_another_agents_denials_out_of_the_log()
     let ns = Netns::create();
     let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
     const FLOOD: u64 = 2_000_000;
-    let mut flooder = d
+    let flooder = d
         .agent_command(
             "bot.test.events",
             &ns,
