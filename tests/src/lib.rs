@@ -1025,3 +1025,23 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("port")
 }
+
+/// A child process killed and reaped when dropped (a launcher of a long-running agent).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Wait for one line on a child's stdout.
+pub fn expect_line(child: &mut Child, want: &str) {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), want, "child said {line:?}");
+}

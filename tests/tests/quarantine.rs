@@ -8,13 +8,13 @@ use std::{
         unix::{fs::PermissionsExt as _, process::CommandExt as _},
     },
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Listeners, Netns, Server, TcpCount, agentseg_bin, kernel_ready, probe,
-    probe_bin, wait_flowing, wait_silent, wait_until,
+    CgroupTree, Daemon, Listeners, Netns, Proc, Server, TcpCount, agentseg_bin, expect_line,
+    kernel_ready, probe, probe_bin, wait_flowing, wait_silent, wait_until,
 };
 
 /// A segment: TCP to 127.0.0.1 and 127.0.0.5 on 8080-8099, ICMP to 127.0.0.1, TCP in from
@@ -47,24 +47,6 @@ raw = true
 }
 
 /// A child process killed on drop (its leftovers die with the test's cgroup tree).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Wait for one line on a child's stdout.
-fn expect_line(child: &mut Child, want: &str) {
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    assert_eq!(line.trim(), want, "child said {line:?}");
-}
-
 /// An established flow between an agent of `segment` and a plain peer on `peer` (both ends
 /// write every 10 ms and log what they receive), optionally with a connect loop in the same
 /// agent to `looping` (address, stop file).
