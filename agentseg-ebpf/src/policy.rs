@@ -308,8 +308,11 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
     if segment_id == SEGMENT_RELEASED {
         return Resolved::Untouched;
     }
-    // SAFETY: copied out at once; plain integers. Id 0 is never written: denied here too.
-    let Some(seg) = (unsafe { SEGMENTS.get(segment_id) }).copied() else {
+    // Only mode and flags are read (the name, most of the record, stays in the map). Id 0 is
+    // never written: denied here too.
+    // SAFETY: read at once; plain integers.
+    let Some((mode, seg_flags)) = (unsafe { SEGMENTS.get(segment_id) }).map(|s| (s.mode, s.flags))
+    else {
         stat(STAT_NO_SEGMENT);
         return Resolved::Deny(Refusal {
             cgroup: found_id,
@@ -317,7 +320,7 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
         });
     };
     let mut deadman = false;
-    if seg.flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
+    if seg_flags & SEG_DEADMAN_QUARANTINE != 0 && deadman_secs != 0 {
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if now.saturating_sub(heartbeat_ns) > u64::from(deadman_secs) * 1_000_000_000 {
@@ -328,8 +331,8 @@ pub fn resolve(own: u64, ancestor: impl Fn(i32) -> u64, none: NoMember) -> Resol
     Resolved::Subject(Subject {
         cgroup: found_id,
         segment_id,
-        audit: seg.mode == MODE_AUDIT,
-        quarantined: member_flags & MEMBER_QUARANTINED != 0 || seg.flags & SEG_QUARANTINED != 0,
+        audit: mode == MODE_AUDIT,
+        quarantined: member_flags & MEMBER_QUARANTINED != 0 || seg_flags & SEG_QUARANTINED != 0,
         deadman,
         attached: member_flags & MEMBER_ATTACHED != 0,
         dns_slot,
@@ -801,17 +804,22 @@ fn decide(s: &Subject, rule: u32, count_allow: bool, inbound: bool) -> (i32, Opt
     }
 }
 
-/// (armed, epoch) from CONFIG: whether a quarantine or dead-man switch is armed anywhere (then
-/// nothing is remembered and every packet is judged), and the epoch remembered verdicts carry.
+/// (armed, epoch) from CONFIG: whether a quarantine is in force anywhere, or a dead-man switch
+/// has actually fired (the daemon's heartbeat is stale): then nothing is remembered and every
+/// packet is judged. A dead-man switch merely configured keeps the fast paths (the clock is
+/// read only then). And the epoch remembered verdicts carry.
 #[inline(always)]
 pub fn flow_config() -> (bool, u32) {
-    match CONFIG.get(0) {
-        Some(c) => (
-            c.flags & (CONFIG_ANY_QUARANTINE | CONFIG_ANY_DEADMAN) != 0,
-            c.epoch,
-        ),
-        None => (true, 0),
+    let Some(c) = CONFIG.get(0) else {
+        return (true, 0);
+    };
+    let mut armed = c.flags & CONFIG_ANY_QUARANTINE != 0;
+    if !armed && c.flags & CONFIG_ANY_DEADMAN != 0 {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        armed = now.saturating_sub(c.heartbeat_ns) > u64::from(c.deadman_secs) * 1_000_000_000;
     }
+    (armed, c.epoch)
 }
 
 /// The resolver's port (0: DNS is not steered).

@@ -737,6 +737,34 @@ impl Daemon {
         }
     }
 
+    /// Wait (5 s at most, then panic) until the records matching `pred` stand for `n`
+    /// decisions: the kernel folds a flow's repeated denials into one record and summaries
+    /// (`count`), so repeated attempts are counted by their records' counts, not by lines.
+    pub fn wait_decisions(
+        &self,
+        n: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found: Vec<_> = self
+                .audit_records()
+                .into_iter()
+                .filter(|r| pred(r))
+                .collect();
+            let total: u64 = found.iter().map(decisions).sum();
+            if total >= n {
+                assert_eq!(total, n, "more decisions recorded than made: {found:?}");
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {total} of {n} matching decisions appeared in the audit log"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `agentseg ARGS` against this daemon's socket.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(agentseg_bin())
@@ -1024,6 +1052,11 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("port")
+}
+
+/// The decisions an audit record stands for (`count`; records without one stand for one).
+pub fn decisions(r: &serde_json::Value) -> u64 {
+    r["count"].as_u64().unwrap_or(1)
 }
 
 /// A child process killed and reaped when dropped (a launcher of a long-running agent).

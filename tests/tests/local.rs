@@ -346,10 +346,16 @@ fn sockets_handed_in_from_outside_are_judged_by_the_member_using_them() {
     assert_eq!(allowed.count(), 5, "the control sends did not arrive");
     // Every attempt is an event with the hook that judged it: the packet hook for the
     // connected sockets, sendmsg4 for the unconnected one.
-    let events = d.wait_records(15, |r| {
+    let events = d.wait_decisions(15, |r| {
         r["kind"] == "deny" && r["dst"] == "127.0.0.1" && r["dport"] == 9999
     });
-    let by_hook = |h: &str| events.iter().filter(|r| r["hook"] == h).count();
+    let by_hook = |h: &str| {
+        events
+            .iter()
+            .filter(|r| r["hook"] == h)
+            .map(agentseg_tests::decisions)
+            .sum::<u64>()
+    };
     assert_eq!(by_hook("skb_handoff"), 10, "{events:?}");
     assert_eq!(by_hook("sendmsg4"), 5, "{events:?}");
 }
@@ -488,7 +494,7 @@ fn a_member_cgroup_used_in_its_first_instant_is_judged() {
     }
     // Every datagram was refused with an event: pending (before registration) or the
     // segment's default deny (after).
-    d.wait_records(200, |r| {
+    d.wait_decisions(200, |r| {
         r["kind"] == "deny"
             && r["hook"] == "sendmsg4"
             && r["dport"] == 9999

@@ -262,24 +262,36 @@ fn quarantining_an_agent_cuts_its_established_flow_and_release_restores_it() {
         field("err=").parse().expect("err"),
     );
     accepted += looped.count();
-    // Refused by connect4: one record per failed connect. A connect on its way when the
-    // quarantine came is cut on the wire instead: its packets (SYN and retransmissions, or the
-    // FIN of one that got through) are records of one source port, and the connect may have
-    // failed or not.
-    let records = d.audit_records();
-    let loop_denials: Vec<_> = records.iter().filter(|r| is_a_loop_denial(r)).collect();
-    let at_connect = loop_denials
-        .iter()
-        .filter(|r| r["hook"] == "connect4")
-        .count();
-    let on_the_wire: std::collections::BTreeSet<_> = loop_denials
-        .iter()
-        .filter(|r| r["hook"] == "skb_egress")
-        .map(|r| r["sport"].as_u64())
-        .collect();
-    let hooks: std::collections::BTreeMap<String, usize> =
+    // Refused by connect4: one decision per failed connect (the kernel folds the loop's
+    // repeats into records with counts; the last ones come with the daemon's sweep, within a
+    // second or two). A connect on its way when the quarantine came is cut on the wire
+    // instead: its packets (SYN and retransmissions, or the FIN of one that got through) are
+    // records of one source port, and the connect may have failed or not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (loop_denials, at_connect, on_the_wire) = loop {
+        let records = d.audit_records();
+        let loop_denials: Vec<_> = records.into_iter().filter(is_a_loop_denial).collect();
+        let at_connect: u64 = loop_denials
+            .iter()
+            .filter(|r| r["hook"] == "connect4")
+            .map(agentseg_tests::decisions)
+            .sum();
+        let on_the_wire: std::collections::BTreeSet<_> = loop_denials
+            .iter()
+            .filter(|r| r["hook"] == "skb_egress")
+            .map(|r| r["sport"].as_u64())
+            .collect();
+        if at_connect + on_the_wire.len() as u64 >= err as u64
+            || std::time::Instant::now() > deadline
+        {
+            break (loop_denials, at_connect as usize, on_the_wire);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let hooks: std::collections::BTreeMap<String, u64> =
         loop_denials.iter().fold(Default::default(), |mut m, r| {
-            *m.entry(format!("{}/{}", r["hook"], r["rule"])).or_default() += 1;
+            *m.entry(format!("{}/{}", r["hook"], r["rule"])).or_default() +=
+                agentseg_tests::decisions(r);
             m
         });
     assert_eq!(
@@ -288,15 +300,19 @@ fn quarantining_an_agent_cuts_its_established_flow_and_release_restores_it() {
     );
     assert!(
         (at_connect..=at_connect + on_the_wire.len()).contains(&err),
-        "A's failed connects vs the recorded denials: {summary}; records by hook: {hooks:?}"
+        "A's failed connects vs the recorded denials: {summary}; decisions by hook: {hooks:?}"
     );
     let wire_records = loop_denials
         .iter()
         .filter(|r| r["hook"] == "skb_egress")
         .count();
+    let connect_records = loop_denials
+        .iter()
+        .filter(|r| r["hook"] == "connect4")
+        .count();
     assert_eq!(
         loop_denials.len(),
-        at_connect + wire_records,
+        connect_records + wire_records,
         "denials of A's loop from another hook: {hooks:?}"
     );
     assert_eq!(field("last="), "EPERM", "{summary}");
