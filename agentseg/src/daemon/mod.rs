@@ -9,6 +9,7 @@ mod engine;
 mod events;
 mod guards;
 mod metrics;
+mod observe;
 mod quarantine;
 mod reconcile;
 mod resolver;
@@ -178,7 +179,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(inotify) = watch_events {
         forward_cgroup_events(inotify, tx.clone());
     }
-    let reader = tokio::spawn(events::read_ring(ring, tx.clone()));
+    let reader = tokio::spawn(crate::datapath::read_ring(ring, tx.clone(), |batch| {
+        Job::Events(batch.into_iter().map(events::Record::from).collect())
+    }));
     let metrics_server = metrics.map(|listener| tokio::spawn(metrics::serve(listener, tx.clone())));
 
     // Readiness is this line (and the socket answering), never a sleep.

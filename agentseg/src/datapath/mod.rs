@@ -10,6 +10,7 @@ mod generation;
 mod learned;
 mod links;
 mod pins;
+mod ring;
 mod sys;
 mod unix_loader;
 
@@ -34,6 +35,7 @@ pub use bpffs::ensure_bpffs;
 pub use generation::{SegmentEntry, generation_of, segment_id as generation_segment_id};
 pub use links::{LinkAlarm, UninstallReport, caller_is_member, pin_root_holders, uninstall};
 pub use pins::PinCheckError;
+pub use ring::{EventRing, KernelRecord, read_ring};
 
 /// The main kernel object built by `build.rs` (empty when the eBPF build was skipped).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg"));
@@ -489,8 +491,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Take the event ring buffer out, for the async reader.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+    /// Take the event ring buffer out, for the async reader ([`read_ring`]).
+    pub fn take_events(&mut self) -> Result<EventRing, DatapathError> {
         // A copy of its descriptor stays here, to pin it again if its pin is removed.
         self.events_fd = self
             .ebpf
@@ -501,10 +503,12 @@ impl Datapath {
             .ebpf
             .take_map(map_names::EVENTS)
             .ok_or(DatapathError::MissingMap(map_names::EVENTS))?;
-        RingBuf::try_from(map).map_err(|source| DatapathError::Map {
-            name: map_names::EVENTS,
-            source,
-        })
+        RingBuf::try_from(map)
+            .map(EventRing)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::EVENTS,
+                source,
+            })
     }
 
     /// Fail-closed statistics (`STAT_*`), summed over CPUs.
