@@ -10,7 +10,7 @@ use ipnet::IpNet;
 pub mod generate;
 pub mod pinned;
 
-pub use generate::{PROTOCOLS, address, boundaries, mapped, policy};
+pub use generate::{PROTOCOLS, address, boundaries, mapped, mutate, policy};
 pub use pinned::{KernelVerdict, Pinned, in_generation};
 
 /// SplitMix64: small, seedable, and the same on every machine (the seed reproduces a run).

@@ -20,7 +20,7 @@ use agentseg_tests::{
     CgroupTree, Daemon, kernel_ready,
     reference::{
         PROTOCOLS, Pinned, Policy, Rng, Segment, Table, address, boundaries, in_generation, mapped,
-        policy,
+        mutate, policy,
     },
 };
 
@@ -127,30 +127,45 @@ fn ports(seg: &Segment, table: Table) -> Vec<u16> {
     out.into_iter().collect()
 }
 
-/// Check every segment of `policy` against the live maps.
-fn check(pinned: &mut Pinned, policy: &Policy, rng: &mut Rng, run: &mut Run) {
-    let live = pinned.live_segments();
+/// Check every segment of `policy` against generation `run.generation` of the maps. `older`:
+/// prefixes of policies written before (their boundaries are sampled too: an entry a switch
+/// failed to remove shows there).
+fn check(
+    pinned: &mut Pinned,
+    policy: &Policy,
+    older: &[ipnet::IpNet],
+    rng: &mut Rng,
+    run: &mut Run,
+) {
+    let live = pinned.segments_in(run.generation);
     let mut names: Vec<&String> = live.keys().collect();
     names.sort();
     assert_eq!(
         live.len(),
         policy.segments.len(),
-        "seed {} ({}): live segments {names:?}",
+        "seed {} ({}): segments of generation {} {names:?}",
         run.seed,
-        run.label
+        run.label,
+        run.generation
     );
-    // After a switch nothing of the previous generation may be left in the tries.
-    let ids: HashSet<u32> = live.values().copied().collect();
+    // Every entry in the tries belongs to a segment of one of the two generations (the live
+    // policy, or the one before it, kept for the next switch's difference).
+    let ids: HashSet<u32> = pinned
+        .segments_in(0)
+        .into_values()
+        .chain(pinned.segments_in(1).into_values())
+        .collect();
     for id in pinned.entry_segments() {
         let base = id & !(QUARANTINE_BIT | INGRESS_BIT);
         assert!(
             ids.contains(&base),
-            "seed {} ({}): LPM entry of segment id {id:#x}, not a live segment ({ids:x?})",
+            "seed {} ({}): LPM entry of segment id {id:#x}, in neither generation ({ids:x?})",
             run.seed,
             run.label
         );
     }
-    let prefixes = policy.prefixes();
+    let mut prefixes = policy.prefixes();
+    prefixes.extend_from_slice(older);
     run.stats.prefixes += prefixes.len();
     for seg in &policy.segments {
         let id = *live
@@ -282,9 +297,17 @@ fn reference_matcher_agrees_with_kernel_maps() {
         let tree = CgroupTree::create();
         let mut daemon: Option<Daemon> = None;
         let mut pinned: Option<Pinned> = None;
+        // The policies applied before, newest last (the daemon keeps the one before the live
+        // policy in the other generation and writes the next switch as a difference).
+        let mut history: Vec<Policy> = Vec::new();
         for p in 0..POLICIES_PER_DAEMON {
             let label = format!("daemon {d}, policy {p}");
-            let policy = policy(&mut rng, &format!("ref-{d}-{p}"));
+            // Half the time a small change of the last policy (what an operator does; the
+            // difference is small), otherwise a new one.
+            let policy = match history.last() {
+                Some(last) if rng.chance(50) => mutate(&mut rng, last),
+                _ => policy(&mut rng, &format!("ref-{d}-{p}")),
+            };
             match &daemon {
                 None => {
                     let text = policy.to_toml();
@@ -305,12 +328,31 @@ fn reference_matcher_agrees_with_kernel_maps() {
                 disagreements: Vec::new(),
                 count: 0,
             };
-            check(maps, &policy, &mut rng, &mut run);
+            let older: Vec<ipnet::IpNet> = history.iter().flat_map(Policy::prefixes).collect();
+            check(maps, &policy, &older, &mut rng, &mut run);
             assert!(
                 maps.active_gen() == run.generation && applied(running) == before,
                 "seed {seed} ({label}): the policy switched during the check"
             );
             run.finish();
+            // The other half holds the previous policy exactly: the base of the next switch.
+            if let Some(prev) = history.last() {
+                let mut run = Run {
+                    stats: &mut stats,
+                    seed,
+                    label: format!("{label}, the kept previous policy"),
+                    policy: prev,
+                    generation: 1 - maps.active_gen(),
+                    disagreements: Vec::new(),
+                    count: 0,
+                };
+                check(maps, prev, &[], &mut rng, &mut run);
+                run.finish();
+            }
+            history.push(policy);
+            if history.len() > 2 {
+                history.remove(0);
+            }
         }
     }
     eprintln!(

@@ -50,6 +50,9 @@ pub struct Engine {
     pub(super) generation: u32,
     /// The inactive generation is known to hold nothing (cleared by our last switch).
     pub(super) inactive_clean: bool,
+    /// The policy the inactive generation holds (the one before the live one, kept after our
+    /// last switch): the next switch writes only the difference into it.
+    pub(super) inactive_policy: Option<Compiled>,
     /// The live generation was written by this daemon from `compiled` (not adopted).
     pub(super) live_written_here: bool,
     pub(super) cgroup2: PathBuf,
@@ -159,6 +162,7 @@ impl Engine {
             compiled: None,
             generation,
             inactive_clean: false,
+            inactive_policy: None,
             live_written_here: false,
             cgroup2: opts.cgroup2,
             policies: opts.policies,

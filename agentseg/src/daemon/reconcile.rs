@@ -50,20 +50,30 @@ impl Engine {
         let started = std::time::Instant::now();
         let live = self.generation;
         let next = 1 - live;
-        // Leftovers of an interrupted switch (or of a predecessor) are scanned for and removed;
-        // after a switch of ours the inactive half is known to be empty.
-        if !self.inactive_clean {
+        // After a switch of ours the inactive half holds the policy before the live one (we
+        // know it: only the difference is written) or nothing; leftovers of an interrupted
+        // switch or of a predecessor are scanned for and removed.
+        let previous = self.inactive_policy.take();
+        if previous.is_none() && !self.inactive_clean {
             self.dp
                 .clear_generation(next)
                 .context("clearing the inactive policy generation")?;
         }
+        // Until this write completes the half holds an unknown mix: scanned next time if it
+        // fails.
         self.inactive_clean = false;
         // The half may hold the hit counts of the policy before last: `audit` counts from here.
         self.dp
             .clear_rule_hits(next, compiled.rules.len())
             .context("resetting the rule counters of the inactive generation")?;
-        self.dp
-            .write_generation(next, &compiled, &self.quarantined_segments())
+        let write = self
+            .dp
+            .write_generation(
+                next,
+                &compiled,
+                &self.quarantined_segments(),
+                previous.as_ref(),
+            )
             .context("writing the new policy generation")?;
         let written = started.elapsed();
 
@@ -181,21 +191,21 @@ impl Engine {
         }
         self.retain_guards(&guards);
         self.update_watches(&declared);
-        // The old half: exactly what the previous policy wrote, when this daemon wrote it.
+        // The old half: kept as it is when this daemon wrote it (the next switch writes only
+        // the difference into it; nobody reads it meanwhile), cleared when a predecessor did.
         // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
         // only leaves entries nobody reads, scanned for before the next switch.
-        let cleared = match &self.compiled {
-            Some(old) if self.live_written_here => self.dp.clear_known(live, old),
-            _ => self.dp.clear_generation(live),
-        };
-        let (removed, clean) = match cleared {
-            Ok(n) => (n, true),
-            Err(e) => {
-                warn!("clearing the previous policy generation: {e:#}");
-                (0, false)
+        let mut removed = 0;
+        if !self.live_written_here {
+            match self.dp.clear_generation(live) {
+                Ok(n) => {
+                    removed = n;
+                    self.inactive_clean = true;
+                }
+                Err(e) => warn!("clearing the previous policy generation: {e:#}"),
             }
-        };
-        self.inactive_clean = clean;
+        }
+        let keep_old = self.live_written_here;
         self.live_written_here = true;
         let switched = started.elapsed();
         self.refresh_names(&compiled, next);
@@ -204,13 +214,19 @@ impl Engine {
             write_ms = written.as_millis() as u64,
             switch_ms = switched.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
+            written = write.written,
+            deleted = write.deleted,
+            incremental = previous.is_some(),
             "generation switch timing"
         );
         self.members = desired
             .into_iter()
             .map(|(cgroup_id, (segment, path))| (path, MemberCgroup { segment, cgroup_id }))
             .collect();
-        self.compiled = Some(compiled);
+        let old = self.compiled.replace(compiled);
+        if keep_old {
+            self.inactive_policy = old;
+        }
         Ok(())
     }
 

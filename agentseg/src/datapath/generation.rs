@@ -1,6 +1,7 @@
 //! Double-buffered policy: generation `g` owns segment ids with [`GEN_BIT`] = g and rulesets
-//! `g * RULESETS_PER_GEN ..`. The daemon writes the inactive generation completely, flips
-//! `Config::active_gen` (one map write), then clears the old one. Rules in both versions never
+//! `g * RULESETS_PER_GEN ..`. The daemon writes the inactive generation, flips
+//! `Config::active_gen` (one map write), and keeps the old one as it is: the next switch
+//! writes only the difference between it and the next policy. Rules in both versions never
 //! blink; no connection sees a mix.
 use std::collections::BTreeSet;
 
@@ -130,30 +131,66 @@ fn pack(generation: u32, compiled: &Compiled) -> Packed {
     p
 }
 
-impl Datapath {
-    /// Delete exactly what `compiled` wrote into `generation` (no scan of the tries): the fast
-    /// way to retire the previous policy when the daemon still knows it.
-    pub fn clear_known(
-        &mut self,
-        generation: u32,
-        compiled: &Compiled,
-    ) -> Result<usize, DatapathError> {
-        let generation = generation & 1;
-        let Packed { k4, k6, ku, .. } = pack(generation, compiled);
-        let removed = self.lpm_delete(map_names::POLICY_V4, &k4, LPM_KEY_V4)?
-            + self.lpm_delete(map_names::POLICY_V6, &k6, LPM_KEY_V6)?
-            + self.lpm_delete(map_names::UNIX, &ku, LPM_KEY_UNIX)?;
-        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
-            map_mut!(self, HashMap, map_names::SEGMENTS);
-        for seg in &compiled.segments {
-            match segments.remove(&segment_id(generation, seg.id)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(map_names::SEGMENTS)(e)),
-            }
+impl Packed {
+    /// Keys and values of trie `i`: 0 IPv4, 1 IPv6, 2 AF_UNIX.
+    fn trie(&self, i: usize) -> (&[u8], &[u8]) {
+        match i {
+            0 => (&self.k4, &self.v4),
+            1 => (&self.k6, &self.v6),
+            _ => (&self.ku, &self.vu),
         }
-        Ok(removed)
     }
+}
 
+/// Entries a write into a generation changed: how many written, how many deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+/// What turns the packed entries `old` into `new`: keys new or with another value (to write),
+/// keys gone (to delete).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Diff {
+    upsert_keys: Vec<u8>,
+    upsert_values: Vec<u8>,
+    delete_keys: Vec<u8>,
+}
+
+fn diff(
+    old_keys: &[u8],
+    old_values: &[u8],
+    new_keys: &[u8],
+    new_values: &[u8],
+    key_len: usize,
+    value_len: usize,
+) -> Diff {
+    let old: std::collections::HashMap<&[u8], &[u8]> = old_keys
+        .chunks_exact(key_len)
+        .zip(old_values.chunks_exact(value_len))
+        .collect();
+    let mut d = Diff::default();
+    let mut kept = std::collections::HashSet::with_capacity(new_keys.len() / key_len);
+    for (k, v) in new_keys
+        .chunks_exact(key_len)
+        .zip(new_values.chunks_exact(value_len))
+    {
+        kept.insert(k);
+        if old.get(k) != Some(&v) {
+            d.upsert_keys.extend_from_slice(k);
+            d.upsert_values.extend_from_slice(v);
+        }
+    }
+    for k in old_keys.chunks_exact(key_len) {
+        if !kept.contains(k) {
+            d.delete_keys.extend_from_slice(k);
+        }
+    }
+    d
+}
+
+impl Datapath {
     fn lpm_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DatapathError> {
         match self.ebpf.map(name) {
             Some(aya::maps::Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
@@ -264,12 +301,18 @@ impl Datapath {
 
     /// Write a compiled policy into `generation` (which must not be live). Segments named in
     /// `quarantined` get their quarantine flag set in it.
+    ///
+    /// `previous` is what the generation holds now (the policy before last, kept after the
+    /// last switch), or None when it is empty: then only the difference is written — entries
+    /// that are new or changed, and the deletion of those the new policy lacks. Nobody reads
+    /// the generation until the flip, so the order of these writes does not matter.
     pub fn write_generation(
         &mut self,
         generation: u32,
         compiled: &Compiled,
         quarantined: &BTreeSet<String>,
-    ) -> Result<(), DatapathError> {
+        previous: Option<&Compiled>,
+    ) -> Result<WriteStats, DatapathError> {
         let generation = generation & 1;
         if compiled.rulesets.len() > RULESETS_PER_GEN as usize {
             return Err(DatapathError::Capacity(format!(
@@ -290,10 +333,15 @@ impl Datapath {
             )));
         }
         let base = generation * RULESETS_PER_GEN;
+        let mut stats = WriteStats::default();
         {
             let mut rulesets: Array<&mut MapData, RuleSet> =
                 map_mut!(self, Array, map_names::RULESETS);
             for (id, rs) in compiled.rulesets.iter().enumerate() {
+                if previous.is_some_and(|p| p.rulesets.get(id) == Some(rs)) {
+                    continue;
+                }
+                stats.written += 1;
                 // Rule ids are offset per generation so RULE_HITS of the two never mix.
                 let mut rs = *rs;
                 for r in rs.rules.iter_mut().take(rs.len as usize) {
@@ -304,19 +352,41 @@ impl Datapath {
                     .map_err(map_err(map_names::RULESETS))?;
             }
         }
-        let Packed {
-            k4,
-            v4,
-            k6,
-            v6,
-            ku,
-            vu,
-        } = pack(generation, compiled);
-        self.lpm_update(map_names::POLICY_V4, &k4, &v4, LPM_KEY_V4, LPM_VALUE)?;
-        self.lpm_update(map_names::POLICY_V6, &k6, &v6, LPM_KEY_V6, LPM_VALUE)?;
-        self.lpm_update(map_names::UNIX, &ku, &vu, LPM_KEY_UNIX, UNIX_VALUE)?;
+        let new = pack(generation, compiled);
+        let old = previous.map(|p| pack(generation, p));
+        let tries = [
+            (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
+            (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
+            (map_names::UNIX, LPM_KEY_UNIX, UNIX_VALUE),
+        ];
+        for (i, (name, key_len, value_len)) in tries.into_iter().enumerate() {
+            let (k, v) = new.trie(i);
+            match &old {
+                None => {
+                    self.lpm_update(name, k, v, key_len, value_len)?;
+                    stats.written += k.len() / key_len;
+                }
+                Some(old) => {
+                    let (ok, ov) = old.trie(i);
+                    let d = diff(ok, ov, k, v, key_len, value_len);
+                    self.lpm_update(name, &d.upsert_keys, &d.upsert_values, key_len, value_len)?;
+                    self.lpm_delete(name, &d.delete_keys, key_len)?;
+                    stats.written += d.upsert_keys.len() / key_len;
+                    stats.deleted += d.delete_keys.len() / key_len;
+                }
+            }
+        }
         let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
             map_mut!(self, HashMap, map_names::SEGMENTS);
+        if let Some(previous) = previous {
+            let keep: BTreeSet<u32> = compiled.segments.iter().map(|s| s.id).collect();
+            for seg in previous.segments.iter().filter(|s| !keep.contains(&s.id)) {
+                match segments.remove(&segment_id(generation, seg.id)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(map_names::SEGMENTS)(e)),
+                }
+            }
+        }
         for seg in &compiled.segments {
             let mut name = [0u8; SEGMENT_NAME_LEN];
             let bytes = seg.name.as_bytes();
@@ -337,7 +407,7 @@ impl Datapath {
                 .insert(segment_id(generation, seg.id), info, 0)
                 .map_err(map_err(map_names::SEGMENTS))?;
         }
-        Ok(())
+        Ok(stats)
     }
 
     /// Set or clear a live segment's quarantine flag: one map write, seen by the next packet.
@@ -418,6 +488,19 @@ impl Datapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diff_writes_what_changed_and_deletes_what_went() {
+        // 2-byte keys, 1-byte values.
+        let d = diff(b"aabbcc", b"123", b"bbccdd", b"249", 2, 1);
+        assert_eq!(d.upsert_keys, b"ccdd");
+        assert_eq!(d.upsert_values, b"49");
+        assert_eq!(d.delete_keys, b"aa");
+        let same = diff(b"aabb", b"12", b"bbaa", b"21", 2, 1);
+        assert_eq!(same, Diff::default());
+        let from_nothing = diff(b"", b"", b"aa", b"1", 2, 1);
+        assert_eq!(from_nothing.upsert_keys, b"aa");
+    }
 
     #[test]
     fn segment_ids_carry_their_generation() {

@@ -32,7 +32,9 @@ use aya::{
     programs::{CgroupSkb, CgroupSockAddr, CgroupSockopt},
 };
 pub use bpffs::ensure_bpffs;
-pub use generation::{SegmentEntry, generation_of, segment_id as generation_segment_id};
+pub use generation::{
+    SegmentEntry, WriteStats, generation_of, segment_id as generation_segment_id,
+};
 pub use links::{LinkAlarm, UninstallReport, caller_is_member, pin_root_holders, uninstall};
 pub use pins::PinCheckError;
 pub use ring::{EventRing, KernelRecord, read_ring};

@@ -201,6 +201,39 @@ pub fn policy(rng: &mut Rng, tag: &str) -> Policy {
     Policy { segments }
 }
 
+/// A small change of `last`, as an operator makes one: a rule added to, removed from or
+/// replaced in one segment's egress or ingress table (the segments stay, so the kernel's
+/// difference between the two is small).
+pub fn mutate(rng: &mut Rng, last: &Policy) -> Policy {
+    let mut next = last.clone();
+    let shared: Vec<IpNet> = last
+        .segments
+        .iter()
+        .flat_map(|s| s.egress.iter().chain(&s.ingress))
+        .flat_map(|r| r.cidrs.iter().chain(&r.except).copied())
+        .collect();
+    let i = rng.below(next.segments.len() as u64) as usize;
+    let seg = &mut next.segments[i];
+    let table = if rng.chance(75) {
+        &mut seg.egress
+    } else {
+        &mut seg.ingress
+    };
+    match rng.below(3) {
+        0 => table.push(rule(rng, &shared)),
+        1 if table.len() > 1 => {
+            let j = rng.below(table.len() as u64) as usize;
+            table.remove(j);
+        }
+        _ if !table.is_empty() => {
+            let j = rng.below(table.len() as u64) as usize;
+            table[j] = rule(rng, &shared);
+        }
+        _ => table.push(rule(rng, &shared)),
+    }
+    next
+}
+
 /// The first and last address of a prefix and their neighbours outside it.
 pub fn boundaries(net: &IpNet) -> Vec<IpAddr> {
     match net {

@@ -91,7 +91,12 @@ impl Pinned {
 
     /// Live segment ids by name (the generation bit says which half is live).
     pub fn live_segments(&self) -> HashMap<String, u32> {
-        let live = self.active_gen();
+        self.segments_in(self.active_gen())
+    }
+
+    /// Segment ids by name of one generation.
+    pub fn segments_in(&self, generation: u32) -> HashMap<String, u32> {
+        let live = generation & 1;
         self.segments
             .iter()
             .map(|e| e.expect("AS_SEGMENTS entry"))
