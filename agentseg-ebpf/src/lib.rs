@@ -3,6 +3,10 @@
 //! `agentseg-unix` (AF_UNIX hooks, loaded by the daemon's raw loader because aya 0.14 has no
 //! attach type for them).
 #![no_std]
+// One atomic add for exact per-CPU counters (`policy::bump`): the BPF build is on nightly; a
+// host build (clippy, `cargo test` of the workspace) stays on stable.
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 pub mod maps;
 pub mod policy;

@@ -84,6 +84,28 @@ pub fn stat(index: u32) {
     }
 }
 
+/// Add to a per-CPU counter with one atomic instruction: a packet hook in softirq can
+/// interrupt a task hook on the same CPU in the middle of a read-modify-write, and an exact
+/// count must not lose that increment.
+#[inline(always)]
+pub fn bump(field: &mut u64, n: u64) {
+    if n != 0 {
+        // SAFETY: `field` is a valid, aligned u64 in map memory for the duration of the call.
+        // (core's AtomicU64 has no fetch_add on this target; the intrinsic is one BPF atomic
+        // add, which every kernel with these hooks verifies on map values.)
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                field, n,
+            );
+        }
+        #[cfg(not(target_arch = "bpf"))]
+        {
+            *field += n;
+        }
+    }
+}
+
 #[inline(always)]
 pub fn count(cgroup: u64, f: impl FnOnce(&mut Counters)) {
     match COUNTERS.get_ptr_mut(cgroup) {
@@ -631,7 +653,7 @@ pub fn record_budget(cgroup: u64, now: u64) -> bool {
             now
         };
         if tat - now > (RECORD_BURST - 1) * RECORD_INTERVAL_NS {
-            c.records_dropped += 1;
+            bump(&mut c.records_dropped, 1);
             ok = false;
         } else {
             c.budget_tat_ns = tat + RECORD_INTERVAL_NS;
@@ -646,7 +668,7 @@ pub fn record_budget(cgroup: u64, now: u64) -> bool {
 fn write_event(k: &DenyFlowKey, task: bool, now: u64, flow_ns: u64, from: u64, to: u64) -> bool {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         stat(STAT_EVENTS_LOST);
-        count(k.cgroup_id, |c| c.records_dropped += 1);
+        count(k.cgroup_id, |c| bump(&mut c.records_dropped, 1));
         return false;
     };
     // Field by field into the ring: an Event built on the stack first would cost 120 bytes.
@@ -782,7 +804,7 @@ fn decide(s: &Subject, rule: u32, count_allow: bool, inbound: bool) -> (i32, Opt
                 // SAFETY: per-CPU slot, no concurrent writer on this CPU.
                 unsafe { *p += 1 };
             }
-            count(s.cgroup, |c| c.allowed += 1);
+            count(s.cgroup, |c| bump(&mut c.allowed, 1));
             // SAFETY: plain helper call.
             if s.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % s.sample_allows == 0 {
                 report = Some((VERDICT_ALLOW, rule));
@@ -791,14 +813,14 @@ fn decide(s: &Subject, rule: u32, count_allow: bool, inbound: bool) -> (i32, Opt
         (ALLOW, report)
     } else if s.audit && auditable(rule) {
         count(s.cgroup, |c| {
-            c.audit_denied += 1;
-            c.inbound_denied += inbound as u64;
+            bump(&mut c.audit_denied, 1);
+            bump(&mut c.inbound_denied, inbound as u64);
         });
         (ALLOW, Some((VERDICT_AUDIT, rule)))
     } else {
         count(s.cgroup, |c| {
-            c.denied += 1;
-            c.inbound_denied += inbound as u64;
+            bump(&mut c.denied, 1);
+            bump(&mut c.inbound_denied, inbound as u64);
         });
         (DENY, Some((VERDICT_DENY, rule)))
     }

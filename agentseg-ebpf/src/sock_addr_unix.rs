@@ -37,7 +37,7 @@ use aya_ebpf::helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_c
 use agentseg_ebpf::{
     maps::{EVENTS, UNIX},
     policy::{
-        ALLOW, DENY, NoMember, Resolved, Subject, count, finish_with, is_rule, record_budget,
+        ALLOW, DENY, NoMember, Resolved, Subject, bump, count, finish_with, is_rule, record_budget,
         resolve, stat,
     },
 };
@@ -168,7 +168,7 @@ fn report(s_cgroup: u64, segment_id: u32, hook: u8, verdict: u8, rule: u32, a: &
     }
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
         stat(STAT_EVENTS_LOST);
-        count(s_cgroup, |c| c.records_dropped += 1);
+        count(s_cgroup, |c| bump(&mut c.records_dropped, 1));
         return;
     };
     entry.write(UnixEvent {

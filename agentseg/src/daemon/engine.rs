@@ -155,6 +155,7 @@ impl Engine {
             ledger: Default::default(),
             departed: Default::default(),
             exact: Default::default(),
+            hot: Default::default(),
             firings: Default::default(),
         };
         let mut engine = Self {

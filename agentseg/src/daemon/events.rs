@@ -133,6 +133,8 @@ pub struct Sink {
     pub denials_reported: u64,
     /// Each member's egress denials (kernel counters) deny_rate has been fed, by cgroup id.
     pub exact: HashMap<u64, u64>,
+    /// Members with recent records, polled often: cgroup id → (detector key, segment, until).
+    pub hot: HashMap<u64, (String, String, u64)>,
     /// How far each aggregated flow has been counted.
     pub ledger: crate::ledger::Ledger,
     /// Agents gone from the engine, by cgroup id, so that their last records (read after

@@ -50,6 +50,8 @@ enum Job {
     Request(Request, Option<i32>, u32, oneshot::Sender<Reply>),
     /// Periodic: membership tracking, the sweep of exited agents, the check of our own links.
     Tick,
+    /// Read the exact denial counters of members with recent records.
+    DenyPoll,
     /// A watched cgroup directory (a guard, a unit's slice) gained or lost a child.
     CgroupsChanged,
     Heartbeat,
@@ -68,6 +70,8 @@ enum Job {
 /// How often member cgroups are re-scanned (a new member joins within this).
 const TICK: Duration = Duration::from_millis(250);
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the exact denial counters of members with recent records are read.
+const DENY_POLL: Duration = Duration::from_millis(20);
 
 /// Run the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -194,6 +198,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let ticker = spawn_ticker(tx.clone(), TICK, || Job::Tick);
     let heart = spawn_ticker(tx.clone(), HEARTBEAT, || Job::Heartbeat);
+    let poll = spawn_ticker(tx.clone(), DENY_POLL, || Job::DenyPoll);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -220,6 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     notify_systemd("STOPPING=1");
     ticker.abort();
     heart.abort();
+    poll.abort();
     reader.abort();
     if let Some(m) = metrics_server {
         m.abort();
@@ -299,6 +305,7 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
             }
             Job::CgroupsChanged => engine.sync_members(),
             Job::Heartbeat => engine.heartbeat(),
+            Job::DenyPoll => engine.poll_hot_denials(),
             Job::Reload => {
                 policy_watch.taken();
                 engine.reload();

@@ -13,6 +13,9 @@ use super::{
     engine::Engine,
     events::{Record, Who, addr},
 };
+/// How long a member stays hot after its last record.
+const HOT_MS: u64 = 5_000;
+
 use crate::{
     control::Target,
     detect::{Firing, Observation, Verdict},
@@ -103,9 +106,39 @@ impl Engine {
         }
         // deny_rate reads the kernel's exact counters of the members this batch is about, not
         // the records: a flood whose records were aggregated or dropped still counts in full.
+        // The members named stay *hot* for a few seconds: their counters are polled every
+        // DENY_POLL (the kernel writes a record when a flow starts, not at each denial, so
+        // a threshold crossed between two records is seen by the poll within milliseconds).
         let now_ms = super::engine::now_unix_ms();
         for ((cgroup_id, _), w) in &who {
             firings.extend(self.exact_denials(*cgroup_id, &w.agent_key, &w.segment, now_ms));
+            self.sink.hot.insert(
+                *cgroup_id,
+                (w.agent_key.clone(), w.segment.clone(), now_ms + HOT_MS),
+            );
+        }
+        for f in firings {
+            self.act_on(f);
+        }
+    }
+
+    /// The hot members' exact denials (every DENY_POLL): deny_rate fires within milliseconds
+    /// of the threshold even while the kernel folds the denials into one record a second.
+    pub fn poll_hot_denials(&mut self) {
+        if self.sink.hot.is_empty() {
+            return;
+        }
+        let now_ms = super::engine::now_unix_ms();
+        self.sink.hot.retain(|_, (_, _, until)| *until > now_ms);
+        let hot: Vec<(u64, String, String)> = self
+            .sink
+            .hot
+            .iter()
+            .map(|(c, (k, s, _))| (*c, k.clone(), s.clone()))
+            .collect();
+        let mut firings = Vec::new();
+        for (cgroup_id, key, segment) in &hot {
+            firings.extend(self.exact_denials(*cgroup_id, key, segment, now_ms));
         }
         for f in firings {
             self.act_on(f);
