@@ -16,7 +16,7 @@ use aya::maps::{Array, HashMap, MapData, lpm_trie::LpmTrie};
 use std::os::fd::AsFd as _;
 
 use super::{Datapath, DatapathError, map_mut, map_ref, sys};
-use crate::compile::{Compiled, UnixEntry};
+use crate::compile::{Compiled, CompiledSegment, UnixEntry};
 
 /// A segment as the kernel holds it in one generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,49 @@ fn pack_unix(keys: &mut Vec<u8>, values: &mut Vec<u8>, table: u32, e: &UnixEntry
 }
 
 fn pack(generation: u32, compiled: &Compiled) -> Packed {
+    pack_segments(generation, compiled.segments.iter())
+}
+
+/// Whether two versions of a segment write the same entries (same id, same tables).
+fn same_entries(a: &CompiledSegment, b: &CompiledSegment) -> bool {
+    a.id == b.id
+        && a.egress_v4 == b.egress_v4
+        && a.egress_v6 == b.egress_v6
+        && a.ingress_v4 == b.ingress_v4
+        && a.ingress_v6 == b.ingress_v6
+        && a.quarantine_v4 == b.quarantine_v4
+        && a.quarantine_v6 == b.quarantine_v6
+        && a.unix == b.unix
+        && a.quarantine_unix == b.quarantine_unix
+}
+
+/// The packed entries of the segments of `new` and `old` whose entries differ (segments only
+/// in one of them included): unchanged segments — a 100k-prefix one untouched by an edit
+/// elsewhere — cost a comparison, not a pack and a diff.
+fn pack_changed(generation: u32, old: &Compiled, new: &Compiled) -> (Packed, Packed) {
+    let unchanged = |s: &CompiledSegment, other: &Compiled| {
+        other
+            .segments
+            .iter()
+            .find(|o| o.id == s.id)
+            .is_some_and(|o| same_entries(s, o))
+    };
+    (
+        pack_segments(
+            generation,
+            old.segments.iter().filter(|s| !unchanged(s, new)),
+        ),
+        pack_segments(
+            generation,
+            new.segments.iter().filter(|s| !unchanged(s, old)),
+        ),
+    )
+}
+
+fn pack_segments<'a>(
+    generation: u32,
+    segments: impl Iterator<Item = &'a CompiledSegment>,
+) -> Packed {
     let base = generation * RULESETS_PER_GEN;
     let mut p = Packed {
         k4: Vec::new(),
@@ -96,7 +139,7 @@ fn pack(generation: u32, compiled: &Compiled) -> Packed {
         ku: Vec::new(),
         vu: Vec::new(),
     };
-    for seg in &compiled.segments {
+    for seg in segments {
         let id = segment_id(generation, seg.id);
         for e in &seg.unix {
             pack_unix(&mut p.ku, &mut p.vu, id, e, generation);
@@ -352,8 +395,13 @@ impl Datapath {
                     .map_err(map_err(map_names::RULESETS))?;
             }
         }
-        let new = pack(generation, compiled);
-        let old = previous.map(|p| pack(generation, p));
+        let (new, old) = match previous {
+            None => (pack(generation, compiled), None),
+            Some(p) => {
+                let (old, new) = pack_changed(generation, p, compiled);
+                (new, Some(old))
+            }
+        };
         let tries = [
             (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
             (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
