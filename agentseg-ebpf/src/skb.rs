@@ -24,6 +24,7 @@
 //! | UDP or UDP-Lite to a connected socket     | pass (the kernel filters the peer)            |
 //! | to a listener, unconnected UDP, ping, raw | `[[ingress]]`, or egress rules for the sender (a reply) |
 use aya_ebpf::{
+    bindings::__sk_buff,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
         bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
@@ -271,18 +272,101 @@ impl Sock {
     }
 }
 
-/// The socket's membership (walks the socket's cgroup ancestry).
+/// The socket's membership (walks the socket's cgroup ancestry), through
+/// [`agentseg_resolve_skb`].
 #[inline(always)]
 fn socket_resolve(ctx: &SkBuffContext, none: NoMember) -> Resolved {
+    let mut out = ResolveOut {
+        kind: RESOLVED_DENY,
+        rule: agentseg_common::RULE_DEFAULT_DENY,
+        cgroup: 0,
+        s: Subject {
+            cgroup: 0,
+            segment_id: 0,
+            audit: false,
+            quarantined: false,
+            deadman: false,
+            attached: false,
+            dns_slot: 0,
+            sample_allows: 0,
+        },
+    };
+    // SAFETY: the program's own skb, and `out` on this stack for the call.
+    let done = unsafe {
+        agentseg_resolve_skb(
+            ctx.skb.skb,
+            u32::from(none == NoMember::Untouched),
+            &mut out,
+        )
+    };
+    // A global function's writes are any scalars to the verifier: every kind but the two
+    // others is a refusal (fail closed).
+    match (done, out.kind) {
+        (1, RESOLVED_SUBJECT) => Resolved::Subject(out.s),
+        (1, RESOLVED_UNTOUCHED) => Resolved::Untouched,
+        _ => Resolved::Deny(agentseg_ebpf::policy::Refusal {
+            cgroup: out.cgroup,
+            rule: out.rule,
+        }),
+    }
+}
+
+const RESOLVED_UNTOUCHED: u32 = 0;
+const RESOLVED_DENY: u32 = 1;
+const RESOLVED_SUBJECT: u32 = 2;
+
+/// What [`agentseg_resolve_skb`] found.
+#[repr(C)]
+pub struct ResolveOut {
+    kind: u32,
+    rule: u32,
+    cgroup: u64,
+    s: Subject,
+}
+
+/// The member walk of a packet's socket, a *global* function (see `policy::emit_inline` for
+/// why): the 32-level loop is verified once per program, not once per path that reaches it.
+/// Returns 1 when `out` was written.
+///
+/// # Safety
+/// `skb` is the program's context; `out` is null or points at a ResolveOut.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn agentseg_resolve_skb(
+    skb: *mut __sk_buff,
+    untouched: u32,
+    out: *mut ResolveOut,
+) -> u32 {
+    // SAFETY: see the contract.
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return 0;
+    };
+    let none = if untouched != 0 {
+        NoMember::Untouched
+    } else {
+        NoMember::Deny
+    };
     // The socket's own cgroup first: an agent's socket almost always lives in its member
     // cgroup, one lookup instead of a walk.
     // SAFETY: plain helper calls on this program's skb; 0 past the socket's level.
-    let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb.cast()) };
-    resolve(
+    let own = unsafe { bpf_skb_cgroup_id(skb.cast()) };
+    match resolve(
         own,
-        |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) },
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) },
         none,
-    )
+    ) {
+        Resolved::Untouched => out.kind = RESOLVED_UNTOUCHED,
+        Resolved::Deny(r) => {
+            out.kind = RESOLVED_DENY;
+            out.cgroup = r.cgroup;
+            out.rule = r.rule;
+        }
+        Resolved::Subject(s) => {
+            out.kind = RESOLVED_SUBJECT;
+            out.s = s;
+        }
+    }
+    1
 }
 
 #[inline(always)]
