@@ -5,7 +5,12 @@ use which::which;
 fn main() {
     // Keep the event writers global functions (bpf-linker internalises every
     // symbol it is not told to export): the verifier then checks it once, on its own.
-    for f in ["agentseg_finish", "agentseg_refuse", "agentseg_lookup"] {
+    for f in [
+        "agentseg_finish",
+        "agentseg_refuse",
+        "agentseg_lookup",
+        "agentseg_resolve_skb",
+    ] {
         println!("cargo:rustc-link-arg=--export={f}");
     }
     match which("bpf-linker") {

@@ -130,6 +130,15 @@ pub fn count(cgroup: u64, f: impl FnOnce(&mut Counters)) {
     }
 }
 
+/// [`count`] for a cgroup that already has counters; nothing otherwise.
+#[inline(always)]
+pub fn count_existing(cgroup: u64, f: impl FnOnce(&mut Counters)) {
+    if let Some(p) = COUNTERS.get_ptr_mut(cgroup) {
+        // SAFETY: per-CPU value (updates are atomic adds or this CPU's own).
+        f(unsafe { &mut *p });
+    }
+}
+
 /// Scratch space of [`emit_inline`], one per CPU: what would not fit on the stack next to a
 /// packet hook's frame. The key doubles as the record's description (every field a record
 /// needs but the time and the counts), so that the writer keeps one pointer live, not a
@@ -154,32 +163,28 @@ pub struct CountersScratch {
 #[map(name = "AS_SCRATCH_COUNTERS")]
 static SCRATCH_COUNTERS: PerCpuArray<CountersScratch> = PerCpuArray::with_max_entries(2, 0);
 
-/// This CPU's free slot of a two-slot scratch map (its `busy` field set), or None. A hook in
-/// softirq can interrupt another on the same CPU in the middle of its use of slot 0: it then
-/// takes slot 1. Softirqs do not nest and no cgroup hook runs in a hard interrupt, so two
-/// slots suffice; a check interrupted before the flag is set is harmless (the interrupting
-/// hook finishes, and clears the flag, before this one goes on).
+/// This CPU's free slot of a two-slot scratch map (its `busy` flag taken with an atomic
+/// compare-and-swap), or None when both are taken. A hook in softirq can interrupt another
+/// on the same CPU in the middle of its use of a slot, and on preemptible kernels another
+/// task's hook can too (cgroup programs run with migration disabled, not preemption): each
+/// takes a slot of its own, and a third finds none (its report is dropped and counted,
+/// never mixed with another's).
 macro_rules! claim {
-    ($map:expr) => {
-        match $map.get_ptr_mut(0) {
-            None => None,
-            // SAFETY: per-CPU slot; volatile so that the flag is really read and written.
-            Some(s0) => unsafe {
-                let idx = if core::ptr::read_volatile(core::ptr::addr_of!((*s0).busy)) == 0 {
-                    0
-                } else {
-                    1
-                };
-                match $map.get_ptr_mut(idx) {
-                    Some(p) => {
-                        core::ptr::write_volatile(core::ptr::addr_of_mut!((*p).busy), 1);
-                        Some(p)
-                    }
-                    None => None,
+    ($map:expr) => {{
+        let mut got = None;
+        let mut idx = 0;
+        while idx < 2 {
+            if let Some(p) = $map.get_ptr_mut(idx) {
+                // SAFETY: a per-CPU map value; the flag is a u64 at its start.
+                if unsafe { take_flag(core::ptr::addr_of_mut!((*p).busy)) } {
+                    got = Some(p);
+                    break;
                 }
-            },
+            }
+            idx += 1;
         }
-    };
+        got
+    }};
 }
 use claim;
 
@@ -189,6 +194,37 @@ macro_rules! release {
         // SAFETY: the slot `claim!` returned, still valid (a map value).
         unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$slot).busy), 0) }
     };
+}
+
+/// Set a busy flag from 0 to 1 atomically; false when it was already set.
+///
+/// # Safety
+/// `flag` points at a u64 in map memory.
+#[inline(always)]
+unsafe fn take_flag(flag: *mut u64) -> bool {
+    #[cfg(target_arch = "bpf")]
+    {
+        // SAFETY: see the contract; one BPF_CMPXCHG.
+        let (_, ok) = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::SeqCst },
+                { core::intrinsics::AtomicOrdering::SeqCst },
+            >(flag, 0, 1)
+        };
+        ok
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        // SAFETY: see the contract (host builds never run it).
+        unsafe {
+            if *flag != 0 {
+                return false;
+            }
+            *flag = 1;
+        }
+        true
+    }
 }
 use release;
 
@@ -557,6 +593,8 @@ pub struct Flow {
 fn emit_inline(cgroup: u64, segment_id: u32, verdict: u8, rule: u32, flow: &Flow, task: bool) {
     // Everything about the record goes into a per-CPU scratch slot first (see EmitScratch).
     let Some(slot) = claim!(SCRATCH_EMIT) else {
+        // Both slots in use on this CPU (nested hooks): the report is dropped, and counted.
+        count_existing(cgroup, |c| bump(&mut c.records_dropped, 1));
         return;
     };
     // SAFETY: this CPU's free slot, held until `release!`.
@@ -608,29 +646,30 @@ fn emit_in(
         }
         return;
     }
-    // The flow's entry, or a new one built in the scratch slot.
+    // The flow's entry, or a new one built in the scratch slot. A per-CPU entry another CPU
+    // made reads as zeros here: a flow new on this CPU, started in place.
     #[allow(clippy::needless_borrows_for_generic_args)] // a copy would land on the stack
     let (f, new) = match DENY_FLOWS.get_ptr_mut(&sc.key) {
         // SAFETY: per-CPU value, only this CPU writes it (the daemon only reads).
         Some(p) => (unsafe { &mut *p }, false),
-        None => {
-            let f = &mut sc.flow;
-            f.count = 0;
-            f.reported = 0;
-            f.first_ns = now;
-            f.emit_ns = 0;
-            (f, true)
-        }
+        None => (&mut sc.flow, true),
     };
+    let fresh = new || f.first_ns == 0;
+    if fresh {
+        f.count = 0;
+        f.reported = 0;
+        f.first_ns = now;
+        f.emit_ns = 0;
+    }
     f.count += 1;
     // A new flow writes its record now; a known one at most once per interval.
-    if (new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS)
+    if (fresh || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS)
         && record_budget(cgroup, now)
         && write_event(&sc.key, task, now, f.first_ns, f.reported, f.count)
     {
         f.reported = f.count;
         f.emit_ns = now;
-    } else if new || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS {
+    } else if fresh || now.wrapping_sub(f.emit_ns) >= DENY_SUMMARY_NS {
         // Due but not written (budget, ring): try again in an interval, not at every denial.
         f.emit_ns = now;
     }
@@ -646,7 +685,9 @@ fn emit_in(
 #[inline(always)]
 pub fn record_budget(cgroup: u64, now: u64) -> bool {
     let mut ok = true;
-    count(cgroup, |c| {
+    // Only members have counters (their decision made one): a refusal of a cgroup that is no
+    // member (a pending child of a guard) must not create entries nobody removes.
+    count_existing(cgroup, |c| {
         let tat = if c.budget_tat_ns > now {
             c.budget_tat_ns
         } else {
@@ -668,7 +709,7 @@ pub fn record_budget(cgroup: u64, now: u64) -> bool {
 fn write_event(k: &DenyFlowKey, task: bool, now: u64, flow_ns: u64, from: u64, to: u64) -> bool {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         stat(STAT_EVENTS_LOST);
-        count(k.cgroup_id, |c| bump(&mut c.records_dropped, 1));
+        count_existing(k.cgroup_id, |c| bump(&mut c.records_dropped, 1));
         return false;
     };
     // Field by field into the ring: an Event built on the stack first would cost 120 bytes.

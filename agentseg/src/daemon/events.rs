@@ -356,10 +356,11 @@ impl Sink {
         let mut per_member: HashMap<u64, usize> = HashMap::new();
         for (key, cpu, f) in flows {
             let n = per_member.entry(key.cgroup_id).or_default();
-            if *n >= SWEEP_PER_MEMBER {
-                continue;
-            }
-            if let Some(range) = self.ledger.sweep(*key, *cpu, f, now_ns) {
+            // Every flow is seen (its pending ranges kept) whether or not it may report now.
+            if let Some(range) = self
+                .ledger
+                .sweep(*key, *cpu, f, now_ns, *n < SWEEP_PER_MEMBER)
+            {
                 *n += 1;
                 batch.push(swept_record(key, *cpu, now_ns, range));
             }

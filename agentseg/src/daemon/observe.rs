@@ -65,7 +65,9 @@ impl Engine {
             };
             if r.dns.is_none() {
                 self.sink.read += 1;
-                self.sink.denials_reported += count;
+                if e.verdict != agentseg_common::VERDICT_ALLOW {
+                    self.sink.denials_reported += count;
+                }
             }
             // Kernel timestamps are CLOCK_BOOTTIME: wall time = now - age.
             let ts_ms = wall_now.saturating_sub(boot_now.saturating_sub(e.ts_ns) / 1_000_000);
