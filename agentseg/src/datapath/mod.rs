@@ -423,13 +423,19 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(name))?
             .fd()
             .as_fd();
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Map {
-            name,
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
-                io_error: source,
-            }),
-        })?;
+        // A per-CPU value holds one slot per *possible* CPU, in id order: slot i is the i-th
+        // possible CPU (records carry the CPU id; the two differ when the list has holes).
+        let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+            .ok()
+            .and_then(|text| cpu_list(text.trim()))
+            .ok_or_else(|| DatapathError::Map {
+                name,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "reading /sys/devices/system/cpu/possible",
+                    io_error: std::io::Error::other("unreadable CPU list"),
+                }),
+            })?;
+        let cpus = possible.len();
         let (key_size, slot) = (
             size_of::<DenyFlowKey>(),
             size_of::<DenyFlow>().next_multiple_of(8),
@@ -438,11 +444,11 @@ impl Datapath {
         sys::lookup_all(fd, key_size, slot * cpus, 256, |k, v| {
             // SAFETY: the kernel wrote a DenyFlowKey (repr(C), integers) of exactly this size.
             let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<DenyFlowKey>()) };
-            for (cpu, bytes) in v.chunks_exact(slot).enumerate() {
+            for (i, bytes) in v.chunks_exact(slot).enumerate() {
                 // SAFETY: as above, one DenyFlow per CPU slot.
                 let f = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyFlow>()) };
                 if f.count > 0 {
-                    out.push((key, cpu as u32, f));
+                    out.push((key, possible[i], f));
                 }
             }
         })
@@ -557,6 +563,24 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, Datap
 }
 
 /// The `MapData` inside any map kind aya hands out (for its descriptor).
+/// A kernel CPU list ("0-3,5,7-8") as ids; None when it does not parse.
+fn cpu_list(text: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi): (u32, u32) = (lo.parse().ok()?, hi.parse().ok()?);
+                if hi < lo || hi - lo > 65_536 {
+                    return None;
+                }
+                out.extend(lo..=hi);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     Some(match map {
@@ -596,4 +620,18 @@ pub fn boottime_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod cpu_list_tests {
+    use super::cpu_list;
+
+    #[test]
+    fn cpu_lists_parse_with_holes() {
+        assert_eq!(cpu_list("0-1"), Some(vec![0, 1]));
+        assert_eq!(cpu_list("0,2-3,7"), Some(vec![0, 2, 3, 7]));
+        assert_eq!(cpu_list(""), None);
+        assert_eq!(cpu_list("3-1"), None);
+        assert_eq!(cpu_list("x"), None);
+    }
 }
