@@ -150,35 +150,40 @@ fn hot_reload_is_atomic_and_removed_rules_are_denied_when_done() {
     let tree = CgroupTree::create();
     let ns = Netns::create();
     let looped = TcpCount::bind_deep(&ns, "127.0.0.1:8080");
-    let l = Listeners::bind(&ns, &["127.0.0.1:8081"], &[]);
-    let v1 = seg("svc.test.reload", "8080, 8081", "");
-    let v2 = seg("svc.test.reload", "8080", "");
-    let d = Daemon::start(&tree, &[("a.toml", &v1)]);
+    let l = Listeners::bind(&ns, &["127.0.0.1:8081", "127.0.0.1:8082"], &[]);
+    // Three versions in turn: each switch writes only its difference from the version before
+    // the live one (kept in the other generation), so the differences are never empty.
+    let versions = [
+        seg("svc.test.reload", "8080, 8081", ""),
+        seg("svc.test.reload", "8080", ""),
+        seg("svc.test.reload", "8080, 8082", ""),
+    ];
+    let d = Daemon::start(&tree, &[("a.toml", &versions[0])]);
     let file = d.policies.join("a.toml");
     let looper = Looper::agent(&d, "svc.test.reload", &ns, "127.0.0.1:8080", "reload");
     let mut accepted = Tally::new(&looped);
     accepted.grow(1, "the loop connects before the reloads");
-    for i in 0..100 {
-        std::fs::write(&file, if i % 2 == 0 { &v2 } else { &v1 }).expect("write");
+    for i in 1..=100 {
+        let v = i % 3;
+        std::fs::write(&file, &versions[v]).expect("write");
         let out = d.cli(&["reload"]);
         assert!(
             out.status.success(),
             "reload {i}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // As soon as a reload is reported done: v2 (even i) removed 8081, v1 (odd i) has it.
-        if i % 10 < 2 {
-            let expect = if i % 2 == 0 { "EPERM" } else { "ok" };
-            let out = d.run_probe(
-                "svc.test.reload",
-                &ns,
-                &["connect", "tcp", "127.0.0.1:8081"],
-            );
-            assert_eq!(
-                l.judged("tcp", "127.0.0.1:8081", out),
-                expect,
-                "after reload {i}"
-            );
+        // As soon as a reload is reported done, the version applied decides 8081 and 8082.
+        if i % 10 < 3 {
+            for (port, has) in [("8081", v == 0), ("8082", v == 2)] {
+                let dst = format!("127.0.0.1:{port}");
+                let out = d.run_probe("svc.test.reload", &ns, &["connect", "tcp", &dst]);
+                let expect = if has { "ok" } else { "EPERM" };
+                assert_eq!(
+                    l.judged("tcp", &dst, out),
+                    expect,
+                    "after reload {i} (version {v})"
+                );
+            }
         }
     }
     let (ok, err, last) = looper.finish();
