@@ -594,11 +594,26 @@ fn a_flood_of_distinct_flows_cannot_push_another_agents_denials_out_of_the_log()
     assert_eq!(s["segments"][0]["denied"], FLOOD + 10, "{s}");
     let dropped = s["segments"][0]["records_dropped"].as_u64().unwrap_or(0);
     assert!(dropped > 0, "the flooder's budget never ran out: {s}");
-    let flood_records = d
+    let flooder_id = String::from_utf8_lossy(&out.stderr)
+        .split_whitespace()
+        .skip_while(|w| *w != "agent")
+        .nth(1)
+        .expect("flooder id printed")
+        .to_owned();
+    // Wait for the sweep's last records of the flood (written after the flooder exited)...
+    std::thread::sleep(Duration::from_millis(2500));
+    let flood: Vec<_> = d
         .audit_records()
-        .iter()
+        .into_iter()
         .filter(|r| r["kind"] == "deny" && r["dst"] == "127.0.0.2")
-        .count();
+        .collect();
+    // ... which keep the flooder's id, as every record of it does.
+    assert!(
+        flood.iter().all(|r| r["agent_id"] == flooder_id.as_str()),
+        "a flood record lost its agent: {:?}",
+        flood.iter().find(|r| r["agent_id"] != flooder_id.as_str())
+    );
+    let flood_records = flood.len();
     assert!(
         flood_records < 20_000,
         "{flood_records} records for a flood of {FLOOD} distinct flows"
