@@ -34,8 +34,15 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             status.cgroup2.display()
         );
         println!(
-            "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>22}",
-            "SEGMENT", "MODE", "PREFIXES", "ALLOWED", "DENIED", "AUDIT", "DNS OK/REF/FAIL/ADDRS"
+            "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>22}",
+            "SEGMENT",
+            "MODE",
+            "PREFIXES",
+            "ALLOWED",
+            "DENIED",
+            "AUDIT",
+            "INBOUND",
+            "DNS OK/REF/FAIL/ADDRS"
         );
         for s in &status.segments {
             let dns = format!(
@@ -43,8 +50,15 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
                 s.dns.allowed, s.dns.refused, s.dns.failed, s.dns.learned
             );
             println!(
-                "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>22}",
-                s.name, s.mode, s.prefixes, s.allowed, s.denied, s.audit_denied, dns
+                "{:<40} {:<8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>22}",
+                s.name,
+                s.mode,
+                s.prefixes,
+                s.allowed,
+                s.denied,
+                s.audit_denied,
+                s.inbound_denied,
+                dns
             );
         }
         if !status.agents.is_empty() {
@@ -82,7 +96,8 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
         }
         println!();
         println!(
-            "reload: {} ({} applied){}; events read {}, lost {}; audit log {}",
+            "reload: {} ({} applied){}; records read {} (standing for {} denials), lost {}, \
+             not written (budgets) {}; audit log {}",
             if status.reload.ok { "ok" } else { "REFUSED" },
             status.reload.applied,
             if status.reload.ok {
@@ -91,7 +106,13 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
                 format!("\n{}", status.reload.message)
             },
             status.events_read,
+            status.denials_reported,
             status.events_lost,
+            status
+                .segments
+                .iter()
+                .map(|s| s.records_dropped)
+                .sum::<u64>(),
             status.audit_log.display()
         );
         println!(
