@@ -249,33 +249,52 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         pins::check_maps(&ebpf).map_err(refuse)?;
-        for name in all_programs().filter(|n| !is_unix(n)) {
-            let started = std::time::Instant::now();
-            let result = match program(&mut ebpf, name)? {
-                Prog::SockAddr(p) => p.load(),
-                Prog::Skb(p) => p.load(),
-                Prog::Sockopt(p) => p.load(),
-            };
-            result.map_err(|source| DatapathError::Program { name, source })?;
-            // The verifier's time: a program that grows past its budget shows up here first.
-            tracing::debug!(
-                program = name,
-                ms = started.elapsed().as_millis() as u64,
-                "verified"
-            );
-        }
         let map_fds: HashMap<String, std::os::fd::RawFd> = ebpf
             .maps()
             .filter_map(|(name, map)| {
                 Some((name.to_owned(), map_data(map)?.fd().as_fd().as_raw_fd()))
             })
             .collect();
-        let started = std::time::Instant::now();
-        let unix_programs = unix_loader::load(&map_fds)?;
-        tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
-            "AF_UNIX programs verified"
-        );
+        // Most of a start is the verifier's: the AF_UNIX object is verified on a thread of its
+        // own while aya loads the main one (the kernel verifies loads in parallel). The scope
+        // joins it before `ebpf`, whose maps it uses, can be dropped on any error path.
+        let (main, unix) = std::thread::scope(|scope| {
+            let unix = scope.spawn(|| {
+                let started = std::time::Instant::now();
+                let loaded = unix_loader::load(&map_fds);
+                tracing::debug!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "AF_UNIX programs verified"
+                );
+                loaded
+            });
+            let main = (|| {
+                for name in all_programs().filter(|n| !is_unix(n)) {
+                    let started = std::time::Instant::now();
+                    let result = match program(&mut ebpf, name)? {
+                        Prog::SockAddr(p) => p.load(),
+                        Prog::Skb(p) => p.load(),
+                        Prog::Sockopt(p) => p.load(),
+                    };
+                    result.map_err(|source| DatapathError::Program { name, source })?;
+                    // The verifier's time: a program that grows past its budget shows here.
+                    tracing::debug!(
+                        program = name,
+                        ms = started.elapsed().as_millis() as u64,
+                        "verified"
+                    );
+                }
+                Ok::<(), DatapathError>(())
+            })();
+            let unix = unix.join().unwrap_or_else(|_| {
+                Err(DatapathError::Unix(
+                    "the AF_UNIX loader thread panicked".to_owned(),
+                ))
+            });
+            (main, unix)
+        });
+        main?;
+        let unix_programs = unix?;
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
