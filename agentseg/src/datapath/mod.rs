@@ -268,24 +268,7 @@ impl Datapath {
                 );
                 loaded
             });
-            let main = (|| {
-                for name in all_programs().filter(|n| !is_unix(n)) {
-                    let started = std::time::Instant::now();
-                    let result = match program(&mut ebpf, name)? {
-                        Prog::SockAddr(p) => p.load(),
-                        Prog::Skb(p) => p.load(),
-                        Prog::Sockopt(p) => p.load(),
-                    };
-                    result.map_err(|source| DatapathError::Program { name, source })?;
-                    // The verifier's time: a program that grows past its budget shows here.
-                    tracing::debug!(
-                        program = name,
-                        ms = started.elapsed().as_millis() as u64,
-                        "verified"
-                    );
-                }
-                Ok::<(), DatapathError>(())
-            })();
+            let main = load_programs(&mut ebpf);
             let unix = unix.join().unwrap_or_else(|_| {
                 Err(DatapathError::Unix(
                     "the AF_UNIX loader thread panicked".to_owned(),
@@ -563,6 +546,56 @@ enum Prog<'a> {
     Sockopt(&'a mut CgroupSockopt),
 }
 
+/// Load (verify) every program of the main object, in two halves on two threads: the
+/// kernel verifies loads in parallel, and verification is most of a start.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    // The three packet programs are the heavy ones: two on one side, one with the rest.
+    let heavy = [prog_names::SKB_EGRESS, prog_names::SKB_HANDOFF];
+    let (mut one, mut other): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+    for (name, prog) in ebpf.programs_mut() {
+        let Some(name) = all_programs().find(|n| *n == name && !is_unix(n)) else {
+            continue;
+        };
+        if heavy.contains(&name) {
+            one.push((name, prog));
+        } else {
+            other.push((name, prog));
+        }
+    }
+    std::thread::scope(|scope| {
+        let first = scope.spawn(move || load_each(one));
+        let second = load_each(other);
+        let first = first.join().unwrap_or_else(|_| {
+            Err(DatapathError::Unix(
+                "a program loader thread panicked".to_owned(),
+            ))
+        });
+        first.and(second)
+    })
+}
+
+fn load_each(progs: Vec<(&'static str, &mut aya::programs::Program)>) -> Result<(), DatapathError> {
+    for (name, prog) in progs {
+        let started = std::time::Instant::now();
+        let err = |source| DatapathError::Program { name, source };
+        let result = match name {
+            prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
+                <&mut CgroupSkb>::try_from(prog).map_err(err)?.load()
+            }
+            prog_names::SETSOCKOPT => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
+            _ => <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load(),
+        };
+        result.map_err(err)?;
+        // The verifier's time: a program that grows past its budget shows here first.
+        tracing::debug!(
+            program = name,
+            ms = started.elapsed().as_millis() as u64,
+            "verified"
+        );
+    }
+    Ok(())
+}
+
 fn is_unix(name: &str) -> bool {
     name == prog_names::CONNECT_UNIX || name == prog_names::SENDMSG_UNIX
 }
@@ -581,7 +614,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, Datap
     })
 }
 
-/// The `MapData` inside any map kind aya hands out (for its descriptor).
 /// A kernel CPU list ("0-3,5,7-8") as ids; None when it does not parse.
 fn cpu_list(text: &str) -> Option<Vec<u32>> {
     let mut out = Vec::new();
@@ -600,6 +632,7 @@ fn cpu_list(text: &str) -> Option<Vec<u32>> {
     (!out.is_empty()).then_some(out)
 }
 
+/// The `MapData` inside any map kind aya hands out (for its descriptor).
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     Some(match map {
