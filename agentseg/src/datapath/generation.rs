@@ -17,6 +17,7 @@ use std::os::fd::AsFd as _;
 
 use super::{Datapath, DatapathError, map_mut, map_ref, sys};
 use crate::compile::{Compiled, CompiledSegment, UnixEntry};
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// A segment as the kernel holds it in one generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +57,7 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 
 /// A generation's LPM entries packed as the kernel reads them (aya's `lpm_trie::Key`: u32
 /// prefix length, then the data), for one batch call per trie.
+#[derive(Default)]
 struct Packed {
     k4: Vec<u8>,
     v4: Vec<u8>,
@@ -107,71 +109,138 @@ fn same_entries(a: &CompiledSegment, b: &CompiledSegment) -> bool {
 /// in one of them included): unchanged segments — a 100k-prefix one untouched by an edit
 /// elsewhere — cost a comparison, not a pack and a diff.
 fn pack_changed(generation: u32, old: &Compiled, new: &Compiled) -> (Packed, Packed) {
-    let unchanged = |s: &CompiledSegment, other: &Compiled| {
-        other
-            .segments
-            .iter()
-            .find(|o| o.id == s.id)
-            .is_some_and(|o| same_entries(s, o))
-    };
-    (
-        pack_segments(
-            generation,
-            old.segments.iter().filter(|s| !unchanged(s, new)),
-        ),
-        pack_segments(
-            generation,
-            new.segments.iter().filter(|s| !unchanged(s, old)),
-        ),
-    )
+    let (mut p_old, mut p_new) = (Packed::default(), Packed::default());
+    for s in &old.segments {
+        if !new.segments.iter().any(|n| n.id == s.id) {
+            pack_tables(&mut p_old, generation, s, tables_of(s));
+        }
+    }
+    for s in &new.segments {
+        let Some(o) = old.segments.iter().find(|o| o.id == s.id) else {
+            pack_tables(&mut p_new, generation, s, tables_of(s));
+            continue;
+        };
+        if same_entries(s, o) {
+            continue;
+        }
+        // The same segment, changed: only the entries that differ, table by table.
+        let (to, tn) = (tables_of(o), tables_of(s));
+        let mut stripped = Vec::with_capacity(3);
+        for k in 0..3 {
+            let (o4, n4) = strip_common(to[k].1, tn[k].1);
+            let (o6, n6) = strip_common(to[k].2, tn[k].2);
+            stripped.push((to[k].0, o4, o6, n4, n6));
+        }
+        let view = |old_side: bool| -> Tables<'_> {
+            let pick = |k: usize| {
+                let (bits, o4, o6, n4, n6) = &stripped[k];
+                if old_side {
+                    (*bits, o4.as_slice(), o6.as_slice())
+                } else {
+                    (*bits, n4.as_slice(), n6.as_slice())
+                }
+            };
+            [pick(0), pick(1), pick(2)]
+        };
+        pack_tables(&mut p_old, generation, o, view(true));
+        pack_tables(&mut p_new, generation, s, view(false));
+    }
+    (p_old, p_new)
 }
 
 fn pack_segments<'a>(
     generation: u32,
     segments: impl Iterator<Item = &'a CompiledSegment>,
 ) -> Packed {
-    let base = generation * RULESETS_PER_GEN;
-    let mut p = Packed {
-        k4: Vec::new(),
-        v4: Vec::new(),
-        k6: Vec::new(),
-        v6: Vec::new(),
-        ku: Vec::new(),
-        vu: Vec::new(),
-    };
+    let mut p = Packed::default();
     for seg in segments {
-        let id = segment_id(generation, seg.id);
-        for e in &seg.unix {
-            pack_unix(&mut p.ku, &mut p.vu, id, e, generation);
+        pack_tables(&mut p, generation, seg, tables_of(seg));
+    }
+    p
+}
+
+/// Prefixes with their ruleset ids.
+type Entries<N> = Vec<(N, u32)>;
+
+/// A segment's LPM tables: (table bits, IPv4 entries, IPv6 entries).
+type Tables<'a> = [(u32, &'a [(Ipv4Net, u32)], &'a [(Ipv6Net, u32)]); 3];
+
+fn tables_of(seg: &CompiledSegment) -> Tables<'_> {
+    [
+        (0, &seg.egress_v4, &seg.egress_v6),
+        (INGRESS_BIT, &seg.ingress_v4, &seg.ingress_v6),
+        (QUARANTINE_BIT, &seg.quarantine_v4, &seg.quarantine_v6),
+    ]
+}
+
+/// Pack `seg`'s AF_UNIX entries and the LPM entries of `tables` (its own, or a part of them).
+fn pack_tables(p: &mut Packed, generation: u32, seg: &CompiledSegment, tables: Tables<'_>) {
+    let base = generation * RULESETS_PER_GEN;
+    let id = segment_id(generation, seg.id);
+    for e in &seg.unix {
+        pack_unix(&mut p.ku, &mut p.vu, id, e, generation);
+    }
+    for e in &seg.quarantine_unix {
+        pack_unix(&mut p.ku, &mut p.vu, id | QUARANTINE_BIT, e, generation);
+    }
+    for (bits, nets4, nets6) in tables {
+        let table = id | bits;
+        for (net, ruleset) in nets4 {
+            p.k4.extend_from_slice(
+                &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+            );
+            p.k4.extend_from_slice(&table.to_be_bytes());
+            p.k4.extend_from_slice(&net.network().octets());
+            p.v4.extend_from_slice(&(base + ruleset).to_ne_bytes());
         }
-        for e in &seg.quarantine_unix {
-            pack_unix(&mut p.ku, &mut p.vu, id | QUARANTINE_BIT, e, generation);
+        for (net, ruleset) in nets6 {
+            p.k6.extend_from_slice(
+                &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+            );
+            p.k6.extend_from_slice(&table.to_be_bytes());
+            p.k6.extend_from_slice(&net.network().octets());
+            p.v6.extend_from_slice(&(base + ruleset).to_ne_bytes());
         }
-        let tables = [
-            (id, &seg.egress_v4, &seg.egress_v6),
-            (id | INGRESS_BIT, &seg.ingress_v4, &seg.ingress_v6),
-            (id | QUARANTINE_BIT, &seg.quarantine_v4, &seg.quarantine_v6),
-        ];
-        for (table, nets4, nets6) in tables {
-            for (net, ruleset) in nets4 {
-                p.k4.extend_from_slice(
-                    &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
-                );
-                p.k4.extend_from_slice(&table.to_be_bytes());
-                p.k4.extend_from_slice(&net.network().octets());
-                p.v4.extend_from_slice(&(base + ruleset).to_ne_bytes());
+    }
+}
+
+/// The entries of `a` and of `b` that are not in both with the same ruleset: a merge of the
+/// two tables sorted by prefix, so that a change inside a 100k-prefix table costs a pass over
+/// it, not a pack and a hash of both. (Entries left out would diff to nothing anyway.)
+fn strip_common<N: Ord + Copy>(a: &[(N, u32)], b: &[(N, u32)]) -> (Entries<N>, Entries<N>) {
+    let sorted = |t: &[(N, u32)]| {
+        let mut v = t.to_vec();
+        if !v.is_sorted_by_key(|e| e.0) {
+            v.sort_by_key(|e| e.0);
+        }
+        v
+    };
+    let (a, b) = (sorted(a), sorted(b));
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => {
+                only_a.push(a[i]);
+                i += 1;
             }
-            for (net, ruleset) in nets6 {
-                p.k6.extend_from_slice(
-                    &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
-                );
-                p.k6.extend_from_slice(&table.to_be_bytes());
-                p.k6.extend_from_slice(&net.network().octets());
-                p.v6.extend_from_slice(&(base + ruleset).to_ne_bytes());
+            std::cmp::Ordering::Greater => {
+                only_b.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                if a[i].1 != b[j].1 {
+                    only_a.push(a[i]);
+                    only_b.push(b[j]);
+                }
+                i += 1;
+                j += 1;
             }
         }
     }
-    p
+    only_a.extend_from_slice(&a[i..]);
+    only_b.extend_from_slice(&b[j..]);
+    (only_a, only_b)
 }
 
 impl Packed {
@@ -548,6 +617,19 @@ mod tests {
         assert_eq!(same, Diff::default());
         let from_nothing = diff(b"", b"", b"aa", b"1", 2, 1);
         assert_eq!(from_nothing.upsert_keys, b"aa");
+    }
+
+    #[test]
+    fn strip_common_keeps_what_differs_sorted_or_not() {
+        let (a, b) = (
+            [(3u8, 1u32), (1, 1), (2, 1), (5, 1)],
+            [(1u8, 1u32), (2, 2), (4, 1), (5, 1)],
+        );
+        let (only_a, only_b) = strip_common(&a, &b);
+        assert_eq!(only_a, vec![(2, 1), (3, 1)]);
+        assert_eq!(only_b, vec![(2, 2), (4, 1)]);
+        let (x, y) = strip_common::<u8>(&[], &[(1, 1)]);
+        assert!(x.is_empty() && y == vec![(1, 1)]);
     }
 
     #[test]
