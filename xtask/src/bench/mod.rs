@@ -334,6 +334,12 @@ fn one(
             bail!("the allowed rule was removed but connects still pass after 5 s");
         }
     }
+    // No change in flight when the add is saved: the removal's own file rename may have queued
+    // a watcher reload besides the timed `agentseg reload` (issue 13: the re-added rule must
+    // not ride on a reload already running).
+    if let Active::Agentseg(d) = &active {
+        variants::settle(d)?;
+    }
     let t0 = variants::add_allowed(v, n, ctx, &rel)?;
     let w = run(&["wait-allowed", "--addr", &ok, "--timeout-secs", "10"])?;
     match w["at_unix_ns"].as_u64() {

@@ -197,6 +197,26 @@ pub fn remove_allowed(
     }
 }
 
+/// Wait until the daemon has applied no policy for 300 ms (5 s at most): nothing in flight.
+pub fn settle(d: &super::daemon::Daemon) -> anyhow::Result<()> {
+    let applied =
+        || -> anyhow::Result<u64> { Ok(d.status()?["reload"]["applied"].as_u64().unwrap_or(0)) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = applied()?;
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_millis(300) {
+        if Instant::now() > deadline {
+            anyhow::bail!("the daemon kept applying policies for 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let now = applied()?;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    Ok(())
+}
+
 /// Put the allowed tcp rule back the way an operator would; returns the wall-clock start.
 /// agentseg: save the file (the daemon's inotify watcher applies it).
 pub fn add_allowed(v: Variant, n: usize, ctx: &Ctx, rel: &str) -> anyhow::Result<u64> {
