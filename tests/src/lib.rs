@@ -718,23 +718,16 @@ impl Daemon {
         n: usize,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let found: Vec<_> = self
-                .audit_records()
-                .into_iter()
-                .filter(|r| pred(r))
-                .collect();
-            if found.len() >= n {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} matching records appeared in the audit log",
-                found.len()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_audit(
+            pred,
+            |found| found.len() >= n,
+            |found| {
+                format!(
+                    "only {} of {n} matching records appeared in the audit log",
+                    found.len()
+                )
+            },
+        )
     }
 
     /// Wait (5 s at most, then panic) until the records matching `pred` stand for `n`
@@ -745,6 +738,33 @@ impl Daemon {
         n: u64,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Vec<serde_json::Value> {
+        let total = |found: &[serde_json::Value]| found.iter().map(decisions).sum::<u64>();
+        let found = self.wait_audit(
+            &pred,
+            |found| total(found) >= n,
+            |found| {
+                format!(
+                    "only {} of {n} matching decisions appeared in the audit log",
+                    total(found)
+                )
+            },
+        );
+        assert_eq!(
+            total(&found),
+            n,
+            "more decisions recorded than made: {found:?}"
+        );
+        found
+    }
+
+    /// Poll the audit log's records matching `pred` (5 s at most) until `done` says so, then
+    /// return them; panic with `why` otherwise.
+    fn wait_audit(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+        why: impl Fn(&[serde_json::Value]) -> String,
+    ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let found: Vec<_> = self
@@ -752,15 +772,10 @@ impl Daemon {
                 .into_iter()
                 .filter(|r| pred(r))
                 .collect();
-            let total: u64 = found.iter().map(decisions).sum();
-            if total >= n {
-                assert_eq!(total, n, "more decisions recorded than made: {found:?}");
+            if done(&found) {
                 return found;
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {total} of {n} matching decisions appeared in the audit log"
-            );
+            assert!(Instant::now() < deadline, "{}", why(&found));
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -811,6 +826,20 @@ impl Daemon {
         ];
         args.extend_from_slice(probe_args);
         self.cli_in(ns, &args)
+    }
+
+    /// An agent of `segment` sending `count` datagrams to 127.0.0.2, a new port each time
+    /// (probe `flood ... ports`: a new flow each datagram), spawned with its output piped.
+    pub fn spawn_flood(&self, segment: &str, ns: &Netns, count: u64) -> Child {
+        self.agent_command(
+            segment,
+            ns,
+            &["flood", "127.0.0.2:1", &count.to_string(), "ports"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flooder")
     }
 
     /// The command `run_agent` runs, to spawn instead (a long-running agent).

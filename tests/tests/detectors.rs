@@ -32,16 +32,6 @@ protocol = "udp"
 deny_rate = { threshold = 20, window = "1m", action = "quarantine" }
 "#;
 
-/// The agent id `agentseg run` printed on stderr.
-fn agent_id(stderr: &[u8]) -> String {
-    String::from_utf8_lossy(stderr)
-        .split_whitespace()
-        .skip_while(|w| *w != "agent")
-        .nth(1)
-        .expect("agent id printed")
-        .to_owned()
-}
-
 /// Tried before: during one agent's flood another segment's agent made 60 denials against a
 /// threshold of 20 and was never quarantined (its records were lost with the flood's). The
 /// detector now reads the kernel's exact counters.
@@ -54,16 +44,7 @@ fn a_flood_cannot_blind_another_segments_deny_rate() {
     let ns = Netns::create();
     let d = Daemon::start(&tree, &[("noise.toml", NOISE), ("victim.toml", VICTIM)]);
     const FLOOD: u64 = 3_000_000;
-    let flooder = d
-        .agent_command(
-            "flood.test.noise",
-            &ns,
-            &["flood", "127.0.0.2:1", &FLOOD.to_string(), "ports"],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("flooder");
+    let flooder = d.spawn_flood("flood.test.noise", &ns, FLOOD);
     std::thread::sleep(Duration::from_millis(300));
     let script = format!(
         "for i in $(seq 60); do {} connect tcp 127.0.0.3:8200; done",
@@ -88,7 +69,7 @@ fn a_flood_cannot_blind_another_segments_deny_rate() {
             .count(),
         60
     );
-    let victim = agent_id(&out.stderr);
+    let victim = agentseg_tests::sandbox::agent_id(&out);
     let out = flooder.wait_with_output().expect("flooder output");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

@@ -57,13 +57,7 @@ fn denials_become_attributed_audit_records_allows_count_per_rule_and_metrics_agr
     );
     assert_eq!(allowed_peer.count(), 1, "the allowed connect arrived once");
     assert_eq!(denied_peer.count(), 0, "a denied connect reached its peer");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let agent_id = stderr
-        .split_whitespace()
-        .skip_while(|w| *w != "agent")
-        .nth(1)
-        .expect("agent id printed")
-        .to_owned();
+    let agent_id = agentseg_tests::sandbox::agent_id(&out);
     let denies = d.wait_records(3, |r| r["kind"] == "deny");
     assert_eq!(denies.len(), 3, "{denies:?}");
     let mut pids = std::collections::BTreeSet::new();
@@ -534,16 +528,7 @@ fn a_flood_of_distinct_flows_cannot_push_another_agents_denials_out_of_the_log()
     let ns = Netns::create();
     let d = Daemon::start(&tree, &[("bot.toml", SEG)]);
     const FLOOD: u64 = 2_000_000;
-    let flooder = d
-        .agent_command(
-            "bot.test.events",
-            &ns,
-            &["flood", "127.0.0.2:1", &FLOOD.to_string(), "ports"],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("flooder");
+    let flooder = d.spawn_flood("bot.test.events", &ns, FLOOD);
     // While it floods: ten denied connects of another agent, each to a port of its own.
     std::thread::sleep(Duration::from_millis(300));
     let script = (8101..=8110)
@@ -569,12 +554,7 @@ fn a_flood_of_distinct_flows_cannot_push_another_agents_denials_out_of_the_log()
             .count(),
         10
     );
-    let second = String::from_utf8_lossy(&out.stderr)
-        .split_whitespace()
-        .skip_while(|w| *w != "agent")
-        .nth(1)
-        .expect("agent id printed")
-        .to_owned();
+    let second = agentseg_tests::sandbox::agent_id(&out);
     let out = flooder.wait_with_output().expect("flooder output");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -594,12 +574,7 @@ fn a_flood_of_distinct_flows_cannot_push_another_agents_denials_out_of_the_log()
     assert_eq!(s["segments"][0]["denied"], FLOOD + 10, "{s}");
     let dropped = s["segments"][0]["records_dropped"].as_u64().unwrap_or(0);
     assert!(dropped > 0, "the flooder's budget never ran out: {s}");
-    let flooder_id = String::from_utf8_lossy(&out.stderr)
-        .split_whitespace()
-        .skip_while(|w| *w != "agent")
-        .nth(1)
-        .expect("flooder id printed")
-        .to_owned();
+    let flooder_id = agentseg_tests::sandbox::agent_id(&out);
     // Wait for the sweep's last records of the flood (written after the flooder exited)...
     std::thread::sleep(Duration::from_millis(2500));
     let flood: Vec<_> = d
