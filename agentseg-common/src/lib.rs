@@ -605,6 +605,18 @@ pub struct Counters {
 }
 const _: () = assert!(core::mem::size_of::<Counters>() == 48);
 
+impl Counters {
+    /// Add another's counts (CPUs summed, or members folded into a segment); the budget field
+    /// is state, not a count, and is left out.
+    pub fn add(&mut self, other: &Counters) {
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.audit_denied += other.audit_denied;
+        self.inbound_denied += other.inbound_denied;
+        self.records_dropped += other.records_dropped;
+    }
+}
+
 /// Key of `AS_DENY_FLOWS`: one refused flow of one member, as its records name it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

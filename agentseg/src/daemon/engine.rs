@@ -297,12 +297,7 @@ impl Engine {
     /// Keep a departing member's counts in its segment's totals.
     pub(super) fn retire(&mut self, segment: &str, cgroup_id: u64) {
         let c = self.dp.counters(cgroup_id);
-        let t = self.retired.entry(segment.to_owned()).or_default();
-        t.allowed += c.allowed;
-        t.denied += c.denied;
-        t.audit_denied += c.audit_denied;
-        t.inbound_denied += c.inbound_denied;
-        t.records_dropped += c.records_dropped;
+        self.retired.entry(segment.to_owned()).or_default().add(&c);
     }
 
     pub fn segment_count(&self) -> usize {

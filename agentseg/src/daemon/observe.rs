@@ -156,8 +156,7 @@ impl Engine {
         segment: &str,
         now_ms: u64,
     ) -> Vec<Firing> {
-        let c = self.dp.counters(cgroup_id);
-        let egress = (c.denied + c.audit_denied).saturating_sub(c.inbound_denied);
+        let egress = self.egress_denials(cgroup_id);
         let last = self.sink.exact.insert(cgroup_id, egress).unwrap_or(0);
         // A counter that went back is a new entry (the member was removed and re-made).
         let n = if egress >= last {
@@ -200,12 +199,17 @@ impl Engine {
         }
     }
 
+    /// A member's own refusals (and would-be refusals) so far: inbound ones are not its doing.
+    fn egress_denials(&self, cgroup_id: u64) -> u64 {
+        let c = self.dp.counters(cgroup_id);
+        (c.denied + c.audit_denied).saturating_sub(c.inbound_denied)
+    }
+
     /// After a restart that adopted the pins: what members denied before is history, not a
     /// burst to judge now.
     pub(super) fn seed_exact_denials(&mut self) {
         for (cgroup_id, _) in self.dp.members().unwrap_or_default() {
-            let c = self.dp.counters(cgroup_id);
-            let egress = (c.denied + c.audit_denied).saturating_sub(c.inbound_denied);
+            let egress = self.egress_denials(cgroup_id);
             self.sink.exact.insert(cgroup_id, egress);
         }
     }

@@ -404,11 +404,7 @@ impl Datapath {
         let mut sum = Counters::default();
         if let Ok(values) = counters.get(&cgroup_id, 0) {
             for c in values.iter() {
-                sum.allowed += c.allowed;
-                sum.denied += c.denied;
-                sum.audit_denied += c.audit_denied;
-                sum.inbound_denied += c.inbound_denied;
-                sum.records_dropped += c.records_dropped;
+                sum.add(c);
             }
         }
         sum
