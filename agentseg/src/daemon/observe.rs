@@ -157,6 +157,18 @@ impl Engine {
         now_ms: u64,
     ) -> Vec<Firing> {
         let egress = self.egress_denials(cgroup_id);
+        self.feed_denials(cgroup_id, egress, agent_key, segment, now_ms)
+    }
+
+    /// Feed deny_rate what a member's egress denial count (`egress`) grew since the last look.
+    fn feed_denials(
+        &mut self,
+        cgroup_id: u64,
+        egress: u64,
+        agent_key: &str,
+        segment: &str,
+        now_ms: u64,
+    ) -> Vec<Firing> {
         let last = self.sink.exact.insert(cgroup_id, egress).unwrap_or(0);
         // A counter that went back is a new entry (the member was removed and re-made).
         let n = if egress >= last {
@@ -188,9 +200,16 @@ impl Engine {
                 }
             }
         }
+        // One batched read of every member's counters; a member without an entry has made no
+        // decision yet (0), as a single lookup would say.
+        let counters = match self.dp.all_counters() {
+            Ok(c) => c,
+            Err(e) => return warn!("reading the decision counters: {e}"),
+        };
         let mut firings = Vec::new();
         for (cgroup_id, key, segment) in &seen {
-            firings.extend(self.exact_denials(*cgroup_id, key, segment, now_ms));
+            let egress = counters.get(cgroup_id).map_or(0, egress_of);
+            firings.extend(self.feed_denials(*cgroup_id, egress, key, segment, now_ms));
         }
         let keep: std::collections::HashSet<u64> = seen.iter().map(|s| s.0).collect();
         self.sink.exact.retain(|c, _| keep.contains(c));
@@ -201,8 +220,7 @@ impl Engine {
 
     /// A member's own refusals (and would-be refusals) so far: inbound ones are not its doing.
     fn egress_denials(&self, cgroup_id: u64) -> u64 {
-        let c = self.dp.counters(cgroup_id);
-        (c.denied + c.audit_denied).saturating_sub(c.inbound_denied)
+        egress_of(&self.dp.counters(cgroup_id))
     }
 
     /// After a restart that adopted the pins: what members denied before is history, not a
@@ -431,4 +449,10 @@ impl Engine {
             },
         }
     }
+}
+
+/// A member's own refusals (and would-be refusals) in its counters: inbound ones are not its
+/// doing.
+fn egress_of(c: &agentseg_common::Counters) -> u64 {
+    (c.denied + c.audit_denied).saturating_sub(c.inbound_denied)
 }

@@ -421,18 +421,9 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(name))?
             .fd()
             .as_fd();
-        // A per-CPU value holds one slot per *possible* CPU, in id order: slot i is the i-th
-        // possible CPU (records carry the CPU id; the two differ when the list has holes).
-        let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")
-            .ok()
-            .and_then(|text| cpu_list(text.trim()))
-            .ok_or_else(|| DatapathError::Map {
-                name,
-                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "reading /sys/devices/system/cpu/possible",
-                    io_error: std::io::Error::other("unreadable CPU list"),
-                }),
-            })?;
+        // Slot i of a per-CPU value is the i-th possible CPU (records carry the CPU id; the two
+        // differ when the list has holes).
+        let possible = possible_cpus(name)?;
         let cpus = possible.len();
         let (key_size, slot) = (
             size_of::<DenyFlowKey>(),
@@ -449,6 +440,40 @@ impl Datapath {
                     out.push((key, possible[i], f));
                 }
             }
+        })
+        .map_err(|source| DatapathError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: source,
+            }),
+        })?;
+        Ok(out)
+    }
+
+    /// Every member's decision counters, summed over CPUs, in one batched read of the map
+    /// (the tick reads them all: one syscall per member would not scale).
+    pub fn all_counters(&self) -> Result<HashMap<u64, Counters>, DatapathError> {
+        let name = map_names::COUNTERS;
+        let fd = self
+            .ebpf
+            .map(name)
+            .and_then(map_data)
+            .ok_or(DatapathError::MissingMap(name))?
+            .fd()
+            .as_fd();
+        let cpus = possible_cpus(name)?.len();
+        let slot = size_of::<Counters>().next_multiple_of(8);
+        let mut out = HashMap::new();
+        sys::lookup_all(fd, 8, slot * cpus, 256, |k, v| {
+            let mut sum = Counters::default();
+            for bytes in v.chunks_exact(slot) {
+                // SAFETY: the kernel wrote one Counters (repr(C), integers) per CPU slot.
+                sum.add(&unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Counters>()) });
+            }
+            let mut key = [0u8; 8];
+            key.copy_from_slice(k);
+            out.insert(u64::from_ne_bytes(key), sum);
         })
         .map_err(|source| DatapathError::Map {
             name,
@@ -608,6 +633,21 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, Datap
         prog_names::SETSOCKOPT => Prog::Sockopt(prog.try_into().map_err(err)?),
         _ => Prog::SockAddr(prog.try_into().map_err(err)?),
     })
+}
+
+/// The possible CPUs' ids, in the order of a per-CPU map value's slots (`name`: the map the
+/// caller reads, for the error).
+fn possible_cpus(name: &'static str) -> Result<Vec<u32>, DatapathError> {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|text| cpu_list(text.trim()))
+        .ok_or_else(|| DatapathError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "reading /sys/devices/system/cpu/possible",
+                io_error: std::io::Error::other("unreadable CPU list"),
+            }),
+        })
 }
 
 /// A kernel CPU list ("0-3,5,7-8") as ids; None when it does not parse.
