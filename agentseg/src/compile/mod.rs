@@ -329,16 +329,31 @@ impl DirCompiler<'_> {
                 excepts: r.except.iter().filter_map(&pick).collect(),
             })
             .collect();
-        let mut entries = Vec::new();
-        for (net, covering) in cover::cover(&fam) {
-            let contents: Vec<PortRule> = covering
-                .iter()
-                .filter_map(|&i| self.port_rules.get(i))
-                .flatten()
-                .copied()
-                .collect();
-            match ruleset::normalize(contents) {
-                Ok(contents) => entries.push((net, self.interner.intern(contents))),
+        let cover = cover::cover(&fam);
+        // One ruleset per distinct covering set, interned when the set is first met (in
+        // prefix order, so ids do not depend on how the sets were found).
+        let mut by_set: Vec<Option<Result<u32, usize>>> = vec![None; cover.sets.len()];
+        let mut entries = Vec::with_capacity(cover.entries.len());
+        for (net, set) in cover.entries {
+            let covering = cover.sets.get(set).map_or(&[][..], Vec::as_slice);
+            let result = match by_set.get(set).copied().flatten() {
+                Some(r) => r,
+                None => {
+                    let contents: Vec<PortRule> = covering
+                        .iter()
+                        .filter_map(|&i| self.port_rules.get(i))
+                        .flatten()
+                        .copied()
+                        .collect();
+                    let r = ruleset::normalize(contents).map(|c| self.interner.intern(c));
+                    if let Some(slot) = by_set.get_mut(set) {
+                        *slot = Some(r);
+                    }
+                    r
+                }
+            };
+            match result {
+                Ok(id) => entries.push((net, id)),
                 Err(count) => self.errors.push(CompileError {
                     segment: self.segment.to_string(),
                     direction: self.direction,
