@@ -57,6 +57,8 @@ pub struct Engine {
     pub(super) live_written_here: bool,
     pub(super) cgroup2: PathBuf,
     pub(super) policies: PathBuf,
+    /// What each policy file parsed to: a reload re-parses only the files that changed.
+    pub(super) policy_cache: policy::PolicyCache,
     pub(super) agent_root: PathBuf,
     pub(super) agent_root_id: u64,
     pub(super) deadman_secs: u32,
@@ -109,6 +111,8 @@ pub struct StartOptions {
     /// Quarantine state and history.
     pub state_dir: PathBuf,
     pub policies: PathBuf,
+    /// The cache the starting policy was loaded with.
+    pub policy_cache: policy::PolicyCache,
     pub agent_root: PathBuf,
     pub deadman_secs: u32,
     /// Agent uid range.
@@ -167,6 +171,7 @@ impl Engine {
             live_written_here: false,
             cgroup2: opts.cgroup2,
             policies: opts.policies,
+            policy_cache: opts.policy_cache,
             agent_root: opts.agent_root,
             agent_root_id,
             deadman_secs: opts.deadman_secs,
@@ -323,7 +328,9 @@ impl Engine {
     /// Reload the policy directory. A directory with any error changes nothing.
     pub fn reload(&mut self) -> Reply {
         let started = std::time::Instant::now();
-        let result = policy::load_dir(&self.policies)
+        let result = self
+            .policy_cache
+            .load_dir(&self.policies)
             .map_err(|e| e.to_string())
             .and_then(|set| {
                 for w in policy::warnings_with(&set, &self.dns.settings.doh_endpoints) {

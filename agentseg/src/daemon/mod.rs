@@ -75,7 +75,9 @@ const DENY_POLL: Duration = Duration::from_millis(20);
 
 /// Run the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let set = policy::load_dir(&config.policies)
+    let mut policy_cache = policy::PolicyCache::default();
+    let set = policy_cache
+        .load_dir(&config.policies)
         .map_err(|errors| anyhow::anyhow!("refusing to start: the policy has errors:\n{errors}"))?;
     for w in policy::warnings_with(&set, &config.dns.doh_endpoints) {
         warn!("{w}");
@@ -146,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         StartOptions {
             cgroup2: cgroup2.clone(),
             policies: config.policies.clone(),
+            policy_cache,
             agent_root,
             deadman_secs: config.deadman_secs,
             state_dir: config.state_dir.clone(),

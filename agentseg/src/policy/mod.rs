@@ -288,72 +288,102 @@ impl fmt::Display for Origin {
 /// Loads every `*.toml` file directly in `dir` (not recursive; hidden files skipped), in file
 /// name order.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        PolicyErrors(vec![error::file_error(
-            dir,
-            format!("cannot read policy directory: {e}"),
-        )])
-    })?;
-    let mut paths = Vec::new();
-    let mut errors = Vec::new();
-    for entry in entries {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                errors.push(error::file_error(
-                    dir,
-                    format!("cannot read policy directory: {e}"),
-                ));
-                continue;
-            }
-        };
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        // Editors leave hidden lock/backup files (`.#x.toml`) next to the real ones.
-        if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
-            continue;
-        }
-        // Follows symlinks on purpose: a policy file may be linked in from elsewhere.
-        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            paths.push(path);
-        }
-    }
-    paths.sort();
-    if paths.is_empty() && errors.is_empty() {
-        errors.push(error::file_error(
-            dir,
-            format!("no *.toml policy files in {}", dir.display()),
-        ));
-    }
-    let mut files = Vec::with_capacity(paths.len());
-    for path in paths {
-        match std::fs::read(&path) {
-            Ok(bytes) => files.push((path, bytes)),
-            Err(e) => errors.push(error::file_error(&path, format!("cannot read file: {e}"))),
-        }
-    }
-    if !errors.is_empty() {
-        // Still check the readable files so that one pass shows every problem.
-        if !files.is_empty()
-            && let Err(PolicyErrors(more)) = load_files(&files)
-        {
-            errors.extend(more);
-        }
-        return Err(PolicyErrors(errors));
-    }
-    load_files(&files)
+    PolicyCache::default().load_dir(dir)
 }
 
 /// Same as [`load_dir`], from `(path, contents)` pairs (sorted by path here).
 pub fn load_files(files: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
-    if files.is_empty() {
-        return Err(PolicyErrors(vec![error::file_error(
-            Path::new(""),
-            "no policy files",
-        )]));
+    PolicyCache::default().load_files(files)
+}
+
+/// Remembers what each policy file parsed to, keyed by its path and exact contents, so that a
+/// reload parses only the files that changed (a 100,000-prefix peer-group file takes ~30 ms
+/// to parse, comparing its bytes ~0.1 ms). Only files present in the last load are kept.
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    /// The last load's files, sorted by path.
+    files: Vec<validate::ParsedFile>,
+}
+
+impl PolicyCache {
+    /// [`load_dir`], reusing the files whose contents did not change since the last call.
+    pub fn load_dir(&mut self, dir: &Path) -> Result<PolicySet, PolicyErrors> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            PolicyErrors(vec![error::file_error(
+                dir,
+                format!("cannot read policy directory: {e}"),
+            )])
+        })?;
+        let mut paths = Vec::new();
+        let mut errors = Vec::new();
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    errors.push(error::file_error(
+                        dir,
+                        format!("cannot read policy directory: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // Editors leave hidden lock/backup files (`.#x.toml`) next to the real ones.
+            if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            // Follows symlinks on purpose: a policy file may be linked in from elsewhere.
+            if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+        if paths.is_empty() && errors.is_empty() {
+            errors.push(error::file_error(
+                dir,
+                format!("no *.toml policy files in {}", dir.display()),
+            ));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            match std::fs::read(&path) {
+                Ok(bytes) => files.push((path, bytes)),
+                Err(e) => errors.push(error::file_error(&path, format!("cannot read file: {e}"))),
+            }
+        }
+        if !errors.is_empty() {
+            // Still check the readable files so that one pass shows every problem.
+            if !files.is_empty()
+                && let Err(PolicyErrors(more)) = self.load_files(&files)
+            {
+                errors.extend(more);
+            }
+            return Err(PolicyErrors(errors));
+        }
+        self.load_files(&files)
     }
-    let mut sorted: Vec<&(PathBuf, Vec<u8>)> = files.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    validate::load(&sorted)
+
+    /// [`load_files`], reusing the files whose contents did not change since the last call.
+    pub fn load_files(&mut self, files: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
+        if files.is_empty() {
+            return Err(PolicyErrors(vec![error::file_error(
+                Path::new(""),
+                "no policy files",
+            )]));
+        }
+        let mut sorted: Vec<&(PathBuf, Vec<u8>)> = files.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut old = std::mem::take(&mut self.files);
+        for (path, bytes) in sorted {
+            let parsed = match old.iter().position(|p| p.is_of(path, bytes)) {
+                Some(i) => old.swap_remove(i),
+                None => validate::ParsedFile::parse(path, bytes),
+            };
+            self.files.push(parsed);
+        }
+        let refs: Vec<&validate::ParsedFile> = self.files.iter().collect();
+        validate::load(&refs)
+    }
 }

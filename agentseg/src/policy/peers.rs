@@ -18,27 +18,26 @@ pub(super) struct PeerGroup<'s, 'a> {
     pub raw: Spanned<RawPeer>,
 }
 
+/// A group as its own file defines it: what can be checked without the other files.
+#[derive(Debug, Clone)]
+pub(super) struct CheckedGroup {
+    pub name: String,
+    /// Where the name is written (a duplicate is reported there).
+    pub at: PolicyError,
+    pub origin: Origin,
+    /// Its valid CIDRs (an invalid one is an error in the file's own list).
+    pub nets: Vec<IpNet>,
+}
+
 impl PeerGroup<'_, '_> {
-    pub fn check(
-        self,
-        peers: &mut BTreeMap<String, Vec<IpNet>>,
-        origins: &mut HashMap<String, Origin>,
-        errors: &mut Vec<PolicyError>,
-    ) {
+    /// Checks the name and the CIDRs; `None` when the name itself is invalid.
+    pub fn check(self, errors: &mut Vec<PolicyError>) -> Option<CheckedGroup> {
         let src = self.src;
         let name = self.name.get_ref();
         if let Err(m) = parse::peer_group_name(name) {
             errors.push(src.error_at(&self.name, m));
-            return;
+            return None;
         }
-        if let Some(first) = origins.get(name) {
-            errors.push(src.error_at(
-                &self.name,
-                format!("duplicate peer group {name:?}; first defined at {first}"),
-            ));
-            return;
-        }
-        origins.insert(name.clone(), origin(src, self.name.span().start));
         let mut nets = Vec::new();
         match &self.raw.get_ref().cidrs {
             None => errors.push(src.error_at(&self.raw, "peer group has no `cidrs`")),
@@ -61,7 +60,32 @@ impl PeerGroup<'_, '_> {
                 }
             }
         }
-        // Inserted even when partly invalid so that references to it do not add more errors.
-        peers.insert(name.clone(), nets);
+        Some(CheckedGroup {
+            name: name.clone(),
+            at: src.error_at(&self.name, ""),
+            origin: origin(src, self.name.span().start),
+            nets,
+        })
     }
+}
+
+/// Adds `group` to the directory's groups unless another file defined it first. Inserted
+/// even when partly invalid so that references to it do not add more errors.
+pub(super) fn merge(
+    group: &CheckedGroup,
+    peers: &mut BTreeMap<String, Vec<IpNet>>,
+    origins: &mut HashMap<String, Origin>,
+    errors: &mut Vec<PolicyError>,
+) {
+    if let Some(first) = origins.get(&group.name) {
+        let mut e = group.at.clone();
+        e.message = format!(
+            "duplicate peer group {:?}; first defined at {first}",
+            group.name
+        );
+        errors.push(e);
+        return;
+    }
+    origins.insert(group.name.clone(), group.origin.clone());
+    peers.insert(group.name.clone(), group.nets.clone());
 }

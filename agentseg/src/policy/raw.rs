@@ -10,7 +10,7 @@ use toml::Spanned;
 /// One policy file: either a single segment at the top level or `[[segment]]` tables, plus
 /// optional `[peers.NAME]` groups. `allow_root`, `capabilities`, `writable` and `[sockets]`
 /// are the segment's sandbox (see `super::sandbox`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
     pub name: Option<Spanned<String>>,
@@ -32,7 +32,7 @@ pub(super) struct RawFile {
 }
 
 /// One `[[segment]]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSegment {
     pub name: Option<Spanned<String>>,
@@ -52,7 +52,7 @@ pub(super) struct RawSegment {
 }
 
 /// One `[[egress]]` / `[[ingress]]` rule.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRule {
     pub cidrs: Option<Spanned<Vec<Spanned<String>>>>,
@@ -68,7 +68,7 @@ pub(super) struct RawRule {
 }
 
 /// One `[[unix]]` / `[[segment.unix]]` rule.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUnix {
     /// Spanned as a whole so that `paths = []` can be reported.
@@ -76,7 +76,7 @@ pub(super) struct RawUnix {
 }
 
 /// `[sockets]` / `[segment.sockets]`: every key optional, absent keys keep the defaults.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSockets {
     pub families: Option<Vec<Spanned<String>>>,
@@ -85,7 +85,7 @@ pub(super) struct RawSockets {
     pub io_uring: Option<Spanned<bool>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMembers {
     pub cgroups: Option<Vec<Spanned<String>>>,
@@ -94,7 +94,7 @@ pub(super) struct RawMembers {
 
 /// `[quarantine]` / `[segment.quarantine]`: peers that stay reachable (every protocol and
 /// port, both directions) while the segment or one of its agents is quarantined.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQuarantine {
     /// Same syntax as a rule's `cidrs`. Spanned as a whole so that `allow = []` can be reported.
@@ -104,7 +104,7 @@ pub(super) struct RawQuarantine {
 }
 
 /// `[monitor]` / `[segment.monitor]`: each detector is an optional inline table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMonitor {
     pub deny_rate: Option<Spanned<RawRate>>,
@@ -114,7 +114,7 @@ pub(super) struct RawMonitor {
     pub inactivity: Option<Spanned<RawIdle>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRate {
     /// TOML integers are i64; the range is checked by hand to report it with a reason.
@@ -123,7 +123,7 @@ pub(super) struct RawRate {
     pub action: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIdle {
     pub after: Option<Spanned<String>>,
@@ -131,7 +131,7 @@ pub(super) struct RawIdle {
 }
 
 /// `[peers.NAME]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPeer {
     pub cidrs: Option<Spanned<Vec<Spanned<String>>>>,

@@ -200,6 +200,76 @@ fn load_dir_reads_toml_files_only_sorted() {
     assert_eq!(set.segments[0].origin.file, dir.path().join("a.toml"));
 }
 
+/// A cache that reuses unchanged files must give what a fresh load gives, after every kind
+/// of change: an edit of the group file, of the segment file, a new file, a removed file, a
+/// broken file and its repair.
+#[test]
+fn cached_loads_equal_fresh_loads_after_every_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    let seg = |port: u16| {
+        format!(
+            "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"@g\", \"10.9.0.0/16\"]\nports = [{port}]\n"
+        )
+    };
+    let mut cache = PolicyCache::default();
+    let mut check = |why: &str| {
+        let cached = cache.load_dir(dir.path());
+        let fresh = load_dir(dir.path());
+        assert_eq!(cached, fresh, "after {why}");
+        cached
+    };
+    write(
+        "g.toml",
+        "[peers.g]\ncidrs = [\"10.0.0.1\", \"10.0.0.2\"]\n",
+    );
+    write("s.toml", &seg(443));
+    check("the first load").expect("loads");
+    write("s.toml", &seg(80));
+    let set = check("a segment edit").expect("loads");
+    assert_eq!(set.segments[0].egress[0].ports[0].lo, 80);
+    write("g.toml", "[peers.g]\ncidrs = [\"10.0.0.3\"]\n");
+    let set = check("a group edit").expect("loads");
+    assert_eq!(set.segments[0].egress[0].cidrs.len(), 2);
+    assert_eq!(
+        set.peers["g"],
+        vec!["10.0.0.3/32".parse::<IpNet>().expect("net")]
+    );
+    write("t.toml", "name = \"t.t.t\"\n");
+    assert_eq!(check("a new file").expect("loads").segments.len(), 2);
+    std::fs::remove_file(dir.path().join("t.toml")).expect("rm");
+    assert_eq!(check("a removed file").expect("loads").segments.len(), 1);
+    write("g.toml", "[peers.g]\ncidrs = [\"10.0.0.300\"]\n");
+    let errs = check("a broken group").expect_err("refused");
+    assert!(errs.to_string().contains("g.toml:2"), "{errs}");
+    write("s.toml", "name = \"a.b.c\"\n[[egress]\n");
+    check("a file that is not TOML").expect_err("refused");
+    write("g.toml", "[peers.g]\ncidrs = [\"10.0.0.4\"]\n");
+    write("s.toml", &seg(80));
+    let set = check("the repair").expect("loads");
+    assert_eq!(
+        set.segments[0].egress[0].cidrs[0],
+        "10.0.0.4/32".parse::<IpNet>().expect("net")
+    );
+}
+
+#[test]
+fn repeated_cidrs_keep_their_first_place() {
+    let set = load_files(&files(&[(
+        "d.toml",
+        "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"10.0.0.2\", \"@g\", \"10.0.0.2\", \"10.0.0.3\"]\n\
+         [peers.g]\ncidrs = [\"10.0.0.1\", \"10.0.0.2\"]\n",
+    )]))
+    .expect("loads");
+    let got: Vec<String> = set.segments[0].egress[0]
+        .cidrs
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(got, ["10.0.0.2/32", "10.0.0.1/32", "10.0.0.3/32"]);
+}
+
 #[test]
 fn empty_dir_is_one_error_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,11 +1,11 @@
 //! Raw files → [`PolicySet`], collecting every error instead of stopping at the first.
 //!
-//! Three passes: parse every file, then collect peer groups from all of them (a segment may use
-//! a group defined in another file), then check segments in file order (so a duplicate is
-//! reported at the second occurrence).
+//! Three passes: parse every file on its own ([`ParsedFile`], cached by content), then collect
+//! peer groups from all of them (a segment may use a group defined in another file), then
+//! check segments in file order (so a duplicate is reported at the second occurrence).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -14,47 +14,63 @@ use super::error::{PolicyError, PolicyErrors, Source, one_line, utf8_error};
 use super::local;
 use super::monitor::{self, Monitor};
 use super::parse;
-use super::peers::PeerGroup;
+use super::peers::{self, CheckedGroup, PeerGroup};
 use super::raw::{FileParts, RawFile, RawMembers, RawQuarantine, RawSegment};
 use super::{
     DaemonLoss, Members, Mode, Origin, PolicySet, Positions, Segment, SegmentName, UnixPattern,
 };
 
-pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErrors> {
-    let mut errors = Vec::new();
-    let mut parsed: Vec<(Source<'_>, RawFile)> = Vec::new();
-    for (path, bytes) in files.iter().map(|f| (&f.0, &f.1)) {
+/// What one file gives on its own, before the other files are known: its parsed segment
+/// tables, its checked peer groups and its own problems. A pure function of (path, contents),
+/// so [`super::PolicyCache`] keeps it for as long as the file's bytes stay the same.
+#[derive(Debug)]
+pub(crate) struct ParsedFile {
+    path: PathBuf,
+    /// Empty when the file is not UTF-8 or not TOML (then `errors` says so).
+    text: String,
+    top: Option<RawSegment>,
+    multi: Vec<Spanned<RawSegment>>,
+    groups: Vec<CheckedGroup>,
+    errors: Vec<PolicyError>,
+}
+
+impl ParsedFile {
+    pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Self {
+        let mut out = ParsedFile {
+            path: path.to_path_buf(),
+            text: String::new(),
+            top: None,
+            multi: Vec::new(),
+            groups: Vec::new(),
+            errors: Vec::new(),
+        };
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(utf8_error(path, bytes, &e));
-                continue;
+                out.errors.push(utf8_error(path, bytes, &e));
+                return out;
             }
         };
         let src = Source::new(path, text);
-        match toml::from_str::<RawFile>(text) {
-            Ok(raw) => parsed.push((src, raw)),
+        let raw = match toml::from_str::<RawFile>(text) {
+            Ok(raw) => raw,
             Err(e) => {
                 let at = e.span().map_or(0, |s| s.start);
-                errors.push(src.error(at, one_line(e.message())));
+                out.errors.push(src.error(at, one_line(e.message())));
+                return out;
             }
-        }
-    }
-
-    let mut peers = BTreeMap::new();
-    let mut peer_origins = HashMap::new();
-    let mut per_file = Vec::new();
-    for (src, raw) in parsed {
+        };
         let FileParts {
             top,
             multi,
             peers: raw_peers,
         } = raw.into_parts();
         if top.is_none() && multi.is_empty() && raw_peers.is_empty() {
-            errors.push(src.error(0, "file defines no segment and no peer group"));
+            out.errors
+                .push(src.error(0, "file defines no segment and no peer group"));
         }
         if let (Some(_), Some(first)) = (&top, multi.first()) {
-            errors.push(src.error_at(
+            out.errors.push(src.error_at(
                 first,
                 "top-level segment keys (name, mode, egress, ...) cannot be mixed with \
                  [[segment]] tables in one file; use one form",
@@ -66,9 +82,33 @@ pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErr
                 name,
                 raw: peer,
             };
-            group.check(&mut peers, &mut peer_origins, &mut errors);
+            out.groups.extend(group.check(&mut out.errors));
         }
-        per_file.push((src, top, multi));
+        // A mixed file already has an error; its [[segment]] tables are still checked.
+        out.top = top.filter(|_| multi.is_empty());
+        out.multi = multi;
+        out.text = text.to_owned();
+        out
+    }
+
+    /// Whether this is what `bytes` at `path` parse to.
+    pub(crate) fn is_of(&self, path: &Path, bytes: &[u8]) -> bool {
+        self.path == path && (self.text.as_bytes() == bytes) && !self.text.is_empty()
+    }
+}
+
+/// Parsed files (sorted by path) → the directory's [`PolicySet`]: peer groups from every
+/// file first (a segment may use a group defined in another), then segments in file order
+/// (so a duplicate is reported at the second occurrence).
+pub(super) fn load(files: &[&ParsedFile]) -> Result<PolicySet, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut peers = BTreeMap::new();
+    let mut peer_origins = HashMap::new();
+    for file in files {
+        errors.extend(file.errors.iter().cloned());
+        for group in &file.groups {
+            peers::merge(group, &mut peers, &mut peer_origins, &mut errors);
+        }
     }
 
     let mut ctx = Ctx {
@@ -79,20 +119,23 @@ pub(super) fn load(files: &[&(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyErr
         errors,
     };
     let mut segments = Vec::new();
-    for (src, top, multi) in per_file {
-        // A mixed file already has an error; its [[segment]] tables are still checked.
-        if let (Some(top), true) = (top, multi.is_empty()) {
+    for file in files {
+        if file.top.is_none() && file.multi.is_empty() {
+            continue;
+        }
+        let src = Source::new(&file.path, &file.text);
+        if let Some(top) = &file.top {
             let start = top
                 .name
                 .as_ref()
                 .map(|n| n.span().start)
                 .or_else(|| top.first_offset())
                 .unwrap_or(0);
-            segments.extend(ctx.segment(&src, top, start));
+            segments.extend(ctx.segment(&src, top.clone(), start));
         }
-        for seg in multi {
+        for seg in &file.multi {
             let start = seg.span().start;
-            segments.extend(ctx.segment(&src, seg.into_inner(), start));
+            segments.extend(ctx.segment(&src, seg.get_ref().clone(), start));
         }
     }
 
