@@ -34,6 +34,10 @@ pub struct DaemonArgs {
     /// [default: agentseg/agents].
     #[arg(long)]
     pub agent_root: Option<String>,
+    /// Apply policy changes only on `agentseg reload` or SIGHUP, not on each save (config
+    /// watch_policies = false).
+    #[arg(long)]
+    pub no_watch: bool,
     /// Where maps and links are pinned, on a bpffs [default: /sys/fs/bpf/agentseg].
     #[arg(long)]
     pub pin_root: Option<PathBuf>,

@@ -11,6 +11,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/agentseg/agentseg.toml";
 pub struct DaemonConfig {
     /// Directory of segment policy files.
     pub policies: PathBuf,
+    /// Apply each complete save of a policy file at once (inotify). `false`: only
+    /// `agentseg reload` (or SIGHUP) applies, e.g. when a tool installs several files that must
+    /// take effect together.
+    pub watch_policies: bool,
     /// Control socket (its directory is created 0700).
     pub socket: PathBuf,
     /// Parent cgroup of agents started with `agentseg run`, relative to the cgroup2 mount.
@@ -184,6 +188,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             policies: PathBuf::from("/etc/agentseg/policies"),
+            watch_policies: true,
             socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
             agent_root: "agentseg/agents".into(),
             pin_root: PathBuf::from(crate::datapath::DEFAULT_PIN_ROOT),

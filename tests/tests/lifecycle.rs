@@ -379,6 +379,48 @@ fn a_member_cgroup_created_after_start_is_enforced_within_a_second() {
     );
 }
 
+/// `--no-watch` (config `watch_policies = false`): a saved file changes nothing until
+/// `agentseg reload`, for tools that install several files that must take effect together.
+#[test]
+fn no_watch_applies_saves_only_on_reload() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
+    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
+    let member = |ports: &str| {
+        format!(
+            "{}\n[members]\ncgroups = [\"{}\"]\n",
+            seg("svc.test.nowatch", ports, ""),
+            tree.rel("m")
+        )
+    };
+    let d = Daemon::start_with(&tree, &[("a.toml", &member("8080"))], &["--no-watch"]);
+    let m = tree.abs("m");
+    let tcp = |dst: &str| l.judged("tcp", dst, probe(&ns, Some(&m), &["connect", "tcp", dst]));
+    assert_eq!(tcp("127.0.0.1:8081"), "EPERM");
+    std::fs::write(d.policies.join("a.toml"), member("8081")).expect("write");
+    // A watching daemon applies a save within milliseconds.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.status_json()["reload"]["applied"].as_u64(),
+        Some(1),
+        "a save was applied"
+    );
+    assert_eq!(tcp("127.0.0.1:8081"), "EPERM");
+    assert_eq!(tcp("127.0.0.1:8080"), "ok");
+    let out = d.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tcp("127.0.0.1:8081"), "ok");
+    assert_eq!(tcp("127.0.0.1:8080"), "EPERM");
+}
+
 #[test]
 fn sighup_reloads_and_uninstall_removes_every_attachment_and_pin() {
     if !kernel_ready() {

@@ -32,6 +32,9 @@ pub fn daemon(flags: &DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()>
     set(&mut config.metrics, &flags.metrics);
     set(&mut config.sample_allows, &flags.sample_allows);
     set(&mut config.enforcement_root, &flags.enforcement_root);
+    if flags.no_watch {
+        config.watch_policies = false;
+    }
     set(&mut config.dns.port, &flags.dns_port);
     if !flags.dns_upstream.is_empty() {
         config.dns.upstream = flags.dns_upstream.clone();

@@ -8,7 +8,7 @@ use std::{
 
 use agentseg_common::{MEMBER_AGENT, MEMBER_ATTACHED, Member, SEGMENT_GONE};
 use anyhow::Context as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     events::{EventLine, Sink},
@@ -328,17 +328,28 @@ impl Engine {
     /// Reload the policy directory. A directory with any error changes nothing.
     pub fn reload(&mut self) -> Reply {
         let started = std::time::Instant::now();
+        let mut phases = [std::time::Duration::ZERO; 3];
         let result = self
             .policy_cache
             .load_dir(&self.policies)
             .map_err(|e| e.to_string())
             .and_then(|set| {
+                phases[0] = started.elapsed();
                 for w in policy::warnings_with(&set, &self.dns.settings.doh_endpoints) {
                     warn!("{w}");
                 }
-                compile::compile_with(&set, &self.host).map_err(|e| e.to_string())
+                let compiled = compile::compile_with(&set, &self.host).map_err(|e| e.to_string());
+                phases[1] = started.elapsed();
+                compiled
             })
             .and_then(|compiled| self.apply(compiled).map_err(|e| format!("{e:#}")));
+        phases[2] = started.elapsed();
+        debug!(
+            load_us = phases[0].as_micros() as u64,
+            compile_us = phases[1].saturating_sub(phases[0]).as_micros() as u64,
+            apply_us = phases[2].saturating_sub(phases[1]).as_micros() as u64,
+            "reload phases"
+        );
         match result {
             Ok(()) => {
                 self.reload = ReloadStatus {

@@ -182,7 +182,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             move || engine_loop(engine, rx, policy_watch)
         })
         .context("starting the engine thread")?;
-    watch_policies(&config.policies, tx.clone(), policy_watch.clone());
+    if config.watch_policies {
+        watch_policies(&config.policies, tx.clone(), policy_watch.clone());
+    } else {
+        info!("policy changes apply on `agentseg reload` only (watch_policies = false)");
+    }
     if let Some(inotify) = watch_events {
         forward_cgroup_events(inotify, tx.clone());
     }
