@@ -66,7 +66,8 @@ enum Cmd {
         #[arg(long)]
         udp: bool,
     },
-    /// Retry connects to ADDR until one succeeds; prints the wall-clock time it did.
+    /// Retry connects to ADDR until one succeeds; prints the wall-clock time it did. After the
+    /// first refused connect it prints {"probing": true} (the caller makes its change then).
     WaitAllowed {
         #[arg(long)]
         addr: SocketAddr,

@@ -17,6 +17,9 @@ use super::env::CG_ROOT;
 pub struct Daemon {
     child: Option<Child>,
     bin: PathBuf,
+    work: PathBuf,
+    policies: PathBuf,
+    n: u32,
     pub socket: PathBuf,
     pub pin_root: PathBuf,
     pub audit_log: PathBuf,
@@ -61,31 +64,57 @@ impl Daemon {
         n: u32,
         extra: &[&OsStr],
     ) -> anyhow::Result<Self> {
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}{n}", super::env::PREFIX));
-        let socket = work.join(format!("agentseg-{n}.sock"));
-        let audit_log = work.join(format!("audit-{n}.jsonl"));
+        let mut d = Daemon {
+            child: None,
+            bin: bin.to_owned(),
+            work: work.to_owned(),
+            policies: policies.to_owned(),
+            n,
+            socket: work.join(format!("agentseg-{n}.sock")),
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/{}{n}", super::env::PREFIX)),
+            audit_log: work.join(format!("audit-{n}.jsonl")),
+            ready: Duration::ZERO,
+        };
+        d.spawn(extra)?;
+        Ok(d)
+    }
+
+    /// Stop the daemon the way systemd does (SIGTERM; the pins keep enforcing) and start it
+    /// again on the same pins, state and policy with `extra` flags: `ready` is then the
+    /// restart's spawn-to-ready time.
+    pub fn restart(&mut self, extra: &[&OsStr]) -> anyhow::Result<()> {
+        self.terminate();
+        self.spawn(extra)
+    }
+
+    fn spawn(&mut self, extra: &[&OsStr]) -> anyhow::Result<()> {
+        let n = self.n;
+        let work = &self.work;
         let state = work.join(format!("state-{n}"));
-        let stderr = std::fs::File::create(work.join(format!("daemon-{n}.log")))?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(work.join(format!("daemon-{n}.log")))?;
         let dns_port = free_dns_port()?;
         let start = Instant::now();
         let mut child = die_with_parent(
-            Command::new(bin)
+            Command::new(&self.bin)
                 .arg("daemon")
                 .arg("--policies")
-                .arg(policies)
+                .arg(&self.policies)
                 .arg("--socket")
-                .arg(&socket)
+                .arg(&self.socket)
                 .arg("--agent-root")
                 .arg(format!("{CG_ROOT}/agents"))
                 // The bench's own tree, not the host's root: nothing outside it is touched.
                 .arg("--enforcement-root")
                 .arg(CG_ROOT)
                 .arg("--pin-root")
-                .arg(&pin_root)
+                .arg(&self.pin_root)
                 .arg("--state-dir")
                 .arg(&state)
                 .arg("--audit-log")
-                .arg(&audit_log)
+                .arg(&self.audit_log)
                 .args(["--metrics", "off"])
                 // The resolver's port of its own, never the default 53 on the host's
                 // 127.64.0.1 (a daemon of the host's, or of the tests, may hold it).
@@ -98,14 +127,7 @@ impl Daemon {
         .spawn()
         .context("starting agentseg daemon")?;
         let stdout = child.stdout.take().context("daemon stdout")?;
-        let mut d = Daemon {
-            child: Some(child),
-            bin: bin.to_owned(),
-            socket,
-            pin_root,
-            audit_log,
-            ready: Duration::ZERO,
-        };
+        self.child = Some(child);
         let (tx, rx) = mpsc::channel();
         // Keep draining stdout after the ready line so the daemon never blocks on a full pipe.
         std::thread::spawn(move || {
@@ -119,13 +141,13 @@ impl Daemon {
             }
         });
         match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(()) => d.ready = start.elapsed(),
+            Ok(()) => self.ready = start.elapsed(),
             Err(_) => bail!(
                 "agentseg daemon not ready within 120 s (see {}/daemon-{n}.log)",
                 work.display()
             ),
         }
-        Ok(d)
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -158,7 +180,8 @@ impl Daemon {
         serde_json::from_str(&self.cli(&["status", "--json"])?).context("parsing status --json")
     }
 
-    fn stop(&mut self) {
+    /// SIGTERM to our own child, SIGKILL after 10 s; the pins stay.
+    fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill on the pid of our own child, not yet reaped.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -171,6 +194,10 @@ impl Daemon {
                 let _ = child.wait();
             }
         }
+    }
+
+    fn stop(&mut self) {
+        self.terminate();
         let _ = Command::new(&self.bin)
             .arg("uninstall")
             .arg("--pin-root")

@@ -25,6 +25,29 @@ impl Gen {
         serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))
     }
 
+    /// `wait-allowed` started before a change: returns once it has seen ADDR refused (it
+    /// probes every 0.2 ms from then on); [`Poller::finish`] gives the time of the first
+    /// connect let through. Its start-up time is thus not part of a change's latency.
+    pub fn poller(&self, cgroup: &Path, addr: &str) -> anyhow::Result<Poller> {
+        use std::io::BufRead as _;
+        let mut child = die_with_parent(
+            Command::new(&self.bin)
+                .args(["--netns", env::CLIENT_NS, "--join-cgroup"])
+                .arg(cgroup)
+                .args(["wait-allowed", "--addr", addr, "--timeout-secs", "10"])
+                .stdout(Stdio::piped()),
+        )
+        .spawn()
+        .context("starting wait-allowed")?;
+        let lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let mut poller = Poller { child, lines };
+        let first = poller.line()?;
+        if first["probing"].as_bool() != Some(true) {
+            anyhow::bail!("{addr} was reachable before the change: {first}");
+        }
+        Ok(poller)
+    }
+
     /// The peer in the server namespace (not in any cgroup of ours).
     pub fn serve(&self) -> anyhow::Result<Server> {
         self.serve_in(env::SERVER_NS, env::PORT)
@@ -74,5 +97,38 @@ pub fn find_u64(v: &Value, key: &str) -> Option<u64> {
             .or_else(|| m.values().find_map(|x| find_u64(x, key))),
         Value::Array(a) => a.iter().find_map(|x| find_u64(x, key)),
         _ => None,
+    }
+}
+
+/// A running `wait-allowed` (see [`Gen::poller`]).
+pub struct Poller {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Poller {
+    fn line(&mut self) -> anyhow::Result<Value> {
+        let line = self
+            .lines
+            .next()
+            .context("wait-allowed ended without a result")??;
+        serde_json::from_str(line.trim()).with_context(|| format!("parsing {line:?}"))
+    }
+
+    /// Wall-clock ns of the first connect let through (10 s at most).
+    pub fn finish(mut self) -> anyhow::Result<u64> {
+        let v = self.line()?;
+        let _ = self.child.wait();
+        v["at_unix_ns"]
+            .as_u64()
+            .context("the change did not let a connect through within 10 s")
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        // Only our own child; already reaped after `finish`.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

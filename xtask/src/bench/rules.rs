@@ -24,16 +24,55 @@ pub fn check_size(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agentseg segment. `with_allowed_tcp = false` drops the allowed tcp rule (rule-change
-/// latency starts from there).
+/// The peer group holding the fillers in [`Layout::Group`].
+pub const FILLER_GROUP: &str = "bench-fillers";
+
+/// Where the N-1 filler prefixes are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// In a peer-group file of their own (`fillers.toml`), used as `@bench-fillers`: a rule
+    /// change rewrites only the small segment file (the issue-13 target figure).
+    Group,
+    /// Inline in the segment file: a rule change rewrites the whole 100k-prefix file.
+    Inline,
+}
+
+/// `fillers.toml` for [`Layout::Group`]; `None` when there are no fillers (n = 1).
+pub fn filler_group(n: usize) -> Option<String> {
+    if n <= 1 {
+        return None;
+    }
+    let mut s = format!("[peers.{FILLER_GROUP}]\ncidrs = [\n");
+    for a in fillers(n) {
+        let _ = writeln!(s, "  \"{a}/32\",");
+    }
+    s.push_str("]\n");
+    Some(s)
+}
+
+/// The agentseg segment, fillers inline. `with_allowed_tcp = false` drops the allowed tcp rule
+/// (rule-change latency starts from there).
 pub fn agentseg_policy(n: usize, member: &str, with_allowed_tcp: bool) -> String {
+    agentseg_segment(n, member, with_allowed_tcp, Layout::Inline)
+}
+
+/// The agentseg segment file (`bench.toml`) with the fillers laid out as `layout` says.
+pub fn agentseg_segment(n: usize, member: &str, with_allowed_tcp: bool, layout: Layout) -> String {
     let mut s = String::from("name = \"bench.test.allow\"\nmode = \"enforce\"\n");
     if n > 1 {
-        s.push_str("\n[[egress]]\ncidrs = [\n");
-        for a in fillers(n) {
-            let _ = writeln!(s, "  \"{a}/32\",");
+        match layout {
+            Layout::Inline => {
+                s.push_str("\n[[egress]]\ncidrs = [\n");
+                for a in fillers(n) {
+                    let _ = writeln!(s, "  \"{a}/32\",");
+                }
+                s.push_str("]\n");
+            }
+            Layout::Group => {
+                let _ = writeln!(s, "\n[[egress]]\ncidrs = [\"@{FILLER_GROUP}\"]");
+            }
         }
-        let _ = writeln!(s, "]\nports = [{PORT}]\nprotocol = \"tcp\"");
+        let _ = writeln!(s, "ports = [{PORT}]\nprotocol = \"tcp\"");
     }
     if with_allowed_tcp {
         let _ = writeln!(
@@ -131,6 +170,13 @@ mod tests {
     fn sizes_count_the_allowed_rule_last() {
         let p = agentseg_policy(10, "x/y", true);
         assert_eq!(p.matches("/32\"").count(), 9 + 3);
+        let g = agentseg_segment(10, "x/y", true, Layout::Group);
+        assert_eq!(g.matches("/32\"").count(), 3);
+        assert!(g.contains("\"@bench-fillers\""));
+        let fill = filler_group(10).expect("fillers");
+        assert_eq!(fill.matches("/32\"").count(), 9);
+        assert!(filler_group(1).is_none());
+        assert!(!agentseg_segment(1, "x/y", true, Layout::Group).contains('@'));
         assert!(nft_ruleset(10, "a/b", "unified/a/b").contains("level 2 \"unified/a/b\""));
         assert_eq!(ipset_restore(10).lines().count(), 1 + 9 + 4);
         assert!(check_size(MAX_RULES + 1).is_err());

@@ -109,11 +109,18 @@ fn feed(tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Save the segment file `bench.toml`.
 pub fn write_policy(dir: &Path, work: &Path, text: &str) -> anyhow::Result<()> {
-    // Write aside, then rename in: the daemon's watcher never sees half a file.
-    let tmp = work.join("bench.toml.tmp");
+    write_file(dir, work, "bench.toml", text)
+}
+
+/// Save `name` in the policy directory as an editor does: written aside, then renamed in (the
+/// daemon's watcher never sees half a file).
+pub fn write_file(dir: &Path, work: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = work.join(format!("{name}.tmp"));
     std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join("bench.toml")).context("installing the policy file")
+    std::fs::rename(&tmp, dir.join(name))
+        .with_context(|| format!("installing the policy file {name}"))
 }
 
 /// Bring `v` into force with an `n`-rule policy; the time it took (load figure).
@@ -128,8 +135,14 @@ pub fn setup(
         Variant::None => Ok((Active::None, None)),
         Variant::Agentseg => {
             let dir = ctx.work.join("policies");
+            // A fresh directory: nothing of the previous size's files stays.
+            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            write_policy(&dir, &ctx.work, &rules::agentseg_policy(n, &rel, true))?;
+            if let Some(group) = rules::filler_group(n) {
+                write_file(&dir, &ctx.work, "fillers.toml", &group)?;
+            }
+            let segment = rules::agentseg_segment(n, &rel, true, rules::Layout::Group);
+            write_policy(&dir, &ctx.work, &segment)?;
             ctx.daemon_seq += 1;
             let d = Daemon::start(&ctx.agentseg, &ctx.work, &dir, ctx.daemon_seq)?;
             let ready = d.ready;
@@ -166,34 +179,31 @@ pub fn unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Take the allowed tcp rule away (synchronously), for the rule-change measurement.
-/// For agentseg, the `agentseg reload` of the full policy is timed and returned.
+/// Take the allowed tcp rule away: for agentseg, save the segment file with the fillers laid
+/// out as `layout` says (the watcher applies it); the others change one element.
 pub fn remove_allowed(
     v: Variant,
-    active: &Active,
     n: usize,
     ctx: &Ctx,
     rel: &str,
-) -> anyhow::Result<Option<Duration>> {
-    match (v, active) {
-        (Variant::Agentseg, Active::Agentseg(d)) => {
+    layout: rules::Layout,
+) -> anyhow::Result<()> {
+    match v {
+        Variant::Agentseg => {
             let dir = ctx.work.join("policies");
-            let text = rules::agentseg_policy(n, rel, false);
-            write_policy(&dir, &ctx.work, &text)?;
-            let t = Instant::now();
-            d.cli(&["reload"])?;
-            Ok(Some(t.elapsed()))
+            let text = rules::agentseg_segment(n, rel, false, layout);
+            write_policy(&dir, &ctx.work, &text)
         }
-        (Variant::Nft, _) => {
+        Variant::Nft => {
             sh(in_client_ns("nft").args(rules::nft_element("delete")))?;
-            Ok(None)
+            Ok(())
         }
-        (Variant::Ipt, _) => {
+        Variant::Ipt => {
             let e = format!("{},tcp:{}", env::ALLOWED_ADDR, env::PORT);
             sh(in_client_ns("ipset").args(["del", rules::IPSET, &e]))?;
-            Ok(None)
+            Ok(())
         }
-        _ => Ok(None),
+        Variant::None => Ok(()),
     }
 }
 
@@ -219,9 +229,15 @@ pub fn settle(d: &super::daemon::Daemon) -> anyhow::Result<()> {
 
 /// Put the allowed tcp rule back the way an operator would; returns the wall-clock start.
 /// agentseg: save the file (the daemon's inotify watcher applies it).
-pub fn add_allowed(v: Variant, n: usize, ctx: &Ctx, rel: &str) -> anyhow::Result<u64> {
+pub fn add_allowed(
+    v: Variant,
+    n: usize,
+    ctx: &Ctx,
+    rel: &str,
+    layout: rules::Layout,
+) -> anyhow::Result<u64> {
     let dir = ctx.work.join("policies");
-    let text = rules::agentseg_policy(n, rel, true);
+    let text = rules::agentseg_segment(n, rel, true, layout);
     let t0 = unix_ns();
     match v {
         Variant::Agentseg => write_policy(&dir, &ctx.work, &text)?,
