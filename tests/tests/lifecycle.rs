@@ -379,6 +379,64 @@ fn a_member_cgroup_created_after_start_is_enforced_within_a_second() {
     );
 }
 
+/// A restart with the policy the live generation was written from adopts it without writing
+/// it again (issue 13: restart to ready without rewriting 100k entries), still reconciles the
+/// members (one created while no daemon ran is enforced), and the first reload after it is
+/// applied; a policy changed while the daemon was down gets a full switch.
+#[test]
+fn restart_with_an_unchanged_policy_adopts_the_live_generation() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
+    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
+    let policy = |ports: &str| {
+        format!(
+            "{}\n[members]\ncgroups = [\"{}\", \"{}\"]\n",
+            seg("svc.test.adopt", ports, ""),
+            tree.rel("m"),
+            tree.rel("late")
+        )
+    };
+    let mut d = Daemon::start(&tree, &[("a.toml", &policy("8080"))]);
+    let tcp = |cg: &str, dst: &str| {
+        l.judged(
+            "tcp",
+            dst,
+            probe(&ns, Some(&tree.abs(cg)), &["connect", "tcp", dst]),
+        )
+    };
+    assert_eq!(tcp("m", "127.0.0.1:8081"), "EPERM");
+    let first = d.stop();
+    assert!(!first.contains("adopted without rewriting"), "{first}");
+    // A member cgroup appears while no daemon runs.
+    std::fs::create_dir_all(tree.abs("late")).expect("mkdir");
+    d.launch().expect("restart");
+    for cg in ["m", "late"] {
+        assert_eq!(tcp(cg, "127.0.0.1:8080"), "ok", "{cg}");
+        assert_eq!(tcp(cg, "127.0.0.1:8081"), "EPERM", "{cg}");
+    }
+    // The first save after the adoption is applied.
+    std::fs::write(d.policies.join("a.toml"), policy("8081")).expect("write");
+    wait_for(&d, |s| s["reload"]["applied"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(tcp("late", "127.0.0.1:8081"), "ok");
+    assert_eq!(tcp("late", "127.0.0.1:8080"), "EPERM");
+    let second = d.stop();
+    assert!(
+        second.contains("adopted without rewriting"),
+        "the restart rewrote an unchanged policy:\n{second}"
+    );
+    // Changed while stopped: a full switch, and the new verdicts.
+    std::fs::write(d.policies.join("a.toml"), policy("8080")).expect("write");
+    d.launch().expect("restart");
+    assert_eq!(tcp("m", "127.0.0.1:8080"), "ok");
+    assert_eq!(tcp("m", "127.0.0.1:8081"), "EPERM");
+    let third = d.stop();
+    assert!(!third.contains("adopted without rewriting"), "{third}");
+}
+
 /// `--no-watch` (config `watch_policies = false`): a saved file changes nothing until
 /// `agentseg reload`, for tools that install several files that must take effect together.
 #[test]

@@ -8,6 +8,7 @@
 //! AF_UNIX baseline if it has one, `[quarantine] unix` if present).
 
 mod cover;
+mod digest;
 mod fqdn;
 mod ruleset;
 mod text;

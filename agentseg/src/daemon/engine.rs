@@ -59,6 +59,11 @@ pub struct Engine {
     pub(super) policies: PathBuf,
     /// What each policy file parsed to: a reload re-parses only the files that changed.
     pub(super) policy_cache: policy::PolicyCache,
+    /// `generation.json` in the state directory: which generation and epoch the last switch
+    /// made live, and the digest of what it wrote (see [`Engine::live_record`]).
+    pub(super) generation_record: PathBuf,
+    /// The digest recorded for the live generation (kept current when the epoch moves).
+    pub(super) live_digest: Option<String>,
     pub(super) agent_root: PathBuf,
     pub(super) agent_root_id: u64,
     pub(super) deadman_secs: u32,
@@ -172,6 +177,8 @@ impl Engine {
             cgroup2: opts.cgroup2,
             policies: opts.policies,
             policy_cache: opts.policy_cache,
+            generation_record: opts.state_dir.join("generation.json"),
+            live_digest: None,
             agent_root: opts.agent_root,
             agent_root_id,
             deadman_secs: opts.deadman_secs,
@@ -211,7 +218,15 @@ impl Engine {
             engine.dns_adopt(&compiled);
             engine.seed_exact_denials();
         }
-        engine.apply(compiled)?;
+        if engine.live_record(&compiled) {
+            info!(
+                generation = engine.generation,
+                "the live generation holds this policy already: adopted without rewriting it"
+            );
+            engine.adopt_live(compiled)?;
+        } else {
+            engine.apply(compiled)?;
+        }
         engine.recover_quarantines();
         engine
             .dp

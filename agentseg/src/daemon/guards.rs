@@ -266,10 +266,16 @@ impl Engine {
     pub(super) fn bump_epoch(&mut self) {
         let result = self.dp.config().and_then(|mut c| {
             c.epoch = c.epoch.wrapping_add(1);
-            self.dp.set_config(c)
+            self.dp.set_config(c).map(|()| c.epoch)
         });
-        if let Err(e) = result {
-            warn!("bumping the epoch: {e:#}");
+        match result {
+            // The record names the epoch: a restart compares it with the kernel's.
+            Ok(epoch) => {
+                if let Some(digest) = self.live_digest.clone() {
+                    self.record_live(self.generation, epoch, &digest);
+                }
+            }
+            Err(e) => warn!("bumping the epoch: {e:#}"),
         }
     }
 }

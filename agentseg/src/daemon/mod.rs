@@ -7,6 +7,7 @@
 mod dns;
 mod engine;
 mod events;
+mod generations;
 mod guards;
 mod metrics;
 mod observe;
@@ -284,6 +285,8 @@ fn spawn_ticker(
 
 fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: PolicyWatch) {
     let mut ticks = 0u64;
+    // Ready already: the first reload will then write only a difference.
+    engine.prepare_inactive();
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Shutdown => break,

@@ -8,6 +8,12 @@
 //! 3. attach (pin) new member cgroups;
 //! 4. flip `active_gen` — one map write;
 //! 5. drop released members and their links, stale pins, and the old generation.
+//!
+//! A restarted daemon whose live generation was written from the same policy (the record kept
+//! after each switch: `generation.json` in the state directory) skips 1 and 4
+//! (`Engine::adopt_live`): members, guards and attachments are still reconciled, against the
+//! live generation. Once running, the engine copies the live policy into the inactive half
+//! (`Engine::prepare_inactive`) so that the first reload already writes only a difference.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -47,34 +53,49 @@ impl Engine {
 
     /// Make `compiled` the live policy. On error the live generation is untouched.
     pub(super) fn apply(&mut self, compiled: Compiled) -> anyhow::Result<()> {
+        self.switch(compiled, false)
+    }
+
+    /// Start on a live generation that already holds `compiled` (see [`Engine::live_record`]):
+    /// nothing of the policy is rewritten, nothing flips.
+    pub(super) fn adopt_live(&mut self, compiled: Compiled) -> anyhow::Result<()> {
+        self.switch(compiled, true)
+    }
+
+    fn switch(&mut self, compiled: Compiled, adopt: bool) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let live = self.generation;
-        let next = 1 - live;
-        // After a switch of ours the inactive half holds the policy before the live one (we
-        // know it: only the difference is written) or nothing; leftovers of an interrupted
-        // switch or of a predecessor are scanned for and removed.
+        let next = if adopt { live } else { 1 - live };
+        let digest = self.generation_digest(&compiled);
         let previous = self.inactive_policy.take();
-        if previous.is_none() && !self.inactive_clean {
+        let mut write = crate::datapath::WriteStats::default();
+        if !adopt {
+            // After a switch of ours the inactive half holds the policy before the live one (we
+            // know it: only the difference is written) or nothing; leftovers of an interrupted
+            // switch or of a predecessor are scanned for and removed.
+            if previous.is_none() && !self.inactive_clean {
+                self.dp
+                    .clear_generation(next)
+                    .context("clearing the inactive policy generation")?;
+            }
+            // Until this write completes the half holds an unknown mix: scanned next time if
+            // it fails.
+            self.inactive_clean = false;
+            // The half may hold the hit counts of the policy before last: `audit` counts from
+            // here.
             self.dp
-                .clear_generation(next)
-                .context("clearing the inactive policy generation")?;
+                .clear_rule_hits(next, compiled.rules.len())
+                .context("resetting the rule counters of the inactive generation")?;
+            write = self
+                .dp
+                .write_generation(
+                    next,
+                    &compiled,
+                    &self.quarantined_segments(),
+                    previous.as_ref(),
+                )
+                .context("writing the new policy generation")?;
         }
-        // Until this write completes the half holds an unknown mix: scanned next time if it
-        // fails.
-        self.inactive_clean = false;
-        // The half may hold the hit counts of the policy before last: `audit` counts from here.
-        self.dp
-            .clear_rule_hits(next, compiled.rules.len())
-            .context("resetting the rule counters of the inactive generation")?;
-        let write = self
-            .dp
-            .write_generation(
-                next,
-                &compiled,
-                &self.quarantined_segments(),
-                previous.as_ref(),
-            )
-            .context("writing the new policy generation")?;
         let written = started.elapsed();
 
         let new_ids: BTreeMap<&str, u32> = compiled
@@ -160,8 +181,13 @@ impl Engine {
             self.attach_member(*id, path);
         }
 
-        // What the resolver learned goes with each segment into the new generation.
-        let stale_learned = self.dns_prepare_switch(next, &compiled, &old_ids);
+        // What the resolver learned goes with each segment into the new generation (adopted:
+        // it is there already).
+        let stale_learned = if adopt {
+            Vec::new()
+        } else {
+            self.dns_prepare_switch(next, &compiled, &old_ids)
+        };
 
         // The switch.
         let mut config = self.dp.config()?;
@@ -174,6 +200,7 @@ impl Engine {
         config.heartbeat_ns = crate::datapath::boottime_ns();
         self.dp.set_config(config)?;
         self.generation = next;
+        self.record_live(next, config.epoch, &digest);
 
         self.dns_remove_keys(&stale_learned);
         for id in released {
@@ -196,7 +223,7 @@ impl Engine {
         // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
         // only leaves entries nobody reads, scanned for before the next switch.
         let mut removed = 0;
-        if !self.live_written_here {
+        if !adopt && !self.live_written_here {
             match self.dp.clear_generation(live) {
                 Ok(n) => {
                     removed = n;

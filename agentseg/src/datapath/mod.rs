@@ -42,6 +42,16 @@ pub use ring::{EventRing, KernelRecord, read_ring};
 /// The main kernel object built by `build.rs` (empty when the eBPF build was skipped).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg"));
 
+/// SHA-256 of the embedded kernel objects: which build wrote a pinned generation.
+pub fn objects_digest() -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update((EBPF_OBJECT.len() as u64).to_le_bytes());
+    h.update(EBPF_OBJECT);
+    h.update(unix_loader::UNIX_OBJECT);
+    h.finalize().into()
+}
+
 /// Programs attached to every member cgroup and to the agent root: the packet hooks, which
 /// judge by the packet's socket.
 pub const MEMBER_PROGRAMS: [&str; 2] = [prog_names::SKB_EGRESS, prog_names::SKB_INGRESS];

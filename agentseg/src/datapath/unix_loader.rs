@@ -13,7 +13,8 @@ use agentseg_common::prog_names;
 use super::{DatapathError, sys};
 
 /// The AF_UNIX object built by `build.rs` (empty when the eBPF build was skipped).
-static UNIX_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg-unix"));
+pub(super) static UNIX_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentseg-unix"));
 
 pub const BPF_CGROUP_UNIX_CONNECT: u32 = 49;
 pub const BPF_CGROUP_UNIX_SENDMSG: u32 = 50;

@@ -1,0 +1,93 @@
+//! A digest of everything a [`Compiled`] policy puts into the kernel's generation maps: a
+//! restarted daemon whose live generation was written from a policy with the same digest
+//! (recorded after that switch) may adopt it without rewriting 100,000 entries.
+//!
+//! The prefix tables and rulesets (the bulk) are fed as raw bytes; the small parts (segment
+//! records, AF_UNIX entries, domain-name entries, rule origins) through their `Debug` text.
+//! A different build may hash the same policy differently: that only costs a rewrite.
+
+use sha2::{Digest as _, Sha256};
+
+use super::Compiled;
+
+impl Compiled {
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"agentseg compiled policy v1\0");
+        let len = |h: &mut Sha256, n: usize| h.update((n as u64).to_le_bytes());
+        len(&mut h, self.segments.len());
+        for s in &self.segments {
+            h.update(
+                format!(
+                    "{} {:?} {} {} {:?} {:?} {:?} {:?} {:?}\n",
+                    s.id,
+                    s.name,
+                    s.mode,
+                    s.flags,
+                    s.fqdns,
+                    s.unix,
+                    s.quarantine_unix,
+                    s.member_cgroups,
+                    s.member_units
+                )
+                .as_bytes(),
+            );
+            for table in [&s.egress_v4, &s.ingress_v4, &s.quarantine_v4] {
+                len(&mut h, table.len());
+                for (net, id) in table {
+                    h.update(net.network().octets());
+                    h.update([net.prefix_len()]);
+                    h.update(id.to_le_bytes());
+                }
+            }
+            for table in [&s.egress_v6, &s.ingress_v6, &s.quarantine_v6] {
+                len(&mut h, table.len());
+                for (net, id) in table {
+                    h.update(net.network().octets());
+                    h.update([net.prefix_len()]);
+                    h.update(id.to_le_bytes());
+                }
+            }
+        }
+        len(&mut h, self.rulesets.len());
+        for rs in &self.rulesets {
+            h.update(rs.len.to_le_bytes());
+            for r in rs.rules.iter().take(rs.len as usize) {
+                h.update(r.port_lo.to_le_bytes());
+                h.update(r.port_hi.to_le_bytes());
+                h.update([r.protocols, r.proto_num]);
+                h.update(r.rule_id.to_le_bytes());
+            }
+        }
+        len(&mut h, self.rules.len());
+        for r in &self.rules {
+            h.update(format!("{:?}\n", r).as_bytes());
+        }
+        h.finalize().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::compile::compile;
+    use crate::compile::tests_semantics::set;
+
+    #[test]
+    fn digest_follows_every_kernel_visible_change() {
+        let base = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"10.0.0.0/8\"]\nports = [443]\n";
+        let d = |text: &str| compile(&set(text)).expect("compiles").digest();
+        assert_eq!(d(base), d(base), "deterministic");
+        for changed in [
+            base.replace("443", "444"),
+            base.replace("10.0.0.0/8", "10.0.0.0/9"),
+            base.replace("a.b.c", "a.b.d"),
+            base.replace("[[egress]]", "mode = \"audit\"\n[[egress]]"),
+            base.replace("[[egress]]", "on_daemon_loss = \"quarantine\"\n[[egress]]"),
+            format!("{base}[[ingress]]\ncidrs = [\"10.0.0.1\"]\n"),
+            format!("{base}[[unix]]\npaths = [\"/run/x.sock\"]\n"),
+            format!("{base}[members]\ncgroups = [\"x/y\"]\n"),
+        ] {
+            assert_ne!(d(base), d(&changed), "{changed}");
+        }
+    }
+}
