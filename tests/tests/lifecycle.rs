@@ -435,6 +435,35 @@ fn restart_with_an_unchanged_policy_adopts_the_live_generation() {
     assert_eq!(tcp("m", "127.0.0.1:8081"), "EPERM");
     let third = d.stop();
     assert!(!third.contains("adopted without rewriting"), "{third}");
+    assert!(
+        third.contains("reusing the programs"),
+        "a restart of the same build verified its programs again:\n{third}"
+    );
+    // A map pin replaced while no daemon ran: the pinned programs still read the old map, so
+    // they must not be reused (they would enforce the old rules).
+    let layout = std::fs::read_dir(&d.pin_root)
+        .expect("pin root")
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("l-"))
+        .expect("layout dir")
+        .path();
+    // The policy unchanged: the record matches, but the new map is empty, so the live
+    // generation must be written again, not adopted.
+    std::fs::remove_file(layout.join("maps/AS_RULESETS")).expect("remove the rulesets pin");
+    d.launch().expect("restart");
+    assert_eq!(tcp("m", "127.0.0.1:8080"), "ok");
+    assert_eq!(tcp("m", "127.0.0.1:8081"), "EPERM");
+    let fourth = d.stop();
+    assert!(!fourth.contains("adopted without rewriting"), "{fourth}");
+    assert!(!fourth.contains("reusing the programs"), "{fourth}");
+    // And with the policy changed: the new verdicts, from freshly loaded programs.
+    std::fs::remove_file(layout.join("maps/AS_RULESETS")).expect("remove the rulesets pin");
+    std::fs::write(d.policies.join("a.toml"), policy("8081")).expect("write");
+    d.launch().expect("restart");
+    assert_eq!(tcp("m", "127.0.0.1:8081"), "ok");
+    assert_eq!(tcp("m", "127.0.0.1:8080"), "EPERM");
+    let fifth = d.stop();
+    assert!(!fifth.contains("reusing the programs"), "{fifth}");
 }
 
 /// `--no-watch` (config `watch_policies = false`): a saved file changes nothing until

@@ -69,7 +69,8 @@ impl Engine {
     /// generation and epoch the kernel's CONFIG shows, and the same digest. Removed before the
     /// answer is used, so that a crash in what follows can never leave a stale record.
     pub(super) fn live_record(&self, compiled: &Compiled) -> bool {
-        if !self.dp.adopted() {
+        // A map created empty (its pin was removed) holds nothing of the recorded policy.
+        if !self.dp.adopted_whole() {
             return false;
         }
         let Ok(bytes) = std::fs::read(&self.generation_record) else {

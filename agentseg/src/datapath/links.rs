@@ -385,9 +385,24 @@ fn uninstall_layout(layout: &Path) -> UninstallReport {
     // Links first, each detached before its pin goes: gone when this returns.
     remove_all(&layout.join("links"), &mut links, remove_link_pin);
     remove_all(&layout.join("maps"), &mut maps, |p| fs::remove_file(p));
+    // Program pins: `progs/<build>/<program>`.
+    let mut programs = 0;
+    remove_all(&layout.join("progs"), &mut programs, |dir| {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.filter_map(Result::ok) {
+                fs::remove_file(e.path())?;
+            }
+        }
+        fs::remove_dir(dir)
+    });
     report.links_removed = links;
     report.maps_removed = maps;
-    for dir in [layout.join("links"), layout.join("maps"), layout.to_owned()] {
+    for dir in [
+        layout.join("links"),
+        layout.join("maps"),
+        layout.join("progs"),
+        layout.to_owned(),
+    ] {
         if dir.exists()
             && let Err(err) = fs::remove_dir(&dir)
         {

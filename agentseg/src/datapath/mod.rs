@@ -44,12 +44,15 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// SHA-256 of the embedded kernel objects: which build wrote a pinned generation.
 pub fn objects_digest() -> [u8; 32] {
-    use sha2::Digest as _;
-    let mut h = sha2::Sha256::new();
-    h.update((EBPF_OBJECT.len() as u64).to_le_bytes());
-    h.update(EBPF_OBJECT);
-    h.update(unix_loader::UNIX_OBJECT);
-    h.finalize().into()
+    static DIGEST: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *DIGEST.get_or_init(|| {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update((EBPF_OBJECT.len() as u64).to_le_bytes());
+        h.update(EBPF_OBJECT);
+        h.update(unix_loader::UNIX_OBJECT);
+        h.finalize().into()
+    })
 }
 
 /// Programs attached to every member cgroup and to the agent root: the packet hooks, which
@@ -148,6 +151,9 @@ pub struct PinDirs {
     pub layout: PathBuf,
     pub maps: PathBuf,
     pub links: PathBuf,
+    /// `progs/<build>/<program>`: the verified programs, reused by a restart of the same build
+    /// on the same maps (verification is most of a start).
+    pub progs: PathBuf,
 }
 
 impl PinDirs {
@@ -157,6 +163,7 @@ impl PinDirs {
             root: root.to_owned(),
             maps: layout.join("maps"),
             links: layout.join("links"),
+            progs: layout.join("progs"),
             layout,
         }
     }
@@ -164,7 +171,13 @@ impl PinDirs {
     /// Create the directories root-only (bpffs permissions are the only gate on a pin), after
     /// checking that whatever exists already is ours: root-owned, 0700, no symlinks.
     fn create(&self) -> Result<(), DatapathError> {
-        for dir in [&self.root, &self.layout, &self.maps, &self.links] {
+        for dir in [
+            &self.root,
+            &self.layout,
+            &self.maps,
+            &self.links,
+            &self.progs,
+        ] {
             pins::check_dir(dir).map_err(|e| DatapathError::Adopt {
                 root: self.root.clone(),
                 reason: e.to_string(),
@@ -193,8 +206,13 @@ pub struct Datapath {
     pins: PinDirs,
     /// Whether the maps existed before this daemon (state adopted from a predecessor).
     adopted: bool,
+    /// Whether every map existed before this daemon (none was created empty).
+    complete: bool,
     /// The AF_UNIX programs (loaded by the raw loader, not by aya).
     unix_programs: Vec<(&'static str, OwnedFd)>,
+    /// Every program, when a predecessor of the same build pinned them on these maps (then
+    /// nothing was loaded or verified).
+    pinned_programs: Vec<(&'static str, OwnedFd)>,
     /// Every link this daemon holds, by (cgroup id, program): kept open so that a removed pin
     /// does not detach it, and checked every tick.
     links: BTreeMap<(u64, &'static str), links::HeldLink>,
@@ -242,6 +260,11 @@ impl Datapath {
         let pins = PinDirs::new(pin_root);
         pins.create()?;
         let adopted = pins.maps.join(map_names::CONFIG).exists();
+        // Every map a predecessor pinned is still there (none will be created empty): only
+        // then may its programs and its live generation be taken as they are.
+        let complete = map_names::ALL
+            .iter()
+            .all(|name| pins.maps.join(name).exists());
         let refuse = |reason: String| DatapathError::Adopt {
             root: pin_root.to_owned(),
             reason,
@@ -265,6 +288,26 @@ impl Datapath {
                 Some((name.to_owned(), map_data(map)?.fd().as_fd().as_raw_fd()))
             })
             .collect();
+        let build = programs_build_dir(&pins);
+        if complete && let Some(pinned_programs) = adopt_programs(&build, &ebpf) {
+            tracing::info!(
+                dir = %build.display(),
+                "reusing the programs this build verified and pinned on these maps"
+            );
+            for (_, path) in &paths {
+                let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+            }
+            return Ok(Self {
+                ebpf,
+                pins,
+                adopted,
+                complete,
+                unix_programs: Vec::new(),
+                pinned_programs,
+                links: BTreeMap::new(),
+                events_fd: None,
+            });
+        }
         // Most of a start is the verifier's: the AF_UNIX object is verified on a thread of its
         // own while aya loads the main one (the kernel verifies loads in parallel). The scope
         // joins it before `ebpf`, whose maps it uses, can be dropped on any error path.
@@ -291,18 +334,54 @@ impl Datapath {
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             pins,
             adopted,
+            complete,
             unix_programs,
+            pinned_programs: Vec::new(),
             links: BTreeMap::new(),
             events_fd: None,
-        })
+        };
+        dp.pin_programs(&build);
+        Ok(dp)
+    }
+
+    /// Pin every program under `build` (and drop other builds' pins) for the next restart.
+    /// A failure only costs that restart a verification.
+    fn pin_programs(&mut self, build: &Path) {
+        let progs = self.pins.progs.clone();
+        if let Ok(entries) = fs::read_dir(&progs) {
+            for e in entries.filter_map(Result::ok) {
+                remove_program_dir(&e.path());
+            }
+        }
+        let result = (|| -> Result<(), String> {
+            fs::create_dir(build).map_err(|e| format!("{}: {e}", build.display()))?;
+            fs::set_permissions(build, fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("{}: {e}", build.display()))?;
+            for name in all_programs() {
+                let path = build.join(name);
+                let fd = self.prog_fd(name).map_err(|e| e.to_string())?;
+                sys::obj_pin(fd, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!("pinning the programs for the next restart: {e}");
+            remove_program_dir(build);
+        }
     }
 
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Every pinned map was adopted, none created empty: what a predecessor left is whole.
+    pub fn adopted_whole(&self) -> bool {
+        self.adopted && self.complete
     }
 
     pub fn pin_dirs(&self) -> &PinDirs {
@@ -311,7 +390,12 @@ impl Datapath {
 
     /// The descriptor of a loaded program.
     fn prog_fd(&mut self, name: &'static str) -> Result<BorrowedFd<'_>, DatapathError> {
-        if let Some((_, fd)) = self.unix_programs.iter().find(|(n, _)| *n == name) {
+        if let Some((_, fd)) = self
+            .pinned_programs
+            .iter()
+            .chain(&self.unix_programs)
+            .find(|(n, _)| *n == name)
+        {
             return Ok(fd.as_fd());
         }
         let err = |source| DatapathError::Program { name, source };
@@ -326,9 +410,13 @@ impl Datapath {
     /// (program, instructions, instructions the verifier walked to accept it): the second
     /// is the one with a budget (a million) and the load time.
     pub fn program_sizes(&self) -> Vec<(&'static str, usize, u32)> {
+        let build = programs_build_dir(&self.pins);
         all_programs()
             .filter_map(|name| {
-                let info = self.ebpf.program(name)?.info().ok()?;
+                let info = match self.ebpf.program(name).and_then(|p| p.info().ok()) {
+                    Some(info) => info,
+                    None => aya::programs::ProgramInfo::from_pin(build.join(name)).ok()?,
+                };
                 Some((
                     name,
                     info.size_translated().unwrap_or(0) as usize / 8,
@@ -568,6 +656,76 @@ impl Datapath {
         }
         out
     }
+}
+
+/// `progs/<first 16 hex digits of the build's objects digest>`.
+fn programs_build_dir(pins: &PinDirs) -> PathBuf {
+    let hex: String = objects_digest()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    pins.progs.join(hex)
+}
+
+/// Every program pinned under `build`, if each is root's, not a symlink, and uses only maps
+/// this daemon holds (a program loaded against maps since replaced would enforce from stale
+/// state): then they are this build's programs on these maps, already verified.
+fn adopt_programs(build: &Path, ebpf: &Ebpf) -> Option<Vec<(&'static str, OwnedFd)>> {
+    pins::check_dir(build).ok()?;
+    if !build.is_dir() {
+        return None;
+    }
+    let ours: std::collections::HashSet<u32> = ebpf
+        .maps()
+        .filter_map(|(_, m)| Some(map_data(m)?.info().ok()?.id()))
+        .collect();
+    let mut out = Vec::new();
+    for name in all_programs() {
+        let path = build.join(name);
+        let reason = (|| -> Result<OwnedFd, String> {
+            pins::check_pin(&path).map_err(|e| e.to_string())?;
+            let info = aya::programs::ProgramInfo::from_pin(&path).map_err(|e| e.to_string())?;
+            let ids = info
+                .map_ids()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            // Maps it uses besides ours may only be unpinned ones (per-CPU scratch, global
+            // data): a map named like a pinned one is a replaced map, i.e. stale state.
+            for id in ids.iter().filter(|id| !ours.contains(id)) {
+                let info = aya::maps::MapInfo::from_id(*id).map_err(|e| e.to_string())?;
+                let name = info.name();
+                if map_names::ALL
+                    .iter()
+                    .any(|n| n.as_bytes().get(..name.len()) == Some(name) && !name.is_empty())
+                {
+                    return Err(format!(
+                        "uses map {id} ({}), not the pinned one",
+                        String::from_utf8_lossy(name)
+                    ));
+                }
+            }
+            sys::obj_get(&path).map_err(|e| e.to_string())
+        })();
+        match reason {
+            Ok(fd) => out.push((name, fd)),
+            Err(e) => {
+                tracing::info!(program = %path.display(), "pinned program not reused, loading all: {e}");
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Remove a `progs/<build>` directory and its program pins.
+fn remove_program_dir(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// One of our programs, by kind.
