@@ -43,6 +43,11 @@ pub fn daemon(flags: &DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()>
     // A bad metrics address is refused before anything is loaded.
     config.metrics_addr()?;
     config.dns.check()?;
+    // Before any thread exists: glibc gives each thread that allocates an arena of its own,
+    // and memory freed after a big reload stays spread over them (3 MB more after 100 reloads
+    // at 100,000 prefixes). Two arenas are plenty for a daemon of a few threads.
+    // SAFETY: mallopt has no preconditions; a refusal only leaves the default.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

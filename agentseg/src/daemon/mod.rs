@@ -287,6 +287,9 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
     let mut ticks = 0u64;
     // Ready already: the first reload will then write only a difference.
     engine.prepare_inactive();
+    // Loading left large freed buffers (the object, the verifier's logs, the first write).
+    // SAFETY: glibc's malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Shutdown => break,
