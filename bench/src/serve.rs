@@ -10,7 +10,8 @@ use anyhow::Context as _;
 pub fn run(port: u16) -> anyhow::Result<()> {
     let stream_port = port.checked_add(1).context("port too high")?;
     let udp_port = port.checked_add(2).context("port too high")?;
-    let accept = TcpListener::bind(("0.0.0.0", port)).context("binding the connect port")?;
+    // "::" without IPV6_V6ONLY (the namespace default): IPv4 and IPv6 connects alike.
+    let accept = TcpListener::bind(("::", port)).context("binding the connect port")?;
     // A full accept queue drops the SYN and costs the client a 1 s retransmit: a deep queue
     // keeps the server from being what the connect loop measures.
     // SAFETY: listen() again on our listening socket only raises its backlog.

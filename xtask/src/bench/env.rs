@@ -17,6 +17,9 @@ pub const CG_ROOT: &str = "asbench-run";
 pub const CLIENT_ADDR: &str = "198.18.0.1";
 pub const ALLOWED_ADDR: &str = "198.18.0.2";
 pub const DENIED_ADDR: &str = "198.18.0.3";
+/// IPv6 on the same veth (a unique-local prefix, only inside the bench's namespaces).
+pub const CLIENT_ADDR6: &str = "fd00:a5be::1";
+pub const ALLOWED_ADDR6: &str = "fd00:a5be::2";
 pub const PORT: u16 = 5201;
 /// The loopback peer: a second server inside the client namespace, on 127.0.0.1.
 pub const LOOPBACK_ADDR: &str = "127.0.0.1";
@@ -101,6 +104,16 @@ impl Netns {
             ip_in(
                 SERVER_NS,
                 &["addr", "add", &format!("{a}/24"), "dev", "asb-s0"],
+            )?;
+        }
+        // `nodad`: usable at once, no duplicate-address detection delay.
+        for (ns, a, dev) in [
+            (CLIENT_NS, CLIENT_ADDR6, "asb-c0"),
+            (SERVER_NS, ALLOWED_ADDR6, "asb-s0"),
+        ] {
+            ip_in(
+                ns,
+                &["-6", "addr", "add", &format!("{a}/64"), "dev", dev, "nodad"],
             )?;
         }
         // Per-namespace sysctls: deep listen queues for the peer, a wide port range for the

@@ -85,7 +85,11 @@ impl Drop for Server {
 }
 
 pub fn addr(host: &str, port: u16) -> String {
-    format!("{host}:{port}")
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Find a numeric field anywhere in a JSON document (status layouts nest counters).

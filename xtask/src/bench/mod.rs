@@ -266,6 +266,9 @@ fn one(
         lg.run(&cgroup, &a)
     };
     let ok = addr(env::ALLOWED_ADDR, env::PORT);
+    let ok6 = addr(env::ALLOWED_ADDR6, env::PORT);
+    // iptables' rules here are IPv4 only (ip6tables is not set up): no IPv6 figure for it.
+    let v6 = v != Variant::Ipt;
     let stream = addr(env::ALLOWED_ADDR, env::PORT + 1);
     let udp_ok = addr(env::ALLOWED_ADDR, env::PORT + 2);
     let lo = addr(env::LOOPBACK_ADDR, env::LOOPBACK_PORT);
@@ -283,6 +286,7 @@ fn one(
         && allowed(&lo, false)?
         && allowed(&stream, false)?
         && allowed(&udp_ok, true)?
+        && (!v6 || allowed(&ok6, false)?)
         && (v == Variant::None || (!allowed(&bad, false)? && !allowed(&udp_bad, true)?));
     if !enforcing {
         res.note(format!(
@@ -297,6 +301,11 @@ fn one(
     rec(res, "connect_per_s", f(&c, "ok_rate"));
     rec(res, "connect_p50_us", f(&c, "p50_us"));
     rec(res, "connect_p99_us", f(&c, "p99_us"));
+    if v6 {
+        let c = run(&["connect", "--addr", &ok6, "--secs", &secs])?;
+        rec(res, "connect6_per_s", f(&c, "ok_rate"));
+        rec(res, "connect6_p50_us", f(&c, "p50_us"));
+    }
     let c = run(&["connect", "--addr", &lo, "--secs", &secs])?;
     rec(res, "connect_lo_per_s", f(&c, "ok_rate"));
     rec(res, "connect_lo_p50_us", f(&c, "p50_us"));

@@ -43,6 +43,8 @@ const METRICS: &[(&str, bool)] = &[
     ("connect_per_s", true),
     ("connect_p50_us", true),
     ("connect_p99_us", true),
+    ("connect6_per_s", true),
+    ("connect6_p50_us", true),
     ("connect_lo_per_s", true),
     ("connect_lo_p50_us", true),
     ("udp_sendto_per_s", true),
@@ -335,6 +337,12 @@ impl Results {
                 r.map(|r| r >= 0.97),
             ));
         }
+        let r6 = self.median(big, "connect6_per_s", a, true);
+        t.push((
+            "IPv6 connect rate, allowed peer (reported)".into(),
+            fmt(r6),
+            None,
+        ));
         let udp = self
             .sizes
             .iter()

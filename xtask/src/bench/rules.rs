@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::bail;
 
-use super::env::{ALLOWED_ADDR, LOOPBACK_ADDR, LOOPBACK_PORT, PORT};
+use super::env::{ALLOWED_ADDR, ALLOWED_ADDR6, LOOPBACK_ADDR, LOOPBACK_PORT, PORT};
 
 pub const MAX_RULES: usize = 130_817;
 pub const NFT_TABLE: &str = "asbench";
@@ -77,7 +77,7 @@ pub fn agentseg_segment(n: usize, member: &str, with_allowed_tcp: bool, layout: 
     if with_allowed_tcp {
         let _ = writeln!(
             s,
-            "\n[[egress]]\ncidrs = [\"{ALLOWED_ADDR}/32\"]\nports = [\"{}-{}\"]\nprotocol = \"tcp\"",
+            "\n[[egress]]\ncidrs = [\"{ALLOWED_ADDR}/32\", \"{ALLOWED_ADDR6}/128\"]\nports = [\"{}-{}\"]\nprotocol = \"tcp\"",
             PORT,
             PORT + 1
         );
@@ -117,10 +117,16 @@ pub fn nft_ruleset(n: usize, cgroup_rel: &str, nft_path: &str) -> String {
     );
     let _ = writeln!(
         s,
+        "  set allow6 {{\n    type ipv6_addr . inet_proto . inet_service\n    flags interval\n    elements = {{ {ALLOWED_ADDR6} . tcp . {}-{} }}\n  }}",
+        PORT,
+        PORT + 1
+    );
+    let _ = writeln!(
+        s,
         "  chain out {{\n    type filter hook output priority 0; policy accept;\n    socket cgroupv2 level {level} \"{nft_path}\" jump seg\n  }}"
     );
     s.push_str(
-        "  chain seg {\n    ip daddr . meta l4proto . th dport @allow4 accept\n    meta l4proto tcp reject with tcp reset\n    drop\n  }\n}\n",
+        "  chain seg {\n    ip daddr . meta l4proto . th dport @allow4 accept\n    ip6 daddr . meta l4proto . th dport @allow6 accept\n    meta l4proto tcp reject with tcp reset\n    drop\n  }\n}\n",
     );
     s
 }
