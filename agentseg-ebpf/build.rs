@@ -10,6 +10,7 @@ fn main() {
         "agentseg_refuse",
         "agentseg_lookup",
         "agentseg_resolve_skb",
+        "agentseg_parse_skb",
     ] {
         println!("cargo:rustc-link-arg=--export={f}");
     }

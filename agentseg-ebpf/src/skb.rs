@@ -65,7 +65,8 @@ const NEXTHDR_NONE: u8 = 59;
 const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_MOBILITY: u8 = 135;
 
-struct Packet {
+#[repr(C)]
+pub struct Packet {
     src: Peer,
     dst: Peer,
     proto: u32,
@@ -108,11 +109,35 @@ impl Packet {
     }
 }
 
+/// [`agentseg_parse_skb`] on the program's own packet; false when it cannot be read as IP.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, p: &mut Packet) -> bool {
+    // SAFETY: the program's own skb, and `p` on this stack for the call.
+    unsafe { agentseg_parse_skb(ctx.skb.skb, p) == 1 }
+}
+
+/// The packet parse as a *global* function (see `policy::emit_inline` for why): its bounded
+/// IPv6 extension-header walk is verified once per program, not once per path of the caller
+/// that reaches it. Returns 1 when `p` was written from an IP packet. The caller gets `p`'s
+/// fields back as any scalars, and uses them only as values and as keys of bounded lookups.
+///
+/// # Safety
+/// `skb` is the program's context; `p` is null or points at a Packet.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn agentseg_parse_skb(skb: *mut __sk_buff, p: *mut Packet) -> u32 {
+    // SAFETY: see the contract.
+    let Some(p) = (unsafe { p.as_mut() }) else {
+        return 0;
+    };
+    u32::from(parse_ip(&SkBuffContext::new(skb), p))
+}
+
 /// Parse the IP header and, for IPv6, the extension header chain (bounded) down to the
 /// transport header. All reads go through `bpf_skb_load_bytes`, which bounds-checks for us.
 /// False when the packet cannot be read as IP: the caller denies a member's.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, p: &mut Packet) -> bool {
+fn parse_ip(ctx: &SkBuffContext, p: &mut Packet) -> bool {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     // Offset of the transport header, 0 when there is none to read (a later fragment).
     let l4: usize;

@@ -208,6 +208,8 @@ pub struct Datapath {
     adopted: bool,
     /// Whether every map existed before this daemon (none was created empty).
     complete: bool,
+    /// Whether no map existed before this daemon (every one was created empty).
+    fresh: bool,
     /// The AF_UNIX programs (loaded by the raw loader, not by aya).
     unix_programs: Vec<(&'static str, OwnedFd)>,
     /// Every program, when a predecessor of the same build pinned them on these maps (then
@@ -265,6 +267,9 @@ impl Datapath {
         let complete = map_names::ALL
             .iter()
             .all(|name| pins.maps.join(name).exists());
+        let fresh = !map_names::ALL
+            .iter()
+            .any(|name| pins.maps.join(name).exists());
         let refuse = |reason: String| DatapathError::Adopt {
             root: pin_root.to_owned(),
             reason,
@@ -280,7 +285,12 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let started = std::time::Instant::now();
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "object parsed and maps opened"
+        );
         pins::check_maps(&ebpf).map_err(refuse)?;
         let map_fds: HashMap<String, std::os::fd::RawFd> = ebpf
             .maps()
@@ -302,6 +312,7 @@ impl Datapath {
                 pins,
                 adopted,
                 complete,
+                fresh,
                 unix_programs: Vec::new(),
                 pinned_programs,
                 links: BTreeMap::new(),
@@ -339,6 +350,7 @@ impl Datapath {
             pins,
             adopted,
             complete,
+            fresh,
             unix_programs,
             pinned_programs: Vec::new(),
             links: BTreeMap::new(),
@@ -377,6 +389,11 @@ impl Datapath {
 
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Every map was created empty by this daemon: both policy generations hold nothing.
+    pub fn fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Every pinned map was adopted, none created empty: what a predecessor left is whole.
