@@ -369,6 +369,11 @@ fn one(
         // that `agentseg reload` is the only thing that applies a change.
         d.restart(&[std::ffi::OsStr::new("--no-watch")])?;
         rec(res, "restart_ms", ms(d.ready));
+        // The engine answers once its start-up work after `ready` is done (the inactive half
+        // prepared): the reload below then has nothing pending from the restart.
+        let t = Instant::now();
+        d.status()?;
+        rec(res, "restart_idle_ms", ms(d.ready) + ms(t.elapsed()));
         variants::write_policy(&dir, &ctx.work, &segment(false))?;
         let t = Instant::now();
         d.cli(&["reload"])?;

@@ -54,6 +54,7 @@ const METRICS: &[(&str, bool)] = &[
     ("denied_p50_us", false),
     ("load_ms", false),
     ("restart_ms", false),
+    ("restart_idle_ms", false),
     ("reload_ms", false),
     ("reload_change_ms", false),
     ("change_ms", false),
