@@ -16,6 +16,52 @@ fn seg(name: &str, ports: &str, extra: &str) -> String {
     )
 }
 
+/// A tree whose member cgroups (`members`) belong to segment `name`, and a namespace with
+/// listeners on 127.0.0.1:8080 and :8081: the setup of the reload and restart tests.
+struct Members {
+    tree: CgroupTree,
+    ns: Netns,
+    l: Listeners,
+    name: &'static str,
+    members: &'static [&'static str],
+}
+
+impl Members {
+    fn new(name: &'static str, members: &'static [&'static str]) -> Self {
+        let tree = CgroupTree::create();
+        let ns = Netns::create();
+        let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
+        std::fs::create_dir_all(tree.abs(members[0])).expect("mkdir");
+        Self {
+            tree,
+            ns,
+            l,
+            name,
+            members,
+        }
+    }
+
+    /// The policy file allowing `ports`.
+    fn policy(&self, ports: &str) -> String {
+        let cgroups: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("\"{}\"", self.tree.rel(m)))
+            .collect();
+        format!(
+            "{}\n[members]\ncgroups = [{}]\n",
+            seg(self.name, ports, ""),
+            cgroups.join(", ")
+        )
+    }
+
+    /// A TCP connect from member cgroup `cg`: "ok", "EPERM", ...
+    fn tcp(&self, cg: &str, dst: &str) -> String {
+        let probe_out = probe(&self.ns, Some(&self.tree.abs(cg)), &["connect", "tcp", dst]);
+        self.l.judged("tcp", dst, probe_out)
+    }
+}
+
 /// A connect loop running as an agent (or in a member cgroup) until `stop` is created.
 struct Looper {
     child: Child,
@@ -388,26 +434,10 @@ fn restart_with_an_unchanged_policy_adopts_the_live_generation() {
     if !kernel_ready() {
         return;
     }
-    let tree = CgroupTree::create();
-    let ns = Netns::create();
-    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
-    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
-    let policy = |ports: &str| {
-        format!(
-            "{}\n[members]\ncgroups = [\"{}\", \"{}\"]\n",
-            seg("svc.test.adopt", ports, ""),
-            tree.rel("m"),
-            tree.rel("late")
-        )
-    };
-    let mut d = Daemon::start(&tree, &[("a.toml", &policy("8080"))]);
-    let tcp = |cg: &str, dst: &str| {
-        l.judged(
-            "tcp",
-            dst,
-            probe(&ns, Some(&tree.abs(cg)), &["connect", "tcp", dst]),
-        )
-    };
+    let m = Members::new("svc.test.adopt", &["m", "late"]);
+    let (policy, tcp) = (|p: &str| m.policy(p), |cg: &str, dst: &str| m.tcp(cg, dst));
+    let tree = &m.tree;
+    let mut d = Daemon::start(tree, &[("a.toml", &policy("8080"))]);
     assert_eq!(tcp("m", "127.0.0.1:8081"), "EPERM");
     let first = d.stop();
     assert!(!first.contains("adopted without rewriting"), "{first}");
@@ -473,20 +503,10 @@ fn no_watch_applies_saves_only_on_reload() {
     if !kernel_ready() {
         return;
     }
-    let tree = CgroupTree::create();
-    let ns = Netns::create();
-    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
-    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
-    let member = |ports: &str| {
-        format!(
-            "{}\n[members]\ncgroups = [\"{}\"]\n",
-            seg("svc.test.nowatch", ports, ""),
-            tree.rel("m")
-        )
-    };
-    let d = Daemon::start_with(&tree, &[("a.toml", &member("8080"))], &["--no-watch"]);
-    let m = tree.abs("m");
-    let tcp = |dst: &str| l.judged("tcp", dst, probe(&ns, Some(&m), &["connect", "tcp", dst]));
+    let m = Members::new("svc.test.nowatch", &["m"]);
+    let member = |p: &str| m.policy(p);
+    let d = Daemon::start_with(&m.tree, &[("a.toml", &member("8080"))], &["--no-watch"]);
+    let tcp = |dst: &str| m.tcp("m", dst);
     assert_eq!(tcp("127.0.0.1:8081"), "EPERM");
     std::fs::write(d.policies.join("a.toml"), member("8081")).expect("write");
     // A watching daemon applies a save within milliseconds.
@@ -513,20 +533,12 @@ fn sighup_reloads_and_uninstall_removes_every_attachment_and_pin() {
     if !kernel_ready() {
         return;
     }
-    let tree = CgroupTree::create();
-    let ns = Netns::create();
-    let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
-    std::fs::create_dir_all(tree.abs("m")).expect("mkdir");
-    let member = |ports: &str| {
-        format!(
-            "{}\n[members]\ncgroups = [\"{}\"]\n",
-            seg("svc.test.hup", ports, ""),
-            tree.rel("m")
-        )
-    };
-    let mut d = Daemon::start(&tree, &[("a.toml", &member("8080"))]);
+    let setup = Members::new("svc.test.hup", &["m"]);
+    let member = |p: &str| setup.policy(p);
+    let tree = &setup.tree;
+    let mut d = Daemon::start(tree, &[("a.toml", &member("8080"))]);
     let m = tree.abs("m");
-    let tcp = |dst: &str| l.judged("tcp", dst, probe(&ns, Some(&m), &["connect", "tcp", dst]));
+    let tcp = |dst: &str| setup.tcp("m", dst);
     assert_eq!(tcp("127.0.0.1:8080"), "ok");
     assert_eq!(tcp("127.0.0.1:8081"), "EPERM");
     // SIGHUP with nothing changed: one more reload, applied.

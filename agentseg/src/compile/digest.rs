@@ -6,6 +6,7 @@
 //! records, AF_UNIX entries, domain-name entries, rule origins) through their `Debug` text.
 //! A different build may hash the same policy differently: that only costs a rewrite.
 
+use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 
 use super::Compiled;
@@ -33,20 +34,10 @@ impl Compiled {
                 .as_bytes(),
             );
             for table in [&s.egress_v4, &s.ingress_v4, &s.quarantine_v4] {
-                len(&mut h, table.len());
-                for (net, id) in table {
-                    h.update(net.network().octets());
-                    h.update([net.prefix_len()]);
-                    h.update(id.to_le_bytes());
-                }
+                prefixes(&mut h, table);
             }
             for table in [&s.egress_v6, &s.ingress_v6, &s.quarantine_v6] {
-                len(&mut h, table.len());
-                for (net, id) in table {
-                    h.update(net.network().octets());
-                    h.update([net.prefix_len()]);
-                    h.update(id.to_le_bytes());
-                }
+                prefixes(&mut h, table);
             }
         }
         len(&mut h, self.rulesets.len());
@@ -64,6 +55,19 @@ impl Compiled {
             h.update(format!("{:?}\n", r).as_bytes());
         }
         h.finalize().into()
+    }
+}
+
+/// One prefix table: its length, then (address, length, ruleset id) per entry.
+fn prefixes<N: Copy + Into<IpNet>>(h: &mut Sha256, table: &[(N, u32)]) {
+    h.update((table.len() as u64).to_le_bytes());
+    for &(net, id) in table {
+        match net.into() {
+            IpNet::V4(n) => h.update(n.network().octets()),
+            IpNet::V6(n) => h.update(n.network().octets()),
+        }
+        h.update([net.into().prefix_len()]);
+        h.update(id.to_le_bytes());
     }
 }
 
