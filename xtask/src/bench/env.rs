@@ -131,6 +131,19 @@ impl Netns {
             ip_in(ns, &["link", "set", "lo", "up"])?;
             ip_in(ns, &["link", "set", dev, "up"])?;
         }
+        // The veth's link-local addresses go through duplicate-address detection (about 1 s);
+        // neighbour discovery for the IPv6 peer waits for it, so the first round's IPv6 probe
+        // could time out. Wait until no address is tentative (5 s at most).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while [CLIENT_NS, SERVER_NS].iter().any(|ns| {
+            sh(Command::new("ip").args(["-n", ns, "-6", "addr", "show", "tentative"]))
+                .map_or(true, |out| !out.trim().is_empty())
+        }) {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("IPv6 addresses of the bench's veth still tentative after 5 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         Ok(guard)
     }
 }
