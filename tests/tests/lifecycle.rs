@@ -30,7 +30,11 @@ impl Members {
     fn new(name: &'static str, members: &'static [&'static str]) -> Self {
         let tree = CgroupTree::create();
         let ns = Netns::create();
-        let l = Listeners::bind(&ns, &["127.0.0.1:8080", "127.0.0.1:8081"], &[]);
+        let l = Listeners::bind(
+            &ns,
+            &["127.0.0.1:8080", "127.0.0.1:8081", "127.0.0.2:8081"],
+            &[],
+        );
         std::fs::create_dir_all(tree.abs(members[0])).expect("mkdir");
         Self {
             tree,
@@ -43,13 +47,18 @@ impl Members {
 
     /// The policy file allowing `ports`.
     fn policy(&self, ports: &str) -> String {
+        self.policy_with(ports, "")
+    }
+
+    /// The same with more `[[egress]]` rules.
+    fn policy_with(&self, ports: &str, rules: &str) -> String {
         let cgroups: Vec<String> = self
             .members
             .iter()
             .map(|m| format!("\"{}\"", self.tree.rel(m)))
             .collect();
         format!(
-            "{}\n[members]\ncgroups = [{}]\n",
+            "{}{rules}\n[members]\ncgroups = [{}]\n",
             seg(self.name, ports, ""),
             cgroups.join(", ")
         )
@@ -494,6 +503,32 @@ fn restart_with_an_unchanged_policy_adopts_the_live_generation() {
     assert_eq!(tcp("m", "127.0.0.1:8080"), "EPERM");
     let fifth = d.stop();
     assert!(!fifth.contains("reusing the programs"), "{fifth}");
+}
+
+/// What a predecessor left in the inactive half is read back and corrected after a restart:
+/// an entry only the policy before last had must not come back when a later switch writes its
+/// difference into that half.
+#[test]
+fn a_restart_corrects_the_inactive_half_it_did_not_write() {
+    if !kernel_ready() {
+        return;
+    }
+    let m = Members::new("svc.test.half", &["m"]);
+    let extra = "[[egress]]\ncidrs = [\"127.0.0.2\"]\nports = [8081]\nprotocol = \"tcp\"\n";
+    let mut d = Daemon::start(&m.tree, &[("a.toml", &m.policy_with("8080", extra))]);
+    assert_eq!(m.tcp("m", "127.0.0.2:8081"), "ok");
+    // The extra rule goes: the half it lives in becomes the kept, inactive one.
+    std::fs::write(d.policies.join("a.toml"), m.policy("8080")).expect("write");
+    wait_for(&d, |s| s["reload"]["applied"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(m.tcp("m", "127.0.0.2:8081"), "EPERM");
+    d.stop();
+    // The restart adopts the live half; the inactive one still holds the extra rule.
+    d.launch().expect("restart");
+    // A change written as a difference into that half: the extra rule must not be in it.
+    std::fs::write(d.policies.join("a.toml"), m.policy("8080, 8081")).expect("write");
+    wait_for(&d, |s| s["reload"]["applied"].as_u64().unwrap_or(0) >= 2);
+    assert_eq!(m.tcp("m", "127.0.0.1:8081"), "ok");
+    assert_eq!(m.tcp("m", "127.0.0.2:8081"), "EPERM");
 }
 
 /// `--no-watch` (config `watch_policies = false`): a saved file changes nothing until

@@ -111,20 +111,20 @@ impl Engine {
         };
         let started = std::time::Instant::now();
         let next = 1 - self.generation;
-        let result = (|| -> anyhow::Result<()> {
-            if !self.inactive_clean {
-                self.dp.clear_generation(next)?;
-            }
-            self.inactive_clean = false;
-            self.dp
-                .write_generation(next, &live, &self.quarantined_segments(), None)?;
-            Ok(())
-        })();
+        let quarantined = self.quarantined_segments();
+        let clean = std::mem::replace(&mut self.inactive_clean, false);
+        let result = if clean {
+            self.dp.write_generation(next, &live, &quarantined, None)
+        } else {
+            self.dp.rewrite_generation(next, &live, &quarantined)
+        };
         match result {
-            Ok(()) => {
+            Ok(stats) => {
                 self.inactive_policy = Some(live);
                 debug!(
                     ms = started.elapsed().as_millis() as u64,
+                    written = stats.written,
+                    deleted = stats.deleted,
                     "inactive generation prepared"
                 );
             }

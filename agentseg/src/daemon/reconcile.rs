@@ -71,30 +71,25 @@ impl Engine {
         let mut write = crate::datapath::WriteStats::default();
         if !adopt {
             // After a switch of ours the inactive half holds the policy before the live one (we
-            // know it: only the difference is written) or nothing; leftovers of an interrupted
-            // switch or of a predecessor are scanned for and removed.
-            if previous.is_none() && !self.inactive_clean {
-                self.dp
-                    .clear_generation(next)
-                    .context("clearing the inactive policy generation")?;
-            }
-            // Until this write completes the half holds an unknown mix: scanned next time if
-            // it fails.
+            // know it: only the difference is written) or nothing; what a predecessor or an
+            // interrupted switch left is read back and only the difference written.
+            let unknown = previous.is_none() && !self.inactive_clean;
+            // Until this write completes the half holds an unknown mix: read back next time
+            // if it fails.
             self.inactive_clean = false;
             // The half may hold the hit counts of the policy before last: `audit` counts from
             // here.
             self.dp
                 .clear_rule_hits(next, compiled.rules.len())
                 .context("resetting the rule counters of the inactive generation")?;
-            write = self
-                .dp
-                .write_generation(
-                    next,
-                    &compiled,
-                    &self.quarantined_segments(),
-                    previous.as_ref(),
-                )
-                .context("writing the new policy generation")?;
+            let quarantined = self.quarantined_segments();
+            write = if unknown {
+                self.dp.rewrite_generation(next, &compiled, &quarantined)
+            } else {
+                self.dp
+                    .write_generation(next, &compiled, &quarantined, previous.as_ref())
+            }
+            .context("writing the new policy generation")?;
         }
         let written = started.elapsed();
 
@@ -222,18 +217,12 @@ impl Engine {
         // the difference into it; nobody reads it meanwhile), cleared when a predecessor did.
         // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
         // only leaves entries nobody reads, scanned for before the next switch.
-        let mut removed = 0;
+        // A predecessor's old half is left as it is: `prepare_inactive` (once the engine
+        // runs) or the next switch reads it back and writes only the difference.
+        let removed = 0;
         if !adopt && !self.live_written_here && self.live_empty {
-            // Maps this daemon created: nothing to scan for (a 100k-entry scan is ~0.1 s).
+            // Maps this daemon created: the old half holds nothing.
             self.inactive_clean = true;
-        } else if !adopt && !self.live_written_here {
-            match self.dp.clear_generation(live) {
-                Ok(n) => {
-                    removed = n;
-                    self.inactive_clean = true;
-                }
-                Err(e) => warn!("clearing the previous policy generation: {e:#}"),
-            }
         }
         let keep_old = self.live_written_here;
         self.live_written_here = true;

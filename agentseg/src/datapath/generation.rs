@@ -411,6 +411,76 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Make `generation` (not live, contents unknown: a predecessor's or an interrupted
+    /// switch's) hold `compiled`, writing only what differs from what the kernel holds there:
+    /// its entries are read back in batches and diffed, instead of being deleted one scan at a
+    /// time and written again in full. Falls back to that when the kernel cannot read a trie
+    /// in batches.
+    pub fn rewrite_generation(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+        quarantined: &BTreeSet<String>,
+    ) -> Result<WriteStats, DatapathError> {
+        let generation = generation & 1;
+        let tries = [
+            (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
+            (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
+            (map_names::UNIX, LPM_KEY_UNIX, UNIX_VALUE),
+        ];
+        // Every key starts with the prefix length (4 bytes) and a big-endian id whose
+        // generation bit says whose entry it is.
+        let mut held = Vec::new();
+        for (name, key_len, value_len) in tries {
+            let fd = self.lpm_fd(name)?;
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            let read = sys::lookup_all_by_key(fd, key_len, value_len, 4096, |key, value| {
+                let id = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+                if generation_of(id) == generation {
+                    k.extend_from_slice(key);
+                    v.extend_from_slice(value);
+                }
+            });
+            if let Err(e) = read {
+                tracing::debug!(map = name, "batch read unavailable ({e}): clearing instead");
+                self.clear_generation(generation)?;
+                return self.write_generation(generation, compiled, quarantined, None);
+            }
+            held.push((k, v));
+        }
+        let mut stats = self.write_rulesets(generation, compiled, None)?;
+        let new = pack(generation, compiled);
+        for (i, ((name, key_len, value_len), (ok, ov))) in tries.into_iter().zip(&held).enumerate()
+        {
+            let (k, v) = new.trie(i);
+            let d = diff(ok, ov, k, v, key_len, value_len);
+            self.lpm_update(name, &d.upsert_keys, &d.upsert_values, key_len, value_len)?;
+            self.lpm_delete(name, &d.delete_keys, key_len)?;
+            stats.written += d.upsert_keys.len() / key_len;
+            stats.deleted += d.delete_keys.len() / key_len;
+        }
+        // Segments of this generation the policy lacks, then every segment record.
+        let keep: BTreeSet<u32> = compiled
+            .segments
+            .iter()
+            .map(|s| segment_id(generation, s.id))
+            .collect();
+        {
+            let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
+                map_mut!(self, HashMap, map_names::SEGMENTS);
+            let stale: Vec<u32> = segments
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|id| generation_of(*id) == generation && !keep.contains(id))
+                .collect();
+            for id in stale {
+                segments.remove(&id).map_err(map_err(map_names::SEGMENTS))?;
+            }
+        }
+        self.write_segments(generation, compiled, quarantined)?;
+        Ok(stats)
+    }
+
     /// Write a compiled policy into `generation` (which must not be live). Segments named in
     /// `quarantined` get their quarantine flag set in it.
     ///
@@ -426,44 +496,7 @@ impl Datapath {
         previous: Option<&Compiled>,
     ) -> Result<WriteStats, DatapathError> {
         let generation = generation & 1;
-        if compiled.rulesets.len() > RULESETS_PER_GEN as usize {
-            return Err(DatapathError::Capacity(format!(
-                "the policy needs {} distinct rulesets; the kernel holds {RULESETS_PER_GEN}",
-                compiled.rulesets.len()
-            )));
-        }
-        if compiled.rules.len() > RULES_PER_GEN as usize {
-            return Err(DatapathError::Capacity(format!(
-                "the policy has {} rules; the kernel counts {RULES_PER_GEN}",
-                compiled.rules.len()
-            )));
-        }
-        if let Some(seg) = compiled.segments.iter().find(|s| s.id > MAX_SEGMENT_ID) {
-            return Err(DatapathError::Capacity(format!(
-                "too many segments ({})",
-                seg.id
-            )));
-        }
-        let base = generation * RULESETS_PER_GEN;
-        let mut stats = WriteStats::default();
-        {
-            let mut rulesets: Array<&mut MapData, RuleSet> =
-                map_mut!(self, Array, map_names::RULESETS);
-            for (id, rs) in compiled.rulesets.iter().enumerate() {
-                if previous.is_some_and(|p| p.rulesets.get(id) == Some(rs)) {
-                    continue;
-                }
-                stats.written += 1;
-                // Rule ids are offset per generation so RULE_HITS of the two never mix.
-                let mut rs = *rs;
-                for r in rs.rules.iter_mut().take(rs.len as usize) {
-                    r.rule_id += generation * RULES_PER_GEN;
-                }
-                rulesets
-                    .set(base + id as u32, rs, 0)
-                    .map_err(map_err(map_names::RULESETS))?;
-            }
-        }
+        let mut stats = self.write_rulesets(generation, compiled, previous)?;
         let (new, old) = match previous {
             None => (pack(generation, compiled), None),
             Some(p) => {
@@ -493,9 +526,9 @@ impl Datapath {
                 }
             }
         }
-        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
-            map_mut!(self, HashMap, map_names::SEGMENTS);
         if let Some(previous) = previous {
+            let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
+                map_mut!(self, HashMap, map_names::SEGMENTS);
             let keep: BTreeSet<u32> = compiled.segments.iter().map(|s| s.id).collect();
             for seg in previous.segments.iter().filter(|s| !keep.contains(&s.id)) {
                 match segments.remove(&segment_id(generation, seg.id)) {
@@ -504,6 +537,65 @@ impl Datapath {
                 }
             }
         }
+        self.write_segments(generation, compiled, quarantined)?;
+        Ok(stats)
+    }
+
+    /// The capacity checks, then the generation's rulesets (those `previous` already holds
+    /// the same skipped).
+    fn write_rulesets(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+        previous: Option<&Compiled>,
+    ) -> Result<WriteStats, DatapathError> {
+        if compiled.rulesets.len() > RULESETS_PER_GEN as usize {
+            return Err(DatapathError::Capacity(format!(
+                "the policy needs {} distinct rulesets; the kernel holds {RULESETS_PER_GEN}",
+                compiled.rulesets.len()
+            )));
+        }
+        if compiled.rules.len() > RULES_PER_GEN as usize {
+            return Err(DatapathError::Capacity(format!(
+                "the policy has {} rules; the kernel counts {RULES_PER_GEN}",
+                compiled.rules.len()
+            )));
+        }
+        if let Some(seg) = compiled.segments.iter().find(|s| s.id > MAX_SEGMENT_ID) {
+            return Err(DatapathError::Capacity(format!(
+                "too many segments ({})",
+                seg.id
+            )));
+        }
+        let base = generation * RULESETS_PER_GEN;
+        let mut stats = WriteStats::default();
+        let mut rulesets: Array<&mut MapData, RuleSet> = map_mut!(self, Array, map_names::RULESETS);
+        for (id, rs) in compiled.rulesets.iter().enumerate() {
+            if previous.is_some_and(|p| p.rulesets.get(id) == Some(rs)) {
+                continue;
+            }
+            stats.written += 1;
+            // Rule ids are offset per generation so RULE_HITS of the two never mix.
+            let mut rs = *rs;
+            for r in rs.rules.iter_mut().take(rs.len as usize) {
+                r.rule_id += generation * RULES_PER_GEN;
+            }
+            rulesets
+                .set(base + id as u32, rs, 0)
+                .map_err(map_err(map_names::RULESETS))?;
+        }
+        Ok(stats)
+    }
+
+    /// Every segment record of the generation (quarantine flags as `quarantined` says).
+    fn write_segments(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+        quarantined: &BTreeSet<String>,
+    ) -> Result<(), DatapathError> {
+        let mut segments: HashMap<&mut MapData, u32, SegmentInfo> =
+            map_mut!(self, HashMap, map_names::SEGMENTS);
         for seg in &compiled.segments {
             let mut name = [0u8; SEGMENT_NAME_LEN];
             let bytes = seg.name.as_bytes();
@@ -524,7 +616,7 @@ impl Datapath {
                 .insert(segment_id(generation, seg.id), info, 0)
                 .map_err(map_err(map_names::SEGMENTS))?;
         }
-        Ok(stats)
+        Ok(())
     }
 
     /// Set or clear a live segment's quarantine flag: one map write, seen by the next packet.

@@ -126,6 +126,63 @@ pub fn lookup_all(
     }
 }
 
+/// `bpf(BPF_MAP_LOOKUP_BATCH)` over a map whose batch position is a key (maps without batch
+/// operations of their own: the kernel's generic walk by `get_next_key`, e.g. LPM tries),
+/// `chunk` entries per call; `each` gets every packed key and value.
+pub fn lookup_all_by_key(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    chunk: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
+    let mut keys = vec![0u8; key_size * chunk];
+    let mut values = vec![0u8; value_size * chunk];
+    let (mut token_in, mut token_out) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                token_in.as_mut_ptr() as u64
+            },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the buffers hold `chunk` keys and values and the tokens one key each, and
+        // outlive the call; the kernel writes at most that much.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (ret < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        for i in 0..n {
+            each(
+                &keys[i * key_size..(i + 1) * key_size],
+                &values[i * value_size..(i + 1) * value_size],
+            );
+        }
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) => return Err(e),
+        }
+        std::mem::swap(&mut token_in, &mut token_out);
+        first = false;
+    }
+}
+
 fn batch(
     cmd: libc::c_long,
     map: BorrowedFd<'_>,
