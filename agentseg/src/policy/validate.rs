@@ -26,7 +26,11 @@ use super::{
 #[derive(Debug)]
 pub(crate) struct ParsedFile {
     path: PathBuf,
-    /// Empty when the file is not UTF-8 or not TOML (then `errors` says so).
+    /// SHA-256 and length of the bytes it was parsed from; `None` when the file is not UTF-8
+    /// or not TOML (then `errors` says so, and it is parsed again every time).
+    digest: Option<([u8; 32], usize)>,
+    /// The text, kept only when the file has segments (they are checked again on every load,
+    /// against the groups of the day); a file of peer groups alone keeps only its digest.
     text: String,
     top: Option<RawSegment>,
     multi: Vec<Spanned<RawSegment>>,
@@ -38,6 +42,7 @@ impl ParsedFile {
     pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Self {
         let mut out = ParsedFile {
             path: path.to_path_buf(),
+            digest: None,
             text: String::new(),
             top: None,
             multi: Vec::new(),
@@ -87,14 +92,25 @@ impl ParsedFile {
         // A mixed file already has an error; its [[segment]] tables are still checked.
         out.top = top.filter(|_| multi.is_empty());
         out.multi = multi;
-        out.text = text.to_owned();
+        if out.top.is_some() || !out.multi.is_empty() {
+            out.text = text.to_owned();
+        }
+        out.digest = Some((digest(bytes), bytes.len()));
         out
     }
 
-    /// Whether this is what `bytes` at `path` parse to.
+    /// Whether this is what `bytes` at `path` parse to (SHA-256 of 2.2 MB: ~1.2 ms).
     pub(crate) fn is_of(&self, path: &Path, bytes: &[u8]) -> bool {
-        self.path == path && (self.text.as_bytes() == bytes) && !self.text.is_empty()
+        self.path == path
+            && self
+                .digest
+                .is_some_and(|(d, len)| len == bytes.len() && d == digest(bytes))
     }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// Parsed files (sorted by path) → the directory's [`PolicySet`]: peer groups from every
