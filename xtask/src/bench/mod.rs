@@ -332,6 +332,15 @@ fn one(
         rec(res, "denials", f(&d, "failed"));
         rec(res, "events_read", delta("events_read"));
         rec(res, "events_lost", delta("events_lost"));
+        // A flood of denied unconnected sends (the cheapest denial there is): how many a
+        // second one member makes, and how much CPU the daemon spends meanwhile.
+        let cpu0 = dm.cpu_secs();
+        let flood = run(&["udp", "--addr", &udp_bad, "--secs", &secs])?;
+        let cpu1 = dm.cpu_secs();
+        rec(res, "flood_denied_per_s", f(&flood, "rate"));
+        if let (Some(a), Some(b)) = (cpu0, cpu1) {
+            rec(res, "flood_daemon_cores", (b - a) / f(&flood, "secs"));
+        }
     }
     // Single rule change: take the allowed rule away, wait until it is gone, then put it back
     // and time from the save to the first connect let through. For agentseg, first with the

@@ -62,6 +62,8 @@ const METRICS: &[(&str, bool)] = &[
     ("denials", false),
     ("events_read", false),
     ("events_lost", false),
+    ("flood_denied_per_s", false),
+    ("flood_daemon_cores", false),
     ("rss_ready_mb", false),
     ("rss_end_mb", false),
 ];
@@ -345,6 +347,17 @@ impl Results {
                 r.map(|r| r >= 0.97),
             ));
         }
+        let cores = self.median(big, "flood_daemon_cores", a, false);
+        let rate = self.median(big, "flood_denied_per_s", a, false);
+        t.push((
+            "daemon CPU during a denial flood ≤ 1 core (1M sends/s asked; the rate one member reaches here)".into(),
+            format!(
+                "{} cores at {} denials/s",
+                fmt(cores),
+                rate.map_or("?".into(), |r| format!("{r:.0}"))
+            ),
+            cores.map(|c| c <= 1.0),
+        ));
         let r6 = self.median(big, "connect6_per_s", a, true);
         t.push((
             "IPv6 connect rate, allowed peer (reported)".into(),
