@@ -75,21 +75,46 @@ pub fn lookup_all(
     key_size: usize,
     value_size: usize,
     chunk: usize,
+    each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
+    // The hash map's position token is a bucket index (u32); 8 bytes are ample.
+    lookup_batched(map, key_size, value_size, 8, chunk, each)
+}
+
+/// The same over a map whose batch position is a key (maps without batch operations of their
+/// own: the kernel's generic walk by `get_next_key`, e.g. LPM tries).
+pub fn lookup_all_by_key(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    chunk: usize,
+    each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
+    lookup_batched(map, key_size, value_size, key_size, chunk, each)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` until the end of the map, with a position token of `token_size`
+/// bytes handed back to the kernel each call.
+fn lookup_batched(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    token_size: usize,
+    chunk: usize,
     mut each: impl FnMut(&[u8], &[u8]),
 ) -> io::Result<()> {
     let mut keys = vec![0u8; key_size * chunk];
     let mut values = vec![0u8; value_size * chunk];
-    // The hash map's position token is a bucket index (u32); 8 bytes are ample.
-    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let (mut token_in, mut token_out) = (vec![0u8; token_size], vec![0u8; token_size]);
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
             in_batch: if first {
                 0
             } else {
-                &mut token_in as *mut u64 as u64
+                token_in.as_mut_ptr() as u64
             },
-            out_batch: &mut token_out as *mut u64 as u64,
+            out_batch: token_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
             count: u32::try_from(chunk)
@@ -97,8 +122,8 @@ pub fn lookup_all(
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: the buffers hold `chunk` keys and values and outlive the call; the kernel
-        // writes at most `count` of each and the tokens (8 bytes each).
+        // SAFETY: the buffers hold `chunk` keys and values and the tokens what the map's batch
+        // position needs, and outlive the call; the kernel writes at most that much.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -118,63 +143,6 @@ pub fn lookup_all(
         match err {
             None => {}
             // The end of the map (the last chunk may still carry entries, handled above).
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Some(e) => return Err(e),
-        }
-        token_in = token_out;
-        first = false;
-    }
-}
-
-/// `bpf(BPF_MAP_LOOKUP_BATCH)` over a map whose batch position is a key (maps without batch
-/// operations of their own: the kernel's generic walk by `get_next_key`, e.g. LPM tries),
-/// `chunk` entries per call; `each` gets every packed key and value.
-pub fn lookup_all_by_key(
-    map: BorrowedFd<'_>,
-    key_size: usize,
-    value_size: usize,
-    chunk: usize,
-    mut each: impl FnMut(&[u8], &[u8]),
-) -> io::Result<()> {
-    let mut keys = vec![0u8; key_size * chunk];
-    let mut values = vec![0u8; value_size * chunk];
-    let (mut token_in, mut token_out) = (vec![0u8; key_size], vec![0u8; key_size]);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                token_in.as_mut_ptr() as u64
-            },
-            out_batch: token_out.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: the buffers hold `chunk` keys and values and the tokens one key each, and
-        // outlive the call; the kernel writes at most that much.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (ret < 0).then(io::Error::last_os_error);
-        let n = (attr.count as usize).min(chunk);
-        for i in 0..n {
-            each(
-                &keys[i * key_size..(i + 1) * key_size],
-                &values[i * value_size..(i + 1) * value_size],
-            );
-        }
-        match err {
-            None => {}
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Some(e) => return Err(e),
         }
