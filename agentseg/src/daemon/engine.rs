@@ -55,8 +55,6 @@ pub struct Engine {
     pub(super) inactive_policy: Option<Compiled>,
     /// The live generation was written by this daemon from `compiled` (not adopted).
     pub(super) live_written_here: bool,
-    /// The live generation is known to hold nothing (the maps were created by this daemon).
-    pub(super) live_empty: bool,
     pub(super) cgroup2: PathBuf,
     pub(super) policies: PathBuf,
     /// What each policy file parsed to: a reload re-parses only the files that changed.
@@ -169,7 +167,7 @@ impl Engine {
             hot: Default::default(),
             firings: Default::default(),
         };
-        // Maps created by this daemon: both halves are known empty, nothing to scan.
+        // Maps created by this daemon: the inactive half is known empty, nothing to read back.
         let fresh = dp.fresh();
         let mut engine = Self {
             dp,
@@ -178,7 +176,6 @@ impl Engine {
             inactive_clean: fresh,
             inactive_policy: None,
             live_written_here: false,
-            live_empty: fresh,
             cgroup2: opts.cgroup2,
             policies: opts.policies,
             policy_cache: opts.policy_cache,

@@ -87,7 +87,6 @@ impl Engine {
         let same = record.pin_root == self.dp.pin_dirs().root.display().to_string()
             && record.generation == config.active_gen & 1
             && record.epoch == config.epoch
-            && record.generation == self.generation
             && record.digest == self.generation_digest(compiled);
         debug!(
             ?record,

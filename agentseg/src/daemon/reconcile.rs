@@ -214,22 +214,18 @@ impl Engine {
         self.retain_guards(&guards);
         self.update_watches(&declared);
         // The old half: kept as it is when this daemon wrote it (the next switch writes only
-        // the difference into it; nobody reads it meanwhile), cleared when a predecessor did.
-        // After the flip nothing may fail the switch: the new policy is live. A failed clean-up
-        // only leaves entries nobody reads, scanned for before the next switch.
-        // A predecessor's old half is left as it is: `prepare_inactive` (once the engine
-        // runs) or the next switch reads it back and writes only the difference.
-        let removed = 0;
-        if !adopt && !self.live_written_here && self.live_empty {
-            // Maps this daemon created: the old half holds nothing.
+        // the difference into it; nobody reads it meanwhile). A predecessor's is left as it
+        // is too: `prepare_inactive` (once the engine runs) or the next switch reads it back
+        // and writes only the difference. On maps this daemon created, before its first
+        // switch, the old half is known to hold nothing.
+        if !adopt && !self.live_written_here && self.dp.fresh() {
             self.inactive_clean = true;
         }
         let keep_old = self.live_written_here;
         self.live_written_here = true;
-        self.live_empty = false;
         let switched = started.elapsed();
         self.refresh_names(&compiled, next);
-        log_changes(self.compiled.as_ref(), &compiled, removed);
+        log_changes(self.compiled.as_ref(), &compiled);
         tracing::debug!(
             write_ms = written.as_millis() as u64,
             switch_ms = switched.as_millis() as u64,
@@ -418,7 +414,7 @@ impl Engine {
 }
 
 /// Log what a switch changed, per segment: prefixes added and removed.
-fn log_changes(old: Option<&Compiled>, new: &Compiled, cleared: usize) {
+fn log_changes(old: Option<&Compiled>, new: &Compiled) {
     let Some(old) = old else {
         info!(segments = new.segments.len(), "policy applied");
         return;
@@ -447,11 +443,7 @@ fn log_changes(old: Option<&Compiled>, new: &Compiled, cleared: usize) {
             info!(segment = %name, added, removed, "segment rules changed");
         }
     }
-    info!(
-        segments = new.segments.len(),
-        old_entries_cleared = cleared,
-        "policy switched"
-    );
+    info!(segments = new.segments.len(), "policy switched");
 }
 
 /// A fingerprint of what each ruleset allows, rule ids left out: a rule that only moved in

@@ -68,6 +68,22 @@ struct Packed {
     vu: Vec<u8>,
 }
 
+/// One LPM entry: key (prefix length counting the table id's bits, table id, address), value
+/// (the generation's ruleset index).
+fn pack_prefix(
+    keys: &mut Vec<u8>,
+    values: &mut Vec<u8>,
+    table: u32,
+    len: u8,
+    addr: &[u8],
+    ruleset: u32,
+) {
+    keys.extend_from_slice(&(SEGMENT_PREFIX_BITS + u32::from(len)).to_ne_bytes());
+    keys.extend_from_slice(&table.to_be_bytes());
+    keys.extend_from_slice(addr);
+    values.extend_from_slice(&ruleset.to_ne_bytes());
+}
+
 /// One AF_UNIX entry packed as the trie reads it: prefix length, table id, the address bytes
 /// zero-padded to `sun_path`'s size.
 fn pack_unix(keys: &mut Vec<u8>, values: &mut Vec<u8>, table: u32, e: &UnixEntry, generation: u32) {
@@ -186,20 +202,26 @@ fn pack_tables(p: &mut Packed, generation: u32, seg: &CompiledSegment, tables: T
     for (bits, nets4, nets6) in tables {
         let table = id | bits;
         for (net, ruleset) in nets4 {
-            p.k4.extend_from_slice(
-                &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+            let len = net.prefix_len();
+            pack_prefix(
+                &mut p.k4,
+                &mut p.v4,
+                table,
+                len,
+                &net.network().octets(),
+                base + ruleset,
             );
-            p.k4.extend_from_slice(&table.to_be_bytes());
-            p.k4.extend_from_slice(&net.network().octets());
-            p.v4.extend_from_slice(&(base + ruleset).to_ne_bytes());
         }
         for (net, ruleset) in nets6 {
-            p.k6.extend_from_slice(
-                &(SEGMENT_PREFIX_BITS + u32::from(net.prefix_len())).to_ne_bytes(),
+            let len = net.prefix_len();
+            pack_prefix(
+                &mut p.k6,
+                &mut p.v6,
+                table,
+                len,
+                &net.network().octets(),
+                base + ruleset,
             );
-            p.k6.extend_from_slice(&table.to_be_bytes());
-            p.k6.extend_from_slice(&net.network().octets());
-            p.v6.extend_from_slice(&(base + ruleset).to_ne_bytes());
         }
     }
 }
@@ -253,6 +275,13 @@ impl Packed {
         }
     }
 }
+
+/// The three tries a generation writes, in `Packed::trie` order: (map, key size, value size).
+const TRIES: [(&str, usize, usize); 3] = [
+    (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
+    (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
+    (map_names::UNIX, LPM_KEY_UNIX, UNIX_VALUE),
+];
 
 /// Entries a write into a generation changed: how many written, how many deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -423,15 +452,10 @@ impl Datapath {
         quarantined: &BTreeSet<String>,
     ) -> Result<WriteStats, DatapathError> {
         let generation = generation & 1;
-        let tries = [
-            (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
-            (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
-            (map_names::UNIX, LPM_KEY_UNIX, UNIX_VALUE),
-        ];
         // Every key starts with the prefix length (4 bytes) and a big-endian id whose
         // generation bit says whose entry it is.
         let mut held = Vec::new();
-        for (name, key_len, value_len) in tries {
+        for (name, key_len, value_len) in TRIES {
             let fd = self.lpm_fd(name)?;
             let (mut k, mut v) = (Vec::new(), Vec::new());
             let read = sys::lookup_all_by_key(fd, key_len, value_len, 4096, |key, value| {
@@ -450,14 +474,8 @@ impl Datapath {
         }
         let mut stats = self.write_rulesets(generation, compiled, None)?;
         let new = pack(generation, compiled);
-        for (i, ((name, key_len, value_len), (ok, ov))) in tries.into_iter().zip(&held).enumerate()
-        {
-            let (k, v) = new.trie(i);
-            let d = diff(ok, ov, k, v, key_len, value_len);
-            self.lpm_update(name, &d.upsert_keys, &d.upsert_values, key_len, value_len)?;
-            self.lpm_delete(name, &d.delete_keys, key_len)?;
-            stats.written += d.upsert_keys.len() / key_len;
-            stats.deleted += d.delete_keys.len() / key_len;
+        for (i, (ok, ov)) in held.iter().enumerate() {
+            self.write_difference(i, (ok, ov), new.trie(i), &mut stats)?;
         }
         // Segments of this generation the policy lacks, then every segment record.
         let keep: BTreeSet<u32> = compiled
@@ -504,26 +522,14 @@ impl Datapath {
                 (new, Some(old))
             }
         };
-        let tries = [
-            (map_names::POLICY_V4, LPM_KEY_V4, LPM_VALUE),
-            (map_names::POLICY_V6, LPM_KEY_V6, LPM_VALUE),
-            (map_names::UNIX, LPM_KEY_UNIX, UNIX_VALUE),
-        ];
-        for (i, (name, key_len, value_len)) in tries.into_iter().enumerate() {
+        for (i, (name, key_len, value_len)) in TRIES.into_iter().enumerate() {
             let (k, v) = new.trie(i);
             match &old {
                 None => {
                     self.lpm_update(name, k, v, key_len, value_len)?;
                     stats.written += k.len() / key_len;
                 }
-                Some(old) => {
-                    let (ok, ov) = old.trie(i);
-                    let d = diff(ok, ov, k, v, key_len, value_len);
-                    self.lpm_update(name, &d.upsert_keys, &d.upsert_values, key_len, value_len)?;
-                    self.lpm_delete(name, &d.delete_keys, key_len)?;
-                    stats.written += d.upsert_keys.len() / key_len;
-                    stats.deleted += d.delete_keys.len() / key_len;
-                }
+                Some(old) => self.write_difference(i, old.trie(i), (k, v), &mut stats)?,
             }
         }
         if let Some(previous) = previous {
@@ -539,6 +545,24 @@ impl Datapath {
         }
         self.write_segments(generation, compiled, quarantined)?;
         Ok(stats)
+    }
+
+    /// Turn trie `i` of [`TRIES`] from the packed entries `old` into `new`: upserts, then
+    /// deletes; counted in `stats`.
+    fn write_difference(
+        &self,
+        i: usize,
+        (ok, ov): (&[u8], &[u8]),
+        (nk, nv): (&[u8], &[u8]),
+        stats: &mut WriteStats,
+    ) -> Result<(), DatapathError> {
+        let (name, key_len, value_len) = TRIES[i];
+        let d = diff(ok, ov, nk, nv, key_len, value_len);
+        self.lpm_update(name, &d.upsert_keys, &d.upsert_values, key_len, value_len)?;
+        self.lpm_delete(name, &d.delete_keys, key_len)?;
+        stats.written += d.upsert_keys.len() / key_len;
+        stats.deleted += d.delete_keys.len() / key_len;
+        Ok(())
     }
 
     /// The capacity checks, then the generation's rulesets (those `previous` already holds

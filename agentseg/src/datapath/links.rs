@@ -387,14 +387,11 @@ fn uninstall_layout(layout: &Path) -> UninstallReport {
     remove_all(&layout.join("maps"), &mut maps, |p| fs::remove_file(p));
     // Program pins: `progs/<build>/<program>`.
     let mut programs = 0;
-    remove_all(&layout.join("progs"), &mut programs, |dir| {
-        if let Ok(entries) = fs::read_dir(dir) {
-            for e in entries.filter_map(Result::ok) {
-                fs::remove_file(e.path())?;
-            }
-        }
-        fs::remove_dir(dir)
-    });
+    remove_all(
+        &layout.join("progs"),
+        &mut programs,
+        super::remove_program_dir,
+    );
     report.links_removed = links;
     report.maps_removed = maps;
     for dir in [

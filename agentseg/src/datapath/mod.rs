@@ -262,14 +262,6 @@ impl Datapath {
         let pins = PinDirs::new(pin_root);
         pins.create()?;
         let adopted = pins.maps.join(map_names::CONFIG).exists();
-        // Every map a predecessor pinned is still there (none will be created empty): only
-        // then may its programs and its live generation be taken as they are.
-        let complete = map_names::ALL
-            .iter()
-            .all(|name| pins.maps.join(name).exists());
-        let fresh = !map_names::ALL
-            .iter()
-            .any(|name| pins.maps.join(name).exists());
         let refuse = |reason: String| DatapathError::Adopt {
             root: pin_root.to_owned(),
             reason,
@@ -278,6 +270,10 @@ impl Datapath {
             .iter()
             .map(|&name| (name, pins.maps.join(name)))
             .collect();
+        // Every map a predecessor pinned is still there (none will be created empty): only
+        // then may its programs and its live generation be taken as they are.
+        let existing = paths.iter().filter(|(_, path)| path.exists()).count();
+        let (complete, fresh) = (existing == paths.len(), existing == 0);
         for (_, path) in &paths {
             pins::check_pin(path).map_err(|e| refuse(e.to_string()))?;
         }
@@ -299,52 +295,25 @@ impl Datapath {
             })
             .collect();
         let build = programs_build_dir(&pins);
-        if complete && let Some(pinned_programs) = adopt_programs(&build, &ebpf) {
-            tracing::info!(
-                dir = %build.display(),
-                "reusing the programs this build verified and pinned on these maps"
-            );
-            for (_, path) in &paths {
-                let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
-            }
-            return Ok(Self {
-                ebpf,
-                pins,
-                adopted,
-                complete,
-                fresh,
-                unix_programs: Vec::new(),
-                pinned_programs,
-                links: BTreeMap::new(),
-                events_fd: None,
-            });
-        }
-        // Most of a start is the verifier's: the AF_UNIX object is verified on a thread of its
-        // own while aya loads the main one (the kernel verifies loads in parallel). The scope
-        // joins it before `ebpf`, whose maps it uses, can be dropped on any error path.
-        let (main, unix) = std::thread::scope(|scope| {
-            let unix = scope.spawn(|| {
-                let started = std::time::Instant::now();
-                let loaded = unix_loader::load(&map_fds);
-                tracing::debug!(
-                    ms = started.elapsed().as_millis() as u64,
-                    "AF_UNIX programs verified"
+        let reused = if complete {
+            adopt_programs(&build, &ebpf)
+        } else {
+            None
+        };
+        let (unix_programs, pinned_programs) = match reused {
+            Some(pinned) => {
+                tracing::info!(
+                    dir = %build.display(),
+                    "reusing the programs this build verified and pinned on these maps"
                 );
-                loaded
-            });
-            let main = load_programs(&mut ebpf);
-            let unix = unix.join().unwrap_or_else(|_| {
-                Err(DatapathError::Unix(
-                    "the AF_UNIX loader thread panicked".to_owned(),
-                ))
-            });
-            (main, unix)
-        });
-        main?;
-        let unix_programs = unix?;
+                (Vec::new(), pinned)
+            }
+            None => (load_all(&mut ebpf, &map_fds)?, Vec::new()),
+        };
         for (_, path) in &paths {
             let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
+        let loaded_here = pinned_programs.is_empty();
         let mut dp = Self {
             ebpf,
             pins,
@@ -352,11 +321,13 @@ impl Datapath {
             complete,
             fresh,
             unix_programs,
-            pinned_programs: Vec::new(),
+            pinned_programs,
             links: BTreeMap::new(),
             events_fd: None,
         };
-        dp.pin_programs(&build);
+        if loaded_here {
+            dp.pin_programs(&build);
+        }
         Ok(dp)
     }
 
@@ -366,7 +337,7 @@ impl Datapath {
         let progs = self.pins.progs.clone();
         if let Ok(entries) = fs::read_dir(&progs) {
             for e in entries.filter_map(Result::ok) {
-                remove_program_dir(&e.path());
+                let _ = remove_program_dir(&e.path());
             }
         }
         let result = (|| -> Result<(), String> {
@@ -383,7 +354,7 @@ impl Datapath {
         })();
         if let Err(e) = result {
             tracing::warn!("pinning the programs for the next restart: {e}");
-            remove_program_dir(build);
+            let _ = remove_program_dir(build);
         }
     }
 
@@ -398,7 +369,7 @@ impl Datapath {
 
     /// Every pinned map was adopted, none created empty: what a predecessor left is whole.
     pub fn adopted_whole(&self) -> bool {
-        self.adopted && self.complete
+        self.complete
     }
 
     pub fn pin_dirs(&self) -> &PinDirs {
@@ -529,13 +500,6 @@ impl Datapath {
     /// `(key, cpu, value)`. One batched read of the whole map.
     pub fn deny_flows(&self) -> Result<Vec<(DenyFlowKey, u32, DenyFlow)>, DatapathError> {
         let name = map_names::DENY_FLOWS;
-        let fd = self
-            .ebpf
-            .map(name)
-            .and_then(map_data)
-            .ok_or(DatapathError::MissingMap(name))?
-            .fd()
-            .as_fd();
         // Slot i of a per-CPU value is the i-th possible CPU (records carry the CPU id; the two
         // differ when the list has holes).
         let possible = possible_cpus(name)?;
@@ -545,7 +509,7 @@ impl Datapath {
             size_of::<DenyFlow>().next_multiple_of(8),
         );
         let mut out = Vec::new();
-        sys::lookup_all(fd, key_size, slot * cpus, 256, |k, v| {
+        self.read_all(name, key_size, slot * cpus, |k, v| {
             // SAFETY: the kernel wrote a DenyFlowKey (repr(C), integers) of exactly this size.
             let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<DenyFlowKey>()) };
             for (i, bytes) in v.chunks_exact(slot).enumerate() {
@@ -555,13 +519,6 @@ impl Datapath {
                     out.push((key, possible[i], f));
                 }
             }
-        })
-        .map_err(|source| DatapathError::Map {
-            name,
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_lookup_batch",
-                io_error: source,
-            }),
         })?;
         Ok(out)
     }
@@ -570,17 +527,10 @@ impl Datapath {
     /// (the tick reads them all: one syscall per member would not scale).
     pub fn all_counters(&self) -> Result<HashMap<u64, Counters>, DatapathError> {
         let name = map_names::COUNTERS;
-        let fd = self
-            .ebpf
-            .map(name)
-            .and_then(map_data)
-            .ok_or(DatapathError::MissingMap(name))?
-            .fd()
-            .as_fd();
         let cpus = possible_cpus(name)?.len();
         let slot = size_of::<Counters>().next_multiple_of(8);
         let mut out = HashMap::new();
-        sys::lookup_all(fd, 8, slot * cpus, 256, |k, v| {
+        self.read_all(name, 8, slot * cpus, |k, v| {
             let mut sum = Counters::default();
             for bytes in v.chunks_exact(slot) {
                 // SAFETY: the kernel wrote one Counters (repr(C), integers) per CPU slot.
@@ -589,15 +539,32 @@ impl Datapath {
             let mut key = [0u8; 8];
             key.copy_from_slice(k);
             out.insert(u64::from_ne_bytes(key), sum);
-        })
-        .map_err(|source| DatapathError::Map {
+        })?;
+        Ok(out)
+    }
+
+    /// Every entry of hash map `name` (packed key, value), in batched reads of 256.
+    fn read_all(
+        &self,
+        name: &'static str,
+        key_size: usize,
+        value_size: usize,
+        each: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), DatapathError> {
+        let fd = self
+            .ebpf
+            .map(name)
+            .and_then(map_data)
+            .ok_or(DatapathError::MissingMap(name))?
+            .fd()
+            .as_fd();
+        sys::lookup_all(fd, key_size, value_size, 256, each).map_err(|source| DatapathError::Map {
             name,
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_lookup_batch",
                 io_error: source,
             }),
-        })?;
-        Ok(out)
+        })
     }
 
     /// Allows decided by each rule of `generation`, summed over CPUs (index = compiled rule id).
@@ -735,14 +702,17 @@ fn adopt_programs(build: &Path, ebpf: &Ebpf) -> Option<Vec<(&'static str, OwnedF
     Some(out)
 }
 
-/// Remove a `progs/<build>` directory and its program pins.
-fn remove_program_dir(dir: &Path) {
+/// Remove a `progs/<build>` directory and its program pins (all it can; the first error).
+pub(super) fn remove_program_dir(dir: &Path) -> std::io::Result<()> {
+    let mut first = Ok(());
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.filter_map(Result::ok) {
-            let _ = fs::remove_file(e.path());
+            if let Err(err) = fs::remove_file(e.path()) {
+                first = first.and(Err(err));
+            }
         }
     }
-    let _ = fs::remove_dir(dir);
+    first.and(fs::remove_dir(dir))
 }
 
 /// One of our programs, by kind.
@@ -750,6 +720,35 @@ enum Prog<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     Skb(&'a mut CgroupSkb),
     Sockopt(&'a mut CgroupSockopt),
+}
+
+/// Load (verify) every program: the AF_UNIX object on a thread of its own while aya loads the
+/// main one (the kernel verifies loads in parallel; verification is most of a start). The
+/// scope joins it before `ebpf`, whose maps it uses, can be dropped on any error path.
+fn load_all(
+    ebpf: &mut Ebpf,
+    map_fds: &HashMap<String, std::os::fd::RawFd>,
+) -> Result<Vec<(&'static str, OwnedFd)>, DatapathError> {
+    let (main, unix) = std::thread::scope(|scope| {
+        let unix = scope.spawn(|| {
+            let started = std::time::Instant::now();
+            let loaded = unix_loader::load(map_fds);
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "AF_UNIX programs verified"
+            );
+            loaded
+        });
+        let main = load_programs(ebpf);
+        let unix = unix.join().unwrap_or_else(|_| {
+            Err(DatapathError::Unix(
+                "the AF_UNIX loader thread panicked".to_owned(),
+            ))
+        });
+        (main, unix)
+    });
+    main?;
+    unix
 }
 
 /// Load (verify) every program of the main object, in two halves on two threads: the
