@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Bump when the meaning of a field or constant changes without any size or offset changing.
-const EPOCH: u64 = 3;
+const EPOCH: u64 = 4;
 
 macro_rules! shape {
     ($($ty:ident { $($field:ident),* }),* $(,)?) => {

@@ -2,9 +2,9 @@
 //! their capacities come from `agentseg_common::capacity` so that the pinned layout version
 //! covers them.
 use agentseg_common::{
-    Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES, FlowVerdict, LearnedKey,
-    LearnedValue, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue, RuleSet, SegmentInfo, UnixKey,
-    UnixValue, capacity,
+    BPF_F_NO_PREALLOC, Config, Counters, DenyFlow, DenyFlowKey, DnsOrig, EVENTS_RING_BYTES,
+    FlowVerdict, LearnedKey, LearnedValue, Member, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+    RuleHitsChunk, RuleSet, SegmentInfo, UnixKey, UnixValue, capacity,
 };
 use aya_ebpf::{
     macros::map,
@@ -43,7 +43,7 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(capacity::CONFIG, 0);
 /// member cgroup id → decision counters (per CPU). Written here, read and pruned by the daemon.
 #[map(name = "AS_COUNTERS")]
 pub static COUNTERS: PerCpuHashMap<u64, Counters> =
-    PerCpuHashMap::with_max_entries(capacity::COUNTERS, 0);
+    PerCpuHashMap::with_max_entries(capacity::COUNTERS, BPF_F_NO_PREALLOC);
 
 /// Fail-closed events that point at a daemon bug or a race (per CPU), by `STAT_*` index.
 #[map(name = "AS_STATS")]
@@ -62,9 +62,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 pub static DENY_FLOWS: LruPerCpuHashMap<DenyFlowKey, DenyFlow> =
     LruPerCpuHashMap::with_max_entries(capacity::DENY_FLOWS, 0);
 
-/// rule id → allows it decided (per CPU). Written here; read by the daemon for `audit`.
+/// rule id / RULE_HITS_CHUNK → allows decided by each rule of the chunk (per CPU). Written
+/// here; read by the daemon for `audit`.
 #[map(name = "AS_RULE_HITS")]
-pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::RULE_HITS, 0);
+pub static RULE_HITS: PerCpuArray<RuleHitsChunk> =
+    PerCpuArray::with_max_entries(capacity::RULE_HITS, 0);
 
 /// (table id, AF_UNIX address) → verdict. Written by the daemon (compiled `[[unix]]` rules,
 /// the `[unix] allow` baseline and the control socket's deny); read by the AF_UNIX hooks.
@@ -82,7 +84,7 @@ pub static FLOWS: LruHashMap<u64, FlowVerdict> = LruHashMap::with_max_entries(ca
 /// egress decision after the segment's prefixes.
 #[map(name = "AS_LEARNED")]
 pub static LEARNED: HashMap<LearnedKey, LearnedValue> =
-    HashMap::with_max_entries(capacity::LEARNED, 0);
+    HashMap::with_max_entries(capacity::LEARNED, BPF_F_NO_PREALLOC);
 
 /// socket cookie → the DNS server a steered socket asked. Written by the connect/sendmsg
 /// hooks when they steer port 53 to the resolver; read by recvmsg and getpeername.

@@ -24,11 +24,11 @@ use agentseg_common::{
     Event, FlowVerdict, HOOK_SKB_INGRESS, INGRESS_BIT, LEARNED_SLOTS, LearnedKey, MAX_CGROUP_DEPTH,
     MEMBER_ATTACHED, MEMBER_FAILED, MEMBER_GUARD, MEMBER_OUTSIDER, MEMBER_QUARANTINED, MODE_AUDIT,
     PolicyKeyV4, PolicyKeyV6, QUARANTINE_BIT, RECORD_BURST, RECORD_INTERVAL_NS, RULE_DEADMAN,
-    RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_IP_OPTIONS, RULE_MALFORMED,
-    RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED, SEGMENT_RELEASED,
-    STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER, STAT_NO_RULESET,
-    STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, rule_allows,
-    ruleset_allows,
+    RULE_DEFAULT_DENY, RULE_FAILED_MEMBER, RULE_FIRST_SENTINEL, RULE_HITS_CHUNK, RULE_IP_OPTIONS,
+    RULE_MALFORMED, RULE_PENDING, RULE_QUARANTINE, SEG_DEADMAN_QUARANTINE, SEG_QUARANTINED,
+    SEGMENT_RELEASED, STAT_DEADMAN, STAT_EVENTS_LOST, STAT_FAILED_MEMBER, STAT_NO_MEMBER,
+    STAT_NO_RULESET, STAT_NO_SEGMENT, STAT_PENDING, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    rule_allows, ruleset_allows,
 };
 use aya_ebpf::{
     helpers::{
@@ -841,9 +841,10 @@ fn decide(s: &Subject, rule: u32, count_allow: bool, inbound: bool) -> (i32, Opt
     if is_rule(rule) {
         let mut report = None;
         if count_allow {
-            if let Some(p) = RULE_HITS.get_ptr_mut(rule) {
-                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-                unsafe { *p += 1 };
+            if let Some(p) = RULE_HITS.get_ptr_mut(rule / RULE_HITS_CHUNK) {
+                // SAFETY: per-CPU slot, no concurrent writer on this CPU; the index is below
+                // the chunk's length.
+                unsafe { (*p)[(rule % RULE_HITS_CHUNK) as usize] += 1 };
             }
             count(s.cgroup, |c| bump(&mut c.allowed, 1));
             // SAFETY: plain helper call.

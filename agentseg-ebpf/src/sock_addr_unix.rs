@@ -236,6 +236,15 @@ fn lookup(s: &Subject, a: &Address) -> u32 {
 
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, hook: u8) -> i32 {
+    // The address is read (and its path scanned) before the member walk, not after: each of
+    // the walk's outcomes reached the scan with a state of its own, and the verifier walked
+    // the scan's loop once per outcome (89k instructions verified per program, now 36k).
+    let mut a = Address {
+        path: [0; PATH_BUF],
+        len: 0,
+        escapes: false,
+    };
+    let readable = read_address(ctx, &mut a);
     // SAFETY: plain helper calls; the ancestor helper returns 0 past the task's own level.
     let own = unsafe { bpf_get_current_cgroup_id() };
     let resolved = resolve(
@@ -243,12 +252,6 @@ fn judge(ctx: &SockAddrContext, hook: u8) -> i32 {
         |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
         NoMember::Untouched,
     );
-    let mut a = Address {
-        path: [0; PATH_BUF],
-        len: 0,
-        escapes: false,
-    };
-    let readable = read_address(ctx, &mut a);
     let s = match resolved {
         Resolved::Untouched => return ALLOW,
         Resolved::Deny(r) => {

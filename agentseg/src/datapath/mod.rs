@@ -23,8 +23,8 @@ use std::{
 };
 
 use agentseg_common::{
-    Config, Counters, DenyFlow, DenyFlowKey, Member, PIN_LAYOUT, RULES_PER_GEN, STAT_COUNT,
-    map_names, prog_names,
+    Config, Counters, DenyFlow, DenyFlowKey, Member, PIN_LAYOUT, RULE_HITS_CHUNK, RULES_PER_GEN,
+    RuleHitsChunk, STAT_COUNT, map_names, prog_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -573,29 +573,36 @@ impl Datapath {
         let Some(map) = self.ebpf.map(map_names::RULE_HITS) else {
             return out;
         };
-        let Ok(hits) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+        let Ok(hits) = PerCpuArray::<&MapData, RuleHitsChunk>::try_from(map) else {
             return out;
         };
-        let base = (generation & 1) * RULES_PER_GEN;
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = hits.get(&(base + i as u32), 0) {
-                *slot = values.iter().sum();
+        for (n, part) in out.chunks_mut(RULE_HITS_CHUNK as usize).enumerate() {
+            let Ok(values) = hits.get(&rule_hits_key(generation, n), 0) else {
+                continue;
+            };
+            for cpu in values.iter() {
+                for (slot, v) in part.iter_mut().zip(cpu.iter()) {
+                    *slot += v;
+                }
             }
         }
         out
     }
 
-    /// Zero the first `rules` hit counters of a generation (before it is written anew).
+    /// Zero the hit counters of a generation's first `rules` rules (before it is written anew).
     pub fn clear_rule_hits(&mut self, generation: u32, rules: usize) -> Result<(), DatapathError> {
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Bpffs(format!("nr_cpus: {e}")))?;
-        let mut hits: PerCpuArray<&mut MapData, u64> =
+        let mut hits: PerCpuArray<&mut MapData, RuleHitsChunk> =
             map_mut!(self, PerCpuArray, map_names::RULE_HITS);
-        let base = (generation & 1) * RULES_PER_GEN;
-        for i in 0..(rules as u32).min(RULES_PER_GEN) {
-            let zero = aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus])
-                .map_err(|e| DatapathError::Capacity(format!("per-CPU values: {e}")))?;
-            hits.set(base + i, zero, 0)
+        let chunks = rules
+            .min(RULES_PER_GEN as usize)
+            .div_ceil(RULE_HITS_CHUNK as usize);
+        for n in 0..chunks {
+            let zero =
+                aya::maps::PerCpuValues::try_from(vec![[0u64; RULE_HITS_CHUNK as usize]; nr_cpus])
+                    .map_err(|e| DatapathError::Capacity(format!("per-CPU values: {e}")))?;
+            hits.set(rule_hits_key(generation, n), zero, 0)
                 .map_err(|source| DatapathError::Map {
                     name: map_names::RULE_HITS,
                     source,
@@ -905,5 +912,36 @@ mod cpu_list_tests {
         assert_eq!(cpu_list(""), None);
         assert_eq!(cpu_list("3-1"), None);
         assert_eq!(cpu_list("x"), None);
+    }
+}
+
+/// The RULE_HITS entry of a generation's `n`th chunk of rules.
+fn rule_hits_key(generation: u32, n: usize) -> u32 {
+    ((generation & 1) * RULES_PER_GEN) / RULE_HITS_CHUNK + n as u32
+}
+
+#[cfg(test)]
+mod rule_hits_tests {
+    use agentseg_common::{RULE_HITS_CHUNK, RULES_PER_GEN, capacity};
+
+    use super::rule_hits_key;
+
+    #[test]
+    fn each_generation_owns_its_own_entries_within_the_map() {
+        let per_gen = RULES_PER_GEN / RULE_HITS_CHUNK;
+        assert_eq!(rule_hits_key(0, 0), 0);
+        assert_eq!(rule_hits_key(1, 0), per_gen);
+        assert_eq!(
+            rule_hits_key(2, 3),
+            3,
+            "generations alternate between two halves"
+        );
+        assert_eq!(
+            rule_hits_key(1, per_gen as usize - 1),
+            capacity::RULE_HITS - 1
+        );
+        // The kernel side indexes by rule id: rule id / chunk is the same entry.
+        let rule = RULES_PER_GEN + 5000;
+        assert_eq!(rule / RULE_HITS_CHUNK, rule_hits_key(1, 1));
     }
 }

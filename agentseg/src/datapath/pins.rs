@@ -152,7 +152,7 @@ fn expected() -> [(&'static str, MapType, usize, usize, u32); 15] {
             map_names::RULE_HITS,
             MapType::PerCpuArray,
             4,
-            8,
+            size_of::<agentseg_common::RuleHitsChunk>(),
             capacity::RULE_HITS,
         ),
         (
