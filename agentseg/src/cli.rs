@@ -177,6 +177,38 @@ pub enum Command {
         #[arg(long, default_value = crate::datapath::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
+    /// Why a flow is allowed or denied: the verdict, the rule that decides it (file:line) or
+    /// the default deny, quarantine, audit mode or resolver, and for a refused flow the nearest
+    /// rules that would allow it. Judged on the running daemon's live policy and state, or
+    /// offline on a policy directory (--policies).
+    ///
+    /// Exit status: 0 allowed (audit mode included), 1 denied, 2 no answer.
+    #[command(group(clap::ArgGroup::new("flow").required(true).args(["to", "from"])))]
+    Explain {
+        /// The segment (or give --agent: its segment, and its own quarantine too).
+        #[arg(long, required_unless_present = "agent")]
+        segment: Option<String>,
+        /// An agent id (32 hex digits) of the running daemon.
+        #[arg(long)]
+        agent: Option<String>,
+        /// The member connects or sends to ADDR[:PORT][/PROTO], e.g. 10.0.0.5:443,
+        /// [2001:db8::1]:53/udp, 10.0.0.5/icmp (protocol: tcp unless given).
+        #[arg(long, value_name = "ADDR[:PORT][/PROTO]")]
+        to: Option<String>,
+        /// A peer connects or sends from ADDR to the member's PORT.
+        #[arg(long, value_name = "ADDR[:PORT][/PROTO]")]
+        from: Option<String>,
+        /// Judge this policy directory instead of the running daemon's policy (as this host's
+        /// daemon config would compile it; nothing quarantined, nothing learned).
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// With --policies: as if the segment were quarantined.
+        #[arg(long, requires = "policies")]
+        quarantined: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a policy directory: print every error with file:line:column, exit non-zero on any.
     Check {
         /// Directory of segment policy files (*.toml).

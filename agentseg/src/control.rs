@@ -65,6 +65,13 @@ pub enum Request {
     Audit {
         since_secs: Option<u64>,
     },
+    /// The verdict the live policy gives `flow` for a segment (or an agent's segment), and
+    /// why.
+    Explain {
+        segment: Option<String>,
+        agent: Option<String>,
+        flow: crate::explain::Flow,
+    },
 }
 
 /// What a quarantine applies to.
@@ -120,6 +127,8 @@ pub enum Reply {
         report: serde_json::Value,
         text: String,
     },
+    /// `agentseg explain`'s answer.
+    Explain(Box<crate::explain::Explanation>),
     Ok,
     Error {
         message: String,

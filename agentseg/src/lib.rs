@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod detect;
 pub mod dns;
+pub mod explain;
 pub mod ledger;
 pub mod policy;
 pub mod sandbox;

@@ -43,6 +43,26 @@ fn main() -> ExitCode {
         } => commands::events::audit(&socket, since, json),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
+        Command::Explain {
+            segment,
+            agent,
+            to,
+            from,
+            policies,
+            quarantined,
+            json,
+        } => commands::explain::explain(
+            &socket,
+            &commands::explain::Question {
+                segment: segment.as_deref(),
+                agent: agent.as_deref(),
+                to: to.as_deref(),
+                from: from.as_deref(),
+                policies: policies.as_deref(),
+                quarantined,
+                json,
+            },
+        ),
         Command::Run {
             segment,
             user,

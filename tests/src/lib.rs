@@ -802,7 +802,20 @@ impl Daemon {
     }
 
     /// `agentseg run --segment SEG -- probe --netns NS PROBE_ARGS`: the probe's one-line result.
+    ///
+    /// Every connect and send a kernel test makes this way is replayed through `agentseg
+    /// explain` on the same daemon, which must give the kernel's verdict (issue 15).
     pub fn run_probe(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> String {
+        let result = self.run_probe_unexplained(segment, ns, probe_args);
+        if let Some(spec) = probe_flow(probe_args) {
+            self.explain_agrees(segment, &spec, &result);
+        }
+        result
+    }
+
+    /// [`Daemon::run_probe`] without the replay through `explain`: for a flow something
+    /// rewrites after the hooks judged it (NAT), which is not the flow asked about.
+    pub fn run_probe_unexplained(&self, segment: &str, ns: &Netns, probe_args: &[&str]) -> String {
         let out = self.run_agent(segment, ns, probe_args);
         assert!(
             out.status.success(),
@@ -811,6 +824,40 @@ impl Daemon {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `agentseg explain` on this daemon gives the kernel's verdict for the flow `spec` of a
+    /// new agent of `segment`: denied exactly when the kernel said EPERM. Returns the
+    /// explanation (JSON), or None when no daemon answers (nothing to ask).
+    pub fn explain_agrees(
+        &self,
+        segment: &str,
+        spec: &str,
+        kernel: &str,
+    ) -> Option<serde_json::Value> {
+        let out = self.cli(&["explain", "--segment", segment, "--to", spec, "--json"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() == Some(2) && stderr.contains("no agentseg daemon answers") {
+            return None;
+        }
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+            panic!(
+                "explain {segment} --to {spec}: {err}: {}\n{stderr}",
+                out.status
+            )
+        });
+        let denied = e["verdict"] == "deny";
+        assert_eq!(
+            denied,
+            kernel == "EPERM",
+            "explain disagrees with the kernel ({kernel}) on {segment} --to {spec}:\n{e:#}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(denied)),
+            "explain's exit status for {e:#}"
+        );
+        Some(e)
     }
 
     /// `agentseg run --segment SEG -- probe PROBE_ARGS`, the launcher started inside `ns`
@@ -1106,4 +1153,36 @@ pub fn expect_line(child: &mut Child, want: &str) {
         .read_line(&mut line)
         .expect("read");
     assert_eq!(line.trim(), want, "child said {line:?}");
+}
+
+/// The flow a probe's arguments attempt (`connect tcp|udp DST`, `sendto DST`, `ping DST`) as `agentseg
+/// explain --to` takes it; None for other actions, and for a probe that moves itself to
+/// another cgroup (it is then not an agent of the segment it was started in).
+pub fn probe_flow(args: &[&str]) -> Option<String> {
+    let mut i = 0;
+    while let Some(flag) = args.get(i) {
+        match *flag {
+            "--netns" | "--subcgroup" => i += 2,
+            "--thread" | "--fork" => i += 1,
+            "--join-cgroup" => return None,
+            _ => break,
+        }
+    }
+    match args.get(i..)? {
+        ["connect", proto @ ("tcp" | "udp"), dst] => Some(format!("{dst}/{proto}")),
+        ["sendto", dst] => Some(format!("{dst}/udp")),
+        // The adversarial probe's plain TCP, TCP Fast Open and MPTCP connects (MPTCP is
+        // judged as TCP), and UDP-Lite.
+        ["tcp" | "tfo" | "mptcp", dst] => Some(format!("{dst}/tcp")),
+        ["udplite-connect" | "udplite-sendto", dst] => Some(format!("{dst}/udplite")),
+        // ICMP echo (datagram or raw socket): `ADDR:0`, no port.
+        ["ping" | "rawping", dst] => {
+            let addr: std::net::SocketAddr = dst.parse().ok()?;
+            Some(match addr.ip() {
+                std::net::IpAddr::V4(a) => format!("{a}/icmp"),
+                std::net::IpAddr::V6(a) => format!("{a}/icmpv6"),
+            })
+        }
+        _ => None,
+    }
 }

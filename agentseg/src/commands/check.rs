@@ -63,14 +63,14 @@ pub fn check(dir: &Path, show: bool) -> ExitCode {
 /// What the daemon on this host adds to every segment: its `[unix] allow` baseline and its
 /// control socket, from the default config file (all defaults when there is none). The
 /// baseline's rules point at the config file's `[unix]` table (line 1 when it has none).
-fn host_config() -> DaemonConfig {
+pub(super) fn host_config() -> DaemonConfig {
     DaemonConfig::load(Path::new(DEFAULT_CONFIG), false).unwrap_or_else(|e| {
         eprintln!("agentseg: {e}; checking with the default daemon settings");
         DaemonConfig::default()
     })
 }
 
-fn host_policy(config: &DaemonConfig) -> HostPolicy {
+pub(super) fn host_policy(config: &DaemonConfig) -> HostPolicy {
     let path = Path::new(DEFAULT_CONFIG);
     let line = std::fs::read_to_string(path)
         .ok()

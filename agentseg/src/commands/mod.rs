@@ -2,6 +2,7 @@
 pub mod check;
 pub mod daemon;
 pub mod events;
+pub mod explain;
 pub mod maintenance;
 pub mod run;
 pub mod status;

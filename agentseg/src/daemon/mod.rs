@@ -7,6 +7,7 @@
 mod dns;
 mod engine;
 mod events;
+mod explain;
 mod generations;
 mod guards;
 mod metrics;
@@ -348,6 +349,11 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
                             lines: engine.recent_events(segment.as_deref(), agent.as_deref()),
                         },
                         Request::Audit { since_secs } => engine.audit_report(since_secs),
+                        Request::Explain {
+                            segment,
+                            agent,
+                            flow,
+                        } => engine.explain(segment.as_deref(), agent.as_deref(), &flow),
                     },
                 };
                 let _ = reply.send(answer);

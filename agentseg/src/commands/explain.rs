@@ -1,0 +1,101 @@
+//! `agentseg explain`: why a flow is allowed or denied.
+use std::{path::Path, process::ExitCode};
+
+use crate::compile;
+use crate::control::{self, Reply, Request};
+use crate::explain::{self, Direction, Explanation, Flow, State, Verdict};
+use crate::policy;
+
+use super::check::{host_config, host_policy};
+
+/// What to explain, from the command line.
+pub struct Question<'a> {
+    pub segment: Option<&'a str>,
+    pub agent: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub from: Option<&'a str>,
+    /// Judge this directory's policy instead of the running daemon's.
+    pub policies: Option<&'a Path>,
+    /// Offline: as if the segment were quarantined.
+    pub quarantined: bool,
+    pub json: bool,
+}
+
+/// Exit status: 0 allowed (audit mode included), 1 denied, 2 no answer (bad flow, unknown
+/// segment, no daemon).
+pub fn explain(socket: &Path, q: &Question) -> ExitCode {
+    let flow = match (q.to, q.from) {
+        (Some(spec), None) => Flow::parse(Direction::Egress, spec),
+        (None, Some(spec)) => Flow::parse(Direction::Ingress, spec),
+        _ => return refuse("give exactly one of --to and --from"),
+    };
+    let flow = match flow {
+        Ok(f) => f,
+        Err(e) => return refuse(&e.to_string()),
+    };
+    let answer = match q.policies {
+        Some(dir) => offline(dir, q, &flow),
+        None => live(socket, q, &flow),
+    };
+    let e = match answer {
+        Ok(e) => e,
+        Err(message) => return refuse(&message),
+    };
+    if q.json {
+        match serde_json::to_string_pretty(&e) {
+            Ok(s) => println!("{s}"),
+            Err(err) => return refuse(&err.to_string()),
+        }
+    } else {
+        print!("{e}");
+    }
+    match e.verdict {
+        Verdict::Allow | Verdict::Audit => ExitCode::SUCCESS,
+        Verdict::Deny => ExitCode::from(1),
+    }
+}
+
+fn refuse(message: &str) -> ExitCode {
+    eprintln!("agentseg: explain: {message}");
+    ExitCode::from(2)
+}
+
+fn live(socket: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String> {
+    if q.quarantined {
+        return Err("--quarantined goes with --policies (the daemon knows its quarantines)".into());
+    }
+    let request = Request::Explain {
+        segment: q.segment.map(str::to_owned),
+        agent: q.agent.map(str::to_owned),
+        flow: *flow,
+    };
+    match control::call(socket, &request) {
+        Ok(Reply::Explain(e)) => Ok(*e),
+        Ok(Reply::Error { message }) => Err(message),
+        Ok(other) => Err(format!("unexpected reply: {other:?}")),
+        Err(e) => Err(format!(
+            "{e} (or judge a policy directory offline: --policies DIR)"
+        )),
+    }
+}
+
+/// The directory's policy, compiled as the daemon of this host would (its config's AF_UNIX
+/// baseline and resolver port): no quarantine unless asked, nothing learned.
+fn offline(dir: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String> {
+    if q.agent.is_some() {
+        return Err("--agent needs the running daemon (drop --policies)".into());
+    }
+    let Some(segment) = q.segment else {
+        return Err("name the segment (--segment)".into());
+    };
+    let set = policy::load_dir(dir).map_err(|e| format!("{}:\n{e}", dir.display()))?;
+    let config = host_config();
+    let compiled = compile::compile_with(&set, &host_policy(&config))
+        .map_err(|e| format!("{} does not compile:\n{e}", dir.display()))?;
+    let state = State {
+        quarantine: q.quarantined.then(|| "--quarantined".to_owned()),
+        dns_port: (config.dns.port != 0).then_some(config.dns.port),
+        learned: None,
+    };
+    explain::explain(&compiled, segment, flow, &state).map_err(|e| e.to_string())
+}

@@ -1,0 +1,197 @@
+//! `agentseg explain` against the real kernel. Every connect and send the kernel tests make
+//! through `Daemon::run_probe` is already replayed through `explain` on the live daemon (the
+//! fixture asserts the same verdict); this file adds what the replay does not reach: the
+//! offline answer (`--policies`) equal to the live one, an agent's own quarantine through
+//! `--agent`, and the command's refusals and exit statuses.
+use agentseg_tests::{CgroupTree, Daemon, Listeners, Netns, Proc, expect_line, kernel_ready};
+
+/// Overlapping rules, an except, IPv6, a quarantine allow list.
+const SEG: &str = r#"
+name = "ex.test.web"
+
+[[egress]]
+cidrs = ["127.0.0.1/32", "::1"]
+ports = [8080, "8000-8100"]
+protocol = "tcp"
+
+[[egress]]
+cidrs = ["127.0.0.0/24"]
+except = ["127.0.0.3/32"]
+ports = [9090]
+protocol = "tcp"
+
+[quarantine]
+allow = ["127.0.0.5"]
+"#;
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn offline_and_live_answers_agree_and_an_agents_quarantine_is_its_own() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(&ns, &["[::]:8080", "[::]:9090"], &[]);
+    let d = Daemon::start(&tree, &[("web.toml", SEG)]);
+    let policies = d.policies.to_str().expect("utf8").to_owned();
+    let flows = [
+        ("127.0.0.1:8080", "ok"),
+        ("127.0.0.2:9090", "ok"),
+        ("127.0.0.3:9090", "EPERM"),
+        ("127.0.0.2:8080", "EPERM"),
+        ("[::1]:8080", "ok"),
+        ("[::1]:9090", "EPERM"),
+    ];
+    for (dst, kernel) in flows {
+        let got = d.run_probe("ex.test.web", &ns, &["connect", "tcp", dst]);
+        assert_eq!(l.judged("tcp", dst, got), kernel, "{dst}");
+        let spec = format!("{dst}/tcp");
+        let live = json(&d.cli(&[
+            "explain",
+            "--segment",
+            "ex.test.web",
+            "--to",
+            &spec,
+            "--json",
+        ]));
+        let offline = json(&d.cli(&[
+            "explain",
+            "--segment",
+            "ex.test.web",
+            "--to",
+            &spec,
+            "--policies",
+            &policies,
+            "--json",
+        ]));
+        assert_eq!(
+            live, offline,
+            "{dst}: the live and the offline answers differ"
+        );
+    }
+    let except = json(&d.cli(&[
+        "explain",
+        "--segment",
+        "ex.test.web",
+        "--to",
+        "127.0.0.3:9090",
+        "--json",
+    ]));
+    assert_eq!(except["decided_by"]["kind"], "except", "{except:#}");
+    assert_eq!(except["decided_by"]["rule"]["line"], 9, "{except:#}");
+
+    // One agent quarantined: `--agent` answers for it, the segment's other agents are as
+    // before.
+    let mut agent = d
+        .agent_command("ex.test.web", &ns, &["serve", "127.0.0.7:7000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    expect_line(&mut agent, "ready");
+    let _agent = Proc(agent);
+    let id = d.status_json()["agents"][0]["agent_id"]
+        .as_str()
+        .expect("agent listed")
+        .to_owned();
+    let q = d.cli(&["quarantine", "--agent", &id, "--reason", "explain test"]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let cut = d.cli(&[
+        "explain",
+        "--agent",
+        &id,
+        "--to",
+        "127.0.0.1:8080",
+        "--json",
+    ]);
+    assert_eq!(cut.status.code(), Some(1));
+    let cut = json(&cut);
+    assert_eq!(cut["decided_by"]["kind"], "quarantine", "{cut:#}");
+    let kept = json(&d.cli(&[
+        "explain",
+        "--agent",
+        &id,
+        "--to",
+        "127.0.0.5:8080",
+        "--json",
+    ]));
+    assert_eq!(kept["verdict"], "allow", "{kept:#}");
+    // A new agent of the segment is not quarantined: the replay checks it against the kernel.
+    assert_eq!(
+        l.judged(
+            "tcp",
+            "127.0.0.1:8080",
+            d.run_probe("ex.test.web", &ns, &["connect", "tcp", "127.0.0.1:8080"])
+        ),
+        "ok"
+    );
+    l.assert_silent("at the end");
+}
+
+#[test]
+fn refusals_name_the_problem_and_exit_2() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let d = Daemon::start(&tree, &[("web.toml", SEG)]);
+    for (args, says) in [
+        (
+            vec![
+                "explain",
+                "--segment",
+                "nope.test.x",
+                "--to",
+                "127.0.0.1:80",
+            ],
+            "no segment named \"nope.test.x\"",
+        ),
+        (
+            vec!["explain", "--segment", "ex.test.web", "--to", "127.0.0.1"],
+            "tcp needs a port",
+        ),
+        (
+            vec!["explain", "--segment", "ex.test.web", "--to", "10.0.0.0/8"],
+            "reads as a prefix length",
+        ),
+        (
+            vec![
+                "explain",
+                "--agent",
+                "00000000000000000000000000000000",
+                "--to",
+                "127.0.0.1:80",
+            ],
+            "no agent",
+        ),
+    ] {
+        let out = d.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    // No daemon: the answer says so and points at --policies.
+    let out = std::process::Command::new(agentseg_tests::agentseg_bin())
+        .args([
+            "--socket",
+            "/nonexistent/agentseg.sock",
+            "explain",
+            "--segment",
+            "x.y.z",
+        ])
+        .args(["--to", "127.0.0.1:80"])
+        .output()
+        .expect("agentseg");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--policies"));
+}
