@@ -209,6 +209,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove that no segment can ever reach what a ceiling file forbids (for example: nothing in
+    /// *.prod.* reaches 10.99.0.0/16; nothing opens 0.0.0.0/0 on port 22). Exact over CIDRs,
+    /// port ranges and protocols, on the compiled policy; every violation with its segment,
+    /// rule (file:line) and a witness flow. For CI, before a policy is merged.
+    ///
+    /// Exit status: 0 within the ceiling, 1 violations, 2 unreadable or invalid files.
+    Prove {
+        /// The ceiling file (TOML `[[forbid]]` entries; see docs/policy-tools.md).
+        #[arg(long, value_name = "FILE")]
+        ceiling: PathBuf,
+        /// The policy directory (default: the daemon config's `policies`).
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a policy directory: print every error with file:line:column, exit non-zero on any.
     Check {
         /// Directory of segment policy files (*.toml).

@@ -588,7 +588,7 @@ fn fqdn_rule_for(
 }
 
 /// A rule id as where it is written and what it allows.
-fn rule_ref(compiled: &Compiled, id: u32) -> RuleRef {
+pub(crate) fn rule_ref(compiled: &Compiled, id: u32) -> RuleRef {
     let info = compiled.rules.get(id as usize);
     let entries: Vec<PortRule> = compiled
         .rulesets

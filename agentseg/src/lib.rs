@@ -17,4 +17,5 @@ pub mod dns;
 pub mod explain;
 pub mod ledger;
 pub mod policy;
+pub mod prove;
 pub mod sandbox;

@@ -43,6 +43,11 @@ fn main() -> ExitCode {
         } => commands::events::audit(&socket, since, json),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
+        Command::Prove {
+            ceiling,
+            policies,
+            json,
+        } => commands::prove::prove(&ceiling, policies.as_deref(), json),
         Command::Explain {
             segment,
             agent,

@@ -4,5 +4,6 @@ pub mod daemon;
 pub mod events;
 pub mod explain;
 pub mod maintenance;
+pub mod prove;
 pub mod run;
 pub mod status;

@@ -46,6 +46,11 @@ pub use dns_warnings::{DOH_ENDPOINTS, PUBLIC_RESOLVERS};
 pub use error::{PolicyError, PolicyErrors};
 pub use fqdn::Fqdn;
 pub use monitor::{Action, IdleRule, Monitor, RateRule};
+
+/// The value parsers of policy files, for other files that take the same values (ceilings).
+pub(crate) mod values {
+    pub(crate) use super::parse::{cidr, port_entry, protocol};
+}
 pub use sandbox::{Capability, Family, NetlinkProtocol, Sandbox, Sockets};
 pub use unix::{UnixKind, UnixPattern};
 pub use warnings::{PolicyWarning, warnings, warnings_with};

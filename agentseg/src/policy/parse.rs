@@ -74,7 +74,7 @@ pub(super) fn cidr_entry(s: &str) -> Result<CidrEntry<'_>, String> {
 
 /// An IPv4/IPv6 prefix; a bare address is a /32 or /128. Host bits must be zero: `10.0.0.1/8`
 /// is almost always a typo, and silently truncating it would widen the rule.
-pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn cidr(s: &str) -> Result<IpNet, String> {
     let invalid = || {
         format!(
             "invalid CIDR {s:?}: expected an address or prefix like 10.0.0.0/8 or 2001:db8::/32"
@@ -117,7 +117,7 @@ fn ipv4_mapped(net: &IpNet) -> Option<Ipv4Net> {
 }
 
 /// One entry of `ports`: an integer, `"N"` or `"LO-HI"`.
-pub(super) fn port_entry(v: &toml::Value) -> Result<PortRange, String> {
+pub(crate) fn port_entry(v: &toml::Value) -> Result<PortRange, String> {
     match v {
         toml::Value::Integer(n) => {
             let p = port_number(*n, &n.to_string())?;
@@ -165,7 +165,7 @@ fn port_number(n: i64, text: &str) -> Result<u16, String> {
 const MPTCP: &str = "MPTCP is judged as tcp: use protocol = \"tcp\"";
 
 /// `protocol`: a name, an integer 0-255 or the same number as a string.
-pub(super) fn protocol(v: &toml::Value) -> Result<Protocol, String> {
+pub(crate) fn protocol(v: &toml::Value) -> Result<Protocol, String> {
     let s = match v {
         toml::Value::Integer(n) => return protocol_number(*n, &n.to_string()),
         toml::Value::String(s) => s,

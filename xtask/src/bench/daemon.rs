@@ -190,6 +190,27 @@ impl Daemon {
         )
     }
 
+    /// `agentseg prove --ceiling FILE --policies DIR`: its output (exit 1, violations found,
+    /// is an answer too).
+    pub fn prove(&self, ceiling: &Path, policies: &Path) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("prove")
+            .arg("--ceiling")
+            .arg(ceiling)
+            .arg("--policies")
+            .arg(policies)
+            .output()
+            .context("running agentseg prove")?;
+        if !matches!(out.status.code(), Some(0 | 1)) {
+            anyhow::bail!(
+                "agentseg prove: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         serde_json::from_str(&self.cli(&["status", "--json"])?).context("parsing status --json")
     }

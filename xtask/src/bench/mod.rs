@@ -404,6 +404,19 @@ fn one(
         if let Some(rss) = d.rss_mb() {
             rec(res, "rss_end_mb", rss);
         }
+        // `agentseg prove` on the same directory (offline, a process of its own, issue 15): a
+        // ceiling every prefix of the segment overlaps, so that each one is checked.
+        let ceiling = ctx.work.join("ceiling.toml");
+        std::fs::write(
+            &ceiling,
+            "[[forbid]]\nsegments = [\"*\"]\npeers = [\"0.0.0.0/0\", \"::/0\"]\n",
+        )?;
+        let t = Instant::now();
+        let out = d.prove(&ceiling, &dir)?;
+        rec(res, "prove_ms", ms(t.elapsed()));
+        if !out.contains("violation") {
+            bail!("`agentseg prove` found nothing under a ceiling every prefix breaks:\n{out}");
+        }
     }
     drop(active);
     Ok(())

@@ -1,8 +1,9 @@
-//! `agentseg explain` against the real kernel. Every connect and send the kernel tests make
-//! through `Daemon::run_probe` is already replayed through `explain` on the live daemon (the
-//! fixture asserts the same verdict); this file adds what the replay does not reach: the
-//! offline answer (`--policies`) equal to the live one, an agent's own quarantine through
-//! `--agent`, and the command's refusals and exit statuses.
+//! The policy tools against the real kernel. Every connect and send the kernel tests make
+//! through `Daemon::run_probe` is already replayed through `agentseg explain` on the live
+//! daemon (the fixture asserts the same verdict); this file adds what the replay does not
+//! reach: the offline answer (`--policies`) equal to the live one, an agent's own quarantine
+//! through `--agent`, the command's refusals and exit statuses, and `agentseg prove`'s
+//! witnesses let through by the kernel.
 use agentseg_tests::{CgroupTree, Daemon, Listeners, Netns, Proc, expect_line, kernel_ready};
 
 /// Overlapping rules, an except, IPv6, a quarantine allow list.
@@ -194,4 +195,89 @@ fn refusals_name_the_problem_and_exit_2() {
         .expect("agentseg");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policies"));
+}
+
+/// `prove` on the daemon's own policy directory: a planted violation's witness is a flow the
+/// kernel lets through, a ceiling the policy keeps (an except) passes, and the kernel refuses
+/// what it protects.
+#[test]
+fn prove_witnesses_are_flows_the_kernel_lets_through() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(&ns, &["[::]:8080", "[::]:9090"], &[]);
+    let d = Daemon::start(&tree, &[("web.toml", SEG)]);
+    let ceiling = d.scratch().join("ceiling.toml");
+    let prove = |text: &str| {
+        std::fs::write(&ceiling, text).expect("write ceiling");
+        d.cli(&[
+            "prove",
+            "--ceiling",
+            ceiling.to_str().expect("utf8"),
+            "--policies",
+            d.policies.to_str().expect("utf8"),
+            "--json",
+        ])
+    };
+    let out = prove(
+        "[[forbid]]\nsegments = [\"ex.*\"]\npeers = [\"127.0.0.4/30\"]\nreason = \"planted\"\n",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    // The /24 rule (127.0.0.4 on 9090), and the quarantine allow list (127.0.0.5, every
+    // port, while quarantined).
+    let kinds: Vec<&str> = report["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter_map(|v| v["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["rule", "quarantine"], "{report:#}");
+    assert_eq!(report["violations"][1]["witness"]["peer"], "127.0.0.5");
+    let v = &report["violations"][0];
+    assert_eq!(v["rule"]["line"], 9, "{report:#}");
+    let w = &v["witness"];
+    let dst = format!("{}:{}", w["peer"].as_str().expect("peer"), w["port"]);
+    assert_eq!(dst, "127.0.0.4:9090", "{report:#}");
+    assert_eq!(w["protocol"], 6);
+    assert_eq!(
+        l.judged(
+            "tcp",
+            &dst,
+            d.run_probe("ex.test.web", &ns, &["connect", "tcp", &dst])
+        ),
+        "ok",
+        "the witness is refused by the kernel"
+    );
+    // The except keeps 127.0.0.3 out: a ceiling on it holds, and the kernel refuses it.
+    let out = prove(
+        "[[forbid]]\nsegments = [\"ex.*\"]\npeers = [\"127.0.0.3\"]\nprotocol = \"tcp\"\nports = [9090]\n",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        l.judged(
+            "tcp",
+            "127.0.0.3:9090",
+            d.run_probe("ex.test.web", &ns, &["connect", "tcp", "127.0.0.3:9090"])
+        ),
+        "EPERM"
+    );
+    // A broken ceiling: exit 2, file:line:column.
+    let out = prove("[[forbid]]\nsegments = [\"*\"]\npeers = [\"127.0.0.1/8\"]\n");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ceiling.toml:3:10: host bits set"), "{err}");
+    l.assert_silent("at the end");
 }
