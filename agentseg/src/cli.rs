@@ -209,6 +209,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Propose a segment from what its members did: the audit log's would-be denials
+    /// (audit mode) and sampled allows, grouped by peer, port and protocol, as a segment file
+    /// `agentseg check` accepts (mode enforce), each peer with its hits and first and last
+    /// time seen. Never proposes link-local or metadata addresses (listed as left out),
+    /// wildcards, or prefixes wider than /32 (/128) unless asked.
+    ///
+    /// Exit status: 0 proposed, 1 nothing to learn, 2 errors.
+    Learn {
+        /// The segment.
+        #[arg(long)]
+        segment: String,
+        /// Only the last DURATION (e.g. 1h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// The audit log (default: the daemon config's `audit_log`; rotated files included).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// The policy directory holding the segment now (default: the daemon config's):
+        /// its [members] are carried over, and --diff compares with it.
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// Write the proposal here instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Propose IPv4 prefixes of this length (/17 to /32) instead of single addresses.
+        #[arg(long, value_name = "/N")]
+        aggregate: Option<String>,
+        /// The same for IPv6 (/48 to /128).
+        #[arg(long, value_name = "/N")]
+        aggregate6: Option<String>,
+        /// Show what the proposal changes against the running segment.
+        #[arg(long)]
+        diff: bool,
+        /// Print JSON (the proposal and its TOML).
+        #[arg(long)]
+        json: bool,
+    },
     /// Prove that no segment can ever reach what a ceiling file forbids (for example: nothing in
     /// *.prod.* reaches 10.99.0.0/16; nothing opens 0.0.0.0/0 on port 22). Exact over CIDRs,
     /// port ranges and protocols, on the compiled policy; every violation with its segment,

@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod detect;
 pub mod dns;
 pub mod explain;
+pub mod learn;
 pub mod ledger;
 pub mod policy;
 pub mod prove;

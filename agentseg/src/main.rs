@@ -43,6 +43,31 @@ fn main() -> ExitCode {
         } => commands::events::audit(&socket, since, json),
         Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
         Command::Check { dir, show } => commands::check::check(&dir, show),
+        Command::Learn {
+            segment,
+            since,
+            log,
+            policies,
+            out,
+            aggregate,
+            aggregate6,
+            diff,
+            json,
+        } => {
+            let since_text = since.map(|d| humantime::format_duration(d).to_string());
+            commands::learn::learn(&commands::learn::Ask {
+                segment: &segment,
+                since,
+                since_text: since_text.as_deref(),
+                log: log.as_deref(),
+                policies: policies.as_deref(),
+                out: out.as_deref(),
+                aggregate: aggregate.as_deref(),
+                aggregate6: aggregate6.as_deref(),
+                diff,
+                json,
+            })
+        }
         Command::Prove {
             ceiling,
             policies,

@@ -281,3 +281,155 @@ fn prove_witnesses_are_flows_the_kernel_lets_through() {
     assert!(err.contains("ceiling.toml:3:10: host bits set"), "{err}");
     l.assert_silent("at the end");
 }
+
+/// An audit-mode segment with no rules, whose agents make a known set of flows (and one to
+/// the cloud metadata address).
+const LEARNER: &str = r#"
+name = "lrn.test.audit"
+mode = "audit"
+"#;
+
+/// `learn` on an audit-mode segment: the proposal, applied in enforce mode, lets exactly the
+/// flows the agents made through again and refuses one they never made; the metadata address
+/// seen is left out and listed as such.
+#[test]
+fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(
+        &ns,
+        &["[::]:8080", "[::]:9090"],
+        &["[::]:5353", "[::]:5354", "[::]:8080"],
+    );
+    let d = Daemon::start(&tree, &[("lrn.toml", LEARNER)]);
+    let run = |args: &[&str]| d.run_probe("lrn.test.audit", &ns, args);
+    let go = |proto: &str, dst: &str, args: &[&str]| l.judged(proto, dst, run(args));
+    // What the agents do (audit mode lets it all through).
+    assert_eq!(
+        go(
+            "tcp",
+            "127.0.0.1:8080",
+            &["connect", "tcp", "127.0.0.1:8080"]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        go("tcp", "[::1]:8080", &["connect", "tcp", "[::1]:8080"]),
+        "ok"
+    );
+    assert_eq!(
+        go("udp", "127.0.0.2:5353", &["sendto", "127.0.0.2:5353"]),
+        "ok"
+    );
+    // Nothing routes 169.254.0.0/16 in the test's namespace: nothing leaves it.
+    assert_ne!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
+    d.wait_records(4, |r| {
+        r["segment"] == "lrn.test.audit" && r["kind"] == "audit_deny"
+    });
+
+    let out_file = d.scratch().join("learned.toml");
+    let out = d.cli(&[
+        "learn",
+        "--segment",
+        "lrn.test.audit",
+        "--log",
+        d.audit_log().to_str().expect("utf8"),
+        "--policies",
+        d.policies.to_str().expect("utf8"),
+        "--out",
+        out_file.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let learned = std::fs::read_to_string(&out_file).expect("learned policy");
+    assert!(learned.contains("mode = \"enforce\""), "{learned}");
+    assert!(
+        learned.contains("#   169.254.169.254 (cloud metadata address): 1 hit(s)"),
+        "{learned}"
+    );
+    assert!(!learned.contains("169.254.169.254/32"), "{learned}");
+    // `agentseg check` accepts it as it is.
+    let check_dir = d.scratch().join("check");
+    std::fs::create_dir_all(&check_dir).expect("mkdir");
+    std::fs::write(check_dir.join("lrn.toml"), &learned).expect("write");
+    let check = d.cli(&["check", check_dir.to_str().expect("utf8")]);
+    assert!(
+        check.status.success(),
+        "{}\n{learned}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // --diff against the running (rule-less) segment: every flow is new.
+    let diff = d.cli(&[
+        "learn",
+        "--segment",
+        "lrn.test.audit",
+        "--log",
+        d.audit_log().to_str().expect("utf8"),
+        "--policies",
+        d.policies.to_str().expect("utf8"),
+        "--diff",
+    ]);
+    let diff = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.contains("+ to 127.0.0.1:8080/tcp: refused now"),
+        "{diff}"
+    );
+    assert!(diff.contains("+ to 127.0.0.2:5353/udp"), "{diff}");
+
+    // Applied in enforce mode.
+    std::fs::write(d.policies.join("lrn.toml"), &learned).expect("apply");
+    agentseg_tests::wait_until(
+        std::time::Duration::from_secs(5),
+        "the learned policy",
+        || d.status_json()["segments"][0]["mode"] == "enforce",
+    );
+    assert_eq!(
+        go(
+            "tcp",
+            "127.0.0.1:8080",
+            &["connect", "tcp", "127.0.0.1:8080"]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        go("tcp", "[::1]:8080", &["connect", "tcp", "[::1]:8080"]),
+        "ok"
+    );
+    assert_eq!(
+        go("udp", "127.0.0.2:5353", &["sendto", "127.0.0.2:5353"]),
+        "ok"
+    );
+    // Never made: another port, another peer, another protocol; the metadata address.
+    assert_eq!(
+        go(
+            "tcp",
+            "127.0.0.1:9090",
+            &["connect", "tcp", "127.0.0.1:9090"]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        go("udp", "127.0.0.2:5354", &["sendto", "127.0.0.2:5354"]),
+        "EPERM"
+    );
+    assert_eq!(
+        go(
+            "tcp",
+            "127.0.0.2:8080",
+            &["connect", "tcp", "127.0.0.2:8080"]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        go("udp", "127.0.0.1:8080", &["sendto", "127.0.0.1:8080"]),
+        "EPERM"
+    );
+    assert_eq!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
+    l.assert_silent("at the end");
+}

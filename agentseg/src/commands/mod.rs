@@ -3,6 +3,7 @@ pub mod check;
 pub mod daemon;
 pub mod events;
 pub mod explain;
+pub mod learn;
 pub mod maintenance;
 pub mod prove;
 pub mod run;
