@@ -451,3 +451,85 @@ impl Drop for Holder {
         let _ = self.0.wait();
     }
 }
+
+/// `agentseg learn` on an audit-mode segment with no rules: the names its agent resolved
+/// name the flows to their addresses in the audit log, and the proposal allows the name (an
+/// `fqdns` rule on the port used), not its address; applied in enforce mode it lets the same
+/// resolve-and-connect through and nothing else.
+#[test]
+fn learn_proposes_the_names_an_audit_segment_resolved() {
+    if !kernel_ready() {
+        return;
+    }
+    let up = Upstream::start(&zone());
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let l = Listeners::bind(
+        &ns,
+        &["127.0.0.9:443", "127.0.0.9:8443", "127.0.0.10:443"],
+        &[],
+    );
+    let audit = "name = \"lrn.test.dns\"\nmode = \"audit\"\n";
+    let d = start(&tree, &[("dns.toml", audit)], &up, &[]);
+    let run = |args: &[&str]| d.run_probe("lrn.test.dns", &ns, args);
+    assert_eq!(
+        judged_resolve_connect(
+            &l,
+            "127.0.0.9:443",
+            run(&["resolve-connect", "api.example.com", ASKED, "443"])
+        ),
+        "127.0.0.9 ok"
+    );
+    let rec = d.wait_records(1, |r| {
+        r["kind"] == "audit_deny" && r["dst"] == "127.0.0.9" && r["dport"] == 443
+    });
+    assert_eq!(rec[0]["domain"], "api.example.com", "{}", rec[0]);
+    let out = d.scratch().join("learned.toml");
+    let learn = d.cli(&[
+        "learn",
+        "--segment",
+        "lrn.test.dns",
+        "--log",
+        d.audit_log().to_str().expect("utf8"),
+        "--policies",
+        d.policies.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(
+        learn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&learn.stderr)
+    );
+    let learned = std::fs::read_to_string(&out).expect("learned");
+    assert!(
+        learned.contains("fqdns = [\"api.example.com\"]"),
+        "{learned}"
+    );
+    assert!(!learned.contains("127.0.0.9/32"), "{learned}");
+    std::fs::write(d.policies.join("dns.toml"), &learned).expect("apply");
+    wait_until(Duration::from_secs(5), "the learned policy", || {
+        d.status_json()["segments"][0]["mode"] == "enforce"
+    });
+    assert_eq!(
+        judged_resolve_connect(
+            &l,
+            "127.0.0.9:443",
+            run(&["resolve-connect", "api.example.com", ASKED, "443"])
+        ),
+        "127.0.0.9 ok"
+    );
+    assert_eq!(
+        l.judged(
+            "tcp",
+            "127.0.0.9:8443",
+            run(&["connect", "tcp", "127.0.0.9:8443"])
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        run(&["resolve", "a.b.example.org", ASKED]),
+        format!("rcode=REFUSED from={ASKED} answers=-")
+    );
+    l.assert_silent("at the end");
+}

@@ -110,6 +110,8 @@ pub(super) struct DnsState {
     pub settings: DnsSettings,
     pub slots: Slots,
     pub learned: LearnedTable,
+    /// Names audit-mode members resolved that no rule names (for the `domain` of records).
+    pub seen: crate::dns::seen::SeenNames,
     pub counts: BTreeMap<String, DnsCounts>,
     /// Network namespace inode → the resolver's sockets there. The daemon's own is served from
     /// the start and never dropped.
@@ -127,6 +129,7 @@ impl DnsState {
             settings,
             slots: Slots::default(),
             learned: LearnedTable::default(),
+            seen: crate::dns::seen::SeenNames::default(),
             counts: BTreeMap::new(),
             served: BTreeMap::new(),
             own_netns: netns_inode("self").unwrap_or(0),
@@ -401,7 +404,16 @@ impl Engine {
                 return DnsDecision::Refuse;
             }
             if patterns.is_empty() {
-                // Audit mode, nothing to learn for a name no rule names.
+                // Audit mode, nothing to open for a name no rule names; the flows to its
+                // addresses name it in the audit log (for `agentseg learn`).
+                let now = crate::datapath::boottime_ns();
+                let s = &self.dns.settings;
+                let (min, max, grace) = (s.ttl_min_secs, s.ttl_max_secs, s.grace_secs);
+                for &(addr, ttl) in addrs {
+                    let secs = u64::from(ttl.clamp(min, max)) + u64::from(grace);
+                    let expires = now.saturating_add(secs.saturating_mul(1_000_000_000));
+                    self.dns.seen.note(&segment, addr, asked, expires);
+                }
                 self.dns.counts.entry(segment).or_default().allowed += 1;
                 return DnsDecision::Allow {
                     ttl_cap: self.dns.settings.ttl_max_secs,

@@ -56,9 +56,11 @@ impl Engine {
                 .clone();
             let egress = e.hook != HOOK_SKB_INGRESS;
             let domain = if egress && e.hook != HOOK_DNS {
+                let peer = addr(e.family, e.daddr);
                 self.dns
                     .learned
-                    .name_for(&w.segment, addr(e.family, e.daddr))
+                    .name_for(&w.segment, peer)
+                    .or_else(|| self.dns.seen.name_for(&w.segment, peer, boot_now))
                     .map(str::to_owned)
             } else {
                 None

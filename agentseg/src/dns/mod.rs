@@ -8,4 +8,5 @@
 pub mod learned;
 pub mod message;
 pub mod ratelimit;
+pub mod seen;
 pub mod slots;
