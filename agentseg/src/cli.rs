@@ -77,10 +77,15 @@ pub struct DaemonArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditAction {
     /// Check the audit log's hash chain; names the first bad line.
+    ///
+    /// Exit status: 0 intact, 1 tampered or damaged, 2 unreadable.
     Verify {
-        /// The audit log [default: /var/log/agentseg/audit.jsonl].
-        #[arg(long, default_value = "/var/log/agentseg/audit.jsonl")]
-        log: PathBuf,
+        /// The audit log [default: the daemon config's `audit_log`].
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Print JSON: {"status": "intact"|"tampered"|"unreadable", ...}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -163,26 +168,46 @@ pub enum Command {
         /// Lift by itself after this long (e.g. 90s, 15m, 2h).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
+        /// Print JSON: {"ok": true, ...} or {"ok": false, "error": ...}.
+        #[arg(long)]
+        json: bool,
     },
     /// Lift a quarantine: the segment's rules apply again.
     Release {
         #[command(flatten)]
         target: TargetArgs,
+        /// Print JSON: {"ok": true, ...} or {"ok": false, "error": ...}.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read the policy directory now (as SIGHUP does); fails, changing nothing, on errors.
-    Reload,
+    ///
+    /// Exit status: 0 applied, 1 refused (the running policy stays in force), 3 no daemon.
+    Reload {
+        /// Print JSON: {"ok": true, ...} or {"ok": false, "error": ...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach every program and remove every pin (the daemon must be stopped first).
     Uninstall {
         /// Pin root the daemon used.
         #[arg(long, default_value = crate::datapath::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Print JSON: what was removed.
+        #[arg(long)]
+        json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the agentseg(8) manual page (roff).
+    #[command(hide = true)]
+    Manpage,
     /// Why a flow is allowed or denied: the verdict, the rule that decides it (file:line) or
     /// the default deny, quarantine, audit mode or resolver, and for a refused flow the nearest
     /// rules that would allow it. Judged on the running daemon's live policy and state, or
     /// offline on a policy directory (--policies).
     ///
-    /// Exit status: 0 allowed (audit mode included), 1 denied, 2 no answer.
+    /// Exit status: 0 allowed (audit mode included), 1 denied, 2 no answer, 3 no daemon.
     #[command(group(clap::ArgGroup::new("flow").required(true).args(["to", "from"])))]
     Explain {
         /// The segment (or give --agent: its segment, and its own quarantine too).
@@ -263,13 +288,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a policy directory: print every error with file:line:column, exit non-zero on any.
+    /// Check policy files: print every error with file:line:column, exit non-zero on any.
+    ///
+    /// Directories stand for their *.toml files; all the files given are checked together (a
+    /// segment file using @groups needs the file defining them beside it).
+    ///
+    /// Exit status: 0 valid, 1 errors.
     Check {
-        /// Directory of segment policy files (*.toml).
-        dir: PathBuf,
+        /// Policy files and directories of them.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
         /// Also print the compiled map entries.
         #[arg(long)]
         show: bool,
+        /// Print JSON: {"ok", "errors": [{file, line, column, message}], "warnings", ...}.
+        #[arg(long)]
+        json: bool,
     },
     /// Start a command as a new agent of SEGMENT, in its own cgroup and sandbox from its first
     /// instruction.
@@ -297,11 +331,17 @@ pub enum Command {
         /// segment with `allow_root = true`, and still without capabilities unless listed.
         #[arg(long)]
         user: Option<String>,
+        /// Print the start line as one JSON object on stderr ({"agent_id", "segment",
+        /// "cgroup", "uid", "relaxed"}; stdout is the command's).
+        #[arg(long)]
+        json: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// Show the daemon's state; exits 0 once the daemon is ready.
+    /// Show the daemon's state.
+    ///
+    /// Exit status: 0 ready, 1 not ready, 3 no daemon answers (as `systemctl status`).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]

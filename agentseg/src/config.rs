@@ -6,6 +6,15 @@ use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/agentseg/agentseg.toml";
 
+/// The config file the CLI commands read (the daemon's: `AGENTSEG_CONFIG`, else the default),
+/// and whether it was named explicitly (then it must exist).
+pub fn cli_config_path() -> (PathBuf, bool) {
+    match std::env::var_os("AGENTSEG_CONFIG") {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_CONFIG), false),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {

@@ -9,8 +9,13 @@ use clap::Parser as _;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let socket = cli.socket();
     let socket_flag = cli.socket_flag();
+    // The flag (or AGENTSEG_SOCKET), else the daemon config's `socket`, else the default.
+    let socket = match (&socket_flag, &cli.command) {
+        (Some(s), _) => s.clone(),
+        (None, Command::Daemon(_)) => cli.socket(),
+        (None, _) => commands::check::host_config().socket,
+    };
     match cli.command {
         Command::Daemon(args) => match commands::daemon::daemon(&args, socket_flag) {
             Ok(()) => ExitCode::SUCCESS,
@@ -19,13 +24,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Reload => commands::maintenance::reload(&socket),
+        Command::Reload { json } => commands::maintenance::reload(&socket, json),
         Command::Quarantine {
             target,
             reason,
             ttl,
-        } => commands::maintenance::quarantine(&socket, target.target(), reason, ttl),
-        Command::Release { target } => commands::maintenance::release(&socket, target.target()),
+            json,
+        } => commands::maintenance::quarantine(&socket, target.target(), reason, ttl, json),
+        Command::Release { target, json } => {
+            commands::maintenance::release(&socket, target.target(), json)
+        }
         Command::Events {
             follow,
             json,
@@ -33,16 +41,39 @@ fn main() -> ExitCode {
             agent,
         } => commands::events::events(&socket, follow, json, segment, agent),
         Command::Audit {
-            action: Some(agentseg::cli::AuditAction::Verify { log }),
+            action: Some(agentseg::cli::AuditAction::Verify { log, json }),
             ..
-        } => commands::events::verify(&log),
+        } => {
+            let log = log.unwrap_or_else(|| commands::check::host_config().audit_log);
+            commands::events::verify(&log, json)
+        }
         Command::Audit {
             action: None,
             since,
             json,
         } => commands::events::audit(&socket, since, json),
-        Command::Uninstall { pin_root } => commands::maintenance::uninstall(&socket, &pin_root),
-        Command::Check { dir, show } => commands::check::check(&dir, show),
+        Command::Uninstall { pin_root, json } => {
+            commands::maintenance::uninstall(&socket, &pin_root, json)
+        }
+        Command::Check { paths, show, json } => commands::check::check(&paths, show, json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "agentseg", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd)
+                .section("8")
+                .render(&mut std::io::stdout())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentseg: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Learn {
             segment,
             since,
@@ -96,18 +127,27 @@ fn main() -> ExitCode {
         Command::Run {
             segment,
             user,
+            json,
             command,
-        } => commands::run::run(&socket, &segment, user.as_deref(), &command),
+        } => commands::run::run(&socket, &segment, user.as_deref(), &command, json),
         Command::Status { json } => commands::status::status(&socket, json),
     }
 }
 
 /// Logs go to stderr; `RUST_LOG` filters (default: info). aya logs through `log`, bridged.
+/// Colour only on a terminal; under journald (`JOURNAL_STREAM`) no timestamp of our own (the
+/// journal keeps its own).
 fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
 }

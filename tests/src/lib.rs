@@ -837,7 +837,7 @@ impl Daemon {
     ) -> Option<serde_json::Value> {
         let out = self.cli(&["explain", "--segment", segment, "--to", spec, "--json"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if out.status.code() == Some(2) && stderr.contains("no agentseg daemon answers") {
+        if out.status.code() == Some(3) {
             return None;
         }
         let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {

@@ -140,7 +140,7 @@ fn offline_and_live_answers_agree_and_an_agents_quarantine_is_its_own() {
 }
 
 #[test]
-fn refusals_name_the_problem_and_exit_2() {
+fn refusals_name_the_problem_and_exit_2_or_3_without_a_daemon() {
     if !kernel_ready() {
         return;
     }
@@ -193,7 +193,7 @@ fn refusals_name_the_problem_and_exit_2() {
         .args(["--to", "127.0.0.1:80"])
         .output()
         .expect("agentseg");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policies"));
 }
 

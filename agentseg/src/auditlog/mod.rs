@@ -83,4 +83,6 @@ pub struct VerifyError {
     pub file: PathBuf,
     pub line: usize,
     pub reason: String,
+    /// Whether the log says something false (tampered) or could not be read at all.
+    pub unreadable: bool,
 }

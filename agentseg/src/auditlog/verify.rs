@@ -11,7 +11,7 @@ use super::chain::{LineEnd, check_line, log_files, read_line};
 use super::{GENESIS, VerifyError};
 
 /// What a successful [`verify`] covered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
     /// Files checked, oldest first.
     pub files: Vec<PathBuf>,
@@ -29,6 +29,15 @@ fn err(file: &Path, line: usize, reason: impl Into<String>) -> VerifyError {
         file: file.to_path_buf(),
         line,
         reason: reason.into(),
+        unreadable: false,
+    }
+}
+
+/// A file that could not be listed, opened or read: nothing is known about its contents.
+fn unreadable(file: &Path, line: usize, reason: impl Into<String>) -> VerifyError {
+    VerifyError {
+        unreadable: true,
+        ..err(file, line, reason)
     }
 }
 
@@ -38,9 +47,10 @@ fn err(file: &Path, line: usize, reason: impl Into<String>) -> VerifyError {
 /// away; `anchored_at_genesis` tells whether the log still reaches back to the first line.
 /// Only the live file may be empty (right after a rotation).
 pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
-    let files = log_files(path).map_err(|e| err(path, 0, format!("cannot list files: {e}")))?;
+    let files =
+        log_files(path).map_err(|e| unreadable(path, 0, format!("cannot list files: {e}")))?;
     if files.is_empty() {
-        return Err(err(path, 0, "no audit log files"));
+        return Err(unreadable(path, 0, "no audit log files"));
     }
     let mut report = VerifyReport {
         files: files.clone(),
@@ -52,11 +62,11 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
     let mut prev: Option<(u64, String)> = None;
     let mut buf = Vec::new();
     for file in &files {
-        let f = File::open(file).map_err(|e| err(file, 0, format!("cannot open: {e}")))?;
+        let f = File::open(file).map_err(|e| unreadable(file, 0, format!("cannot open: {e}")))?;
         let mut rdr = BufReader::new(f);
         let mut line = 0usize;
         while let Some(end) = read_line(&mut rdr, &mut buf)
-            .map_err(|e| err(file, line + 1, format!("read error: {e}")))?
+            .map_err(|e| unreadable(file, line + 1, format!("read error: {e}")))?
         {
             line += 1;
             if let Some(problem) = end.problem() {
@@ -124,7 +134,7 @@ pub fn read_records(path: &Path) -> Records {
             files: VecDeque::new(),
             current: None,
             buf: Vec::new(),
-            pending: Some(err(path, 0, format!("cannot list files: {e}"))),
+            pending: Some(unreadable(path, 0, format!("cannot list files: {e}"))),
         },
     }
 }
@@ -152,7 +162,7 @@ impl Iterator for Records {
                     Ok(f) => self.current = Some((file, BufReader::new(f), 0)),
                     // Rotated away since listing: its records live on under the next name.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Some(Err(err(&file, 0, format!("cannot open: {e}")))),
+                    Err(e) => return Some(Err(unreadable(&file, 0, format!("cannot open: {e}")))),
                 }
                 continue;
             };
@@ -165,7 +175,7 @@ impl Iterator for Records {
                 Ok(Some(end)) => parse_record(end, &self.buf).map_err(|r| err(file, *line, r)),
                 Err(e) => {
                     // Give up on this file rather than retry an erroring read forever.
-                    let e = err(file, *line, format!("read error: {e}"));
+                    let e = unreadable(file, *line, format!("read error: {e}"));
                     self.current = None;
                     Err(e)
                 }

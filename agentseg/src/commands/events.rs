@@ -81,9 +81,12 @@ fn print_event(line: &str, json: bool) {
             .map(str::to_owned)
             .unwrap_or_else(|| v[k].to_string())
     };
+    let when = v["ts_ms"]
+        .as_u64()
+        .map_or_else(|| s("ts_ms"), super::rfc3339_ms);
     println!(
         "{} {:<10} {:<28} agent={} pid={} {} {} {}:{} -> {}:{} rule={}",
-        s("ts_ms"),
+        when,
         s("kind"),
         s("segment"),
         v["agent_id"].as_str().unwrap_or("-"),
@@ -118,8 +121,31 @@ pub fn audit(socket: &Path, since: Option<Duration>, json: bool) -> ExitCode {
     }
 }
 
-pub fn verify(log: &Path) -> ExitCode {
-    match auditlog::verify(log) {
+/// Exit status: 0 intact, 1 tampered or damaged, 2 unreadable.
+pub fn verify(log: &Path, json: bool) -> ExitCode {
+    let result = auditlog::verify(log);
+    if json {
+        let v = match &result {
+            Ok(r) => serde_json::json!({"status": "intact", "log": log, "report": r}),
+            Err(e) => serde_json::json!({
+                "status": if e.unreadable { "unreadable" } else { "tampered" },
+                "log": log,
+                "file": e.file,
+                "line": e.line,
+                "reason": e.reason,
+            }),
+        };
+        super::print_json(&v);
+    }
+    match result {
+        Ok(_) if json => ExitCode::SUCCESS,
+        Err(e) if e.unreadable => {
+            if !json {
+                eprintln!("agentseg: audit log unreadable: {e}");
+            }
+            ExitCode::from(super::exit::BAD_INPUT)
+        }
+        Err(_) if json => ExitCode::from(super::exit::NO),
         Ok(r) => {
             println!(
                 "agentseg: {} intact: {} lines in {} file(s), seq {}..{}{}",
@@ -138,16 +164,11 @@ pub fn verify(log: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("agentseg: audit log tampered or damaged: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(super::exit::NO)
         }
     }
 }
 
 fn fail(reply: Result<Reply, control::ClientError>) -> ExitCode {
-    match reply {
-        Ok(Reply::Error { message }) => eprintln!("agentseg: {message}"),
-        Ok(other) => eprintln!("agentseg: unexpected reply {other:?}"),
-        Err(e) => eprintln!("agentseg: {e}"),
-    }
-    ExitCode::FAILURE
+    super::failed(reply, false)
 }

@@ -22,7 +22,7 @@ pub struct Question<'a> {
 }
 
 /// Exit status: 0 allowed (audit mode included), 1 denied, 2 no answer (bad flow, unknown
-/// segment, no daemon).
+/// segment), 3 no daemon answers.
 pub fn explain(socket: &Path, q: &Question) -> ExitCode {
     let flow = match (q.to, q.from) {
         (Some(spec), None) => Flow::parse(Direction::Egress, spec),
@@ -39,6 +39,10 @@ pub fn explain(socket: &Path, q: &Question) -> ExitCode {
     };
     let e = match answer {
         Ok(e) => e,
+        Err(message) if message.starts_with(NO_DAEMON) => {
+            eprintln!("agentseg: explain: {}", &message[NO_DAEMON.len()..]);
+            return ExitCode::from(super::exit::NO_DAEMON);
+        }
         Err(message) => return refuse(&message),
     };
     if q.json {
@@ -54,6 +58,9 @@ pub fn explain(socket: &Path, q: &Question) -> ExitCode {
         Verdict::Deny => ExitCode::from(1),
     }
 }
+
+/// Marks a message as "no daemon answers" (exit 3).
+const NO_DAEMON: &str = "\0no-daemon:";
 
 fn refuse(message: &str) -> ExitCode {
     eprintln!("agentseg: explain: {message}");
@@ -73,9 +80,10 @@ fn live(socket: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String>
         Ok(Reply::Explain(e)) => Ok(*e),
         Ok(Reply::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected reply: {other:?}")),
-        Err(e) => Err(format!(
-            "{e} (or judge a policy directory offline: --policies DIR)"
+        Err(e @ control::ClientError::Connect { .. }) => Err(format!(
+            "{NO_DAEMON}{e} (or judge a policy directory offline: --policies DIR)"
         )),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -6,8 +6,9 @@ use crate::{
     datapath,
 };
 
-pub fn reload(socket: &Path) -> ExitCode {
-    simple(socket, &Request::Reload, "policy reloaded")
+/// Exit status: 0 applied, 1 refused (the running policy stays), 3 no daemon.
+pub fn reload(socket: &Path, json: bool) -> ExitCode {
+    simple(socket, &Request::Reload, "policy reloaded", json)
 }
 
 pub fn quarantine(
@@ -15,6 +16,7 @@ pub fn quarantine(
     target: Target,
     reason: String,
     ttl: Option<Duration>,
+    json: bool,
 ) -> ExitCode {
     let done = format!("{target} quarantined");
     let ttl_secs = ttl.map(|d| d.as_secs().max(1));
@@ -26,43 +28,44 @@ pub fn quarantine(
             ttl_secs,
         },
         &done,
+        json,
     )
 }
 
-pub fn release(socket: &Path, target: Target) -> ExitCode {
+pub fn release(socket: &Path, target: Target, json: bool) -> ExitCode {
     let done = format!("{target} released");
-    simple(socket, &Request::Release { target }, &done)
+    simple(socket, &Request::Release { target }, &done, json)
 }
 
-/// A request whose reply is Ok or an error.
-fn simple(socket: &Path, request: &Request, done: &str) -> ExitCode {
+/// A request whose reply is Ok or an error: `{"ok": true, "done": ...}` or `{"ok": false,
+/// "error": ...}` with `json`.
+fn simple(socket: &Path, request: &Request, done: &str, json: bool) -> ExitCode {
     match control::call(socket, request) {
         Ok(Reply::Ok) => {
-            println!("agentseg: {done}");
+            if json {
+                super::print_json(&serde_json::json!({"ok": true, "done": done}));
+            } else {
+                println!("agentseg: {done}");
+            }
             ExitCode::SUCCESS
         }
-        Ok(Reply::Error { message }) => {
-            eprintln!("agentseg: {message}");
-            ExitCode::FAILURE
-        }
-        Ok(other) => {
-            eprintln!("agentseg: unexpected reply {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("agentseg: {e}");
-            ExitCode::FAILURE
-        }
+        other => super::failed(other, json),
     }
 }
 
 /// Remove every attachment and pin. Refused while a daemon holds the pins (a process has the
 /// pinned maps open: it would re-attach, and an operator who wants enforcement off should stop
 /// it first, knowingly), and from inside a pen. Says what it removed.
-pub fn uninstall(socket: &Path, pin_root: &Path) -> ExitCode {
+pub fn uninstall(socket: &Path, pin_root: &Path, json: bool) -> ExitCode {
     let refuse = |why: String| {
-        eprintln!("agentseg: refusing to uninstall: {why}");
-        ExitCode::FAILURE
+        if json {
+            super::print_json(
+                &serde_json::json!({"ok": false, "error": format!("refusing to uninstall: {why}")}),
+            );
+        } else {
+            eprintln!("agentseg: refusing to uninstall: {why}");
+        }
+        ExitCode::from(super::exit::NO)
     };
     match datapath::caller_is_member(pin_root) {
         Ok(false) => {}
@@ -88,22 +91,30 @@ pub fn uninstall(socket: &Path, pin_root: &Path) -> ExitCode {
         ));
     }
     let report = datapath::uninstall(pin_root);
-    if report.links_removed + report.maps_removed == 0 && report.errors.is_empty() {
+    if json {
+        super::print_json(&serde_json::json!({
+            "ok": report.errors.is_empty(),
+            "pin_root": pin_root,
+            "links_removed": report.links_removed,
+            "maps_removed": report.maps_removed,
+            "errors": report.errors,
+        }));
+    } else if report.links_removed + report.maps_removed == 0 && report.errors.is_empty() {
         println!("agentseg: nothing to remove under {}", pin_root.display());
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "agentseg: removed {} links and {} maps under {}",
-        report.links_removed,
-        report.maps_removed,
-        pin_root.display()
-    );
-    if report.errors.is_empty() {
-        ExitCode::SUCCESS
     } else {
+        println!(
+            "agentseg: removed {} links and {} maps under {}",
+            report.links_removed,
+            report.maps_removed,
+            pin_root.display()
+        );
         for e in &report.errors {
             eprintln!("agentseg: not removed: {e}");
         }
-        ExitCode::FAILURE
+    }
+    if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::exit::NO)
     }
 }

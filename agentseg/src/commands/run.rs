@@ -50,7 +50,13 @@ fn errno_text(errno: i32) -> String {
     }
 }
 
-pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String]) -> ExitCode {
+pub fn run(
+    socket: &Path,
+    segment: &str,
+    user: Option<&str>,
+    command: &[String],
+    json: bool,
+) -> ExitCode {
     let Some(program) = command.first() else {
         eprintln!("agentseg: run needs a command");
         return ExitCode::from(REFUSED);
@@ -109,7 +115,7 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
             return ExitCode::from(REFUSED);
         }
     };
-    print_start(&agent_id, segment, &cgroup, &launch);
+    print_start(&agent_id, segment, &cgroup, &launch, json);
     let code = start(socket, &agent_id, &cgroup, &launch, program, path, argv);
     if let Err(e) = control::call(
         socket,
@@ -123,8 +129,19 @@ pub fn run(socket: &Path, segment: &str, user: Option<&str>, command: &[String])
 }
 
 /// The one line at start: who, where, as whom, and what the segment relaxes.
-fn print_start(agent_id: &str, segment: &str, cgroup: &Path, launch: &LaunchSpec) {
+fn print_start(agent_id: &str, segment: &str, cgroup: &Path, launch: &LaunchSpec, json: bool) {
     let relaxed = launch.sandbox.relaxations();
+    if json {
+        let v = serde_json::json!({
+            "agent_id": agent_id,
+            "segment": segment,
+            "cgroup": cgroup,
+            "uid": launch.uid,
+            "relaxed": relaxed,
+        });
+        eprintln!("{v}");
+        return;
+    }
     eprintln!(
         "agentseg: agent {agent_id} segment {segment} cgroup {} uid {}{}",
         cgroup.display(),

@@ -2,21 +2,11 @@ use std::{path::Path, process::ExitCode};
 
 use crate::control::{self, Reply, Request};
 
+/// Exit status: 0 ready, 1 not ready (or refused), 3 no daemon answers.
 pub fn status(socket: &Path, json: bool) -> ExitCode {
     let status = match control::call(socket, &Request::Status) {
         Ok(Reply::Status(s)) => s,
-        Ok(Reply::Error { message }) => {
-            eprintln!("agentseg: the daemon refused: {message}");
-            return ExitCode::FAILURE;
-        }
-        Ok(other) => {
-            eprintln!("agentseg: unexpected reply: {other:?}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("agentseg: {e}");
-            return ExitCode::FAILURE;
-        }
+        other => return super::failed(other, json),
     };
     if json {
         match serde_json::to_string_pretty(&status) {
@@ -85,21 +75,25 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             for q in &status.quarantines {
                 let until = q
                     .until_unix
-                    .map(|u| format!(", until {u}"))
+                    .map(|u| format!(", until {}", super::rfc3339_secs(u)))
                     .unwrap_or_default();
                 let uid = q.by_uid.map(|u| format!(" uid {u}")).unwrap_or_default();
                 println!(
                     "  {}: {} (by {}{uid}, since {}{until})",
-                    q.target, q.reason, q.by, q.since_unix
+                    q.target,
+                    q.reason,
+                    q.by,
+                    super::rfc3339_secs(q.since_unix)
                 );
             }
         }
         println!();
         println!(
-            "reload: {} ({} applied){}; records read {} (standing for {} denials), lost {}, \
+            "reload: {} ({} applied, last {}){}; records read {} (standing for {} denials), lost {}, \
              not written (budgets) {}; audit log {}",
             if status.reload.ok { "ok" } else { "REFUSED" },
             status.reload.applied,
+            super::rfc3339_secs(status.reload.at_unix),
             if status.reload.ok {
                 String::new()
             } else {
@@ -140,6 +134,6 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
     if status.ready {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(super::exit::NO)
     }
 }
