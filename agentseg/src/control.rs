@@ -110,7 +110,7 @@ pub struct QuarantineInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Status(Status),
+    Status(Box<Status>),
     AgentStarted {
         agent_id: String,
         segment: String,
@@ -178,6 +178,17 @@ pub struct Status {
     #[serde(default)]
     pub denials_reported: u64,
     pub audit_log: PathBuf,
+    /// Records the audit log could not take since start (the events still reached the
+    /// detectors and subscribers).
+    #[serde(default)]
+    pub audit_errors: u64,
+    /// SHA-256 of the compiled policy the kernel holds (tables and rules, not where they are
+    /// pinned): equal on every host running the same policy.
+    #[serde(default)]
+    pub policy_digest: String,
+    /// Seconds since the daemon last refreshed the dead-man heartbeat.
+    #[serde(default)]
+    pub heartbeat_age_secs: Option<f64>,
     pub agents: Vec<AgentStatus>,
     /// Kernel-side fail-closed counters: no_member, no_segment, no_ruleset, deadman,
     /// pending_member, malformed, failed_member, ip_options.
@@ -212,6 +223,9 @@ pub struct ReloadStatus {
     pub ok: bool,
     /// Policies applied since the daemon started (the first load included).
     pub applied: u64,
+    /// Reloads refused since the daemon started (the running policy stayed).
+    #[serde(default)]
+    pub refused: u64,
     /// When the last attempt finished (Unix seconds).
     pub at_unix: u64,
     /// The errors of a refused attempt, one per line (file:line:column: reason).

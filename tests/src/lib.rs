@@ -582,7 +582,8 @@ impl Daemon {
         Ok(d)
     }
 
-    fn prepare(tree: &CgroupTree, files: &[(&str, &str)], extra: &[&str]) -> Self {
+    /// A daemon set up (tree, policy, paths) but not started: [`Daemon::launch`] starts it.
+    pub fn prepare(tree: &CgroupTree, files: &[(&str, &str)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         // Agents (uids of their own) may pass through to `scratch()`, not list or read it.
         {

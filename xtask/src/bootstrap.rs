@@ -191,6 +191,51 @@ fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     apt_install(&missing)
 }
 
+/// `promtool`, for the test that checks `packaging/prometheus-rules.yml`: taken out of Debian's
+/// `prometheus` package into `target/tools/` without installing it (no service, no user). None
+/// when it cannot be had (the test then checks the rules against a live scrape alone).
+pub fn promtool(root: &Path) -> Option<PathBuf> {
+    let dir = root.join("target/tools/prometheus");
+    let bin = dir.join("usr/bin/promtool");
+    if bin.is_file() {
+        return Some(bin);
+    }
+    step("fetching promtool (Debian's prometheus package, unpacked into target/tools)");
+    let fetch = || -> anyhow::Result<()> {
+        let download = root.join("target/tools/download");
+        std::fs::create_dir_all(&download)?;
+        let get = |cmd: &mut Command| run(cmd.current_dir(&download));
+        if get(Command::new("apt-get").args(["download", "prometheus"])).is_err() {
+            run(Command::new("apt-get").arg("update").arg("-qq"))?;
+            get(Command::new("apt-get").args(["download", "prometheus"]))?;
+        }
+        let deb = std::fs::read_dir(&download)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("prometheus_"))
+            })
+            .context("apt-get download left no prometheus_*.deb")?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        let _ = std::fs::remove_dir_all(&download);
+        Ok(())
+    };
+    match fetch() {
+        Ok(()) if bin.is_file() => Some(bin),
+        Ok(()) => {
+            println!("promtool: not in the package; the rules are checked against a scrape only");
+            None
+        }
+        Err(e) => {
+            println!(
+                "promtool: cannot be had ({e:#}); the rules are checked against a scrape only"
+            );
+            None
+        }
+    }
+}
+
 fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());

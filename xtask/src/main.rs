@@ -146,7 +146,12 @@ fn main() -> anyhow::Result<()> {
             }
             // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
             args.extend(["--", "--test-threads=1"]);
-            let tally = run_tests(cargo_cmd(&args).env("AGENTSEG_BIN", &bin))?;
+            let mut cmd = cargo_cmd(&args);
+            cmd.env("AGENTSEG_BIN", &bin);
+            if let Some(promtool) = bootstrap::promtool(&root) {
+                cmd.env("AGENTSEG_PROMTOOL", promtool);
+            }
+            let tally = run_tests(&mut cmd)?;
             let (mut passed, mut failed) = (tally.passed, tally.failed);
             for name in &tally.ignored {
                 println!("ignored: {name}");

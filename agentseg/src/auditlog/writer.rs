@@ -194,8 +194,17 @@ impl AuditLog {
         Ok(line)
     }
 
+    /// A failed flush may have left part of a line in the file: nothing more is appended
+    /// after it (the chain would not verify), as after a failed write.
     pub fn flush(&mut self) -> Result<(), AuditError> {
-        self.writer.flush().map_err(io_err(&self.path))
+        if self.poisoned {
+            return Err(AuditError::Poisoned);
+        }
+        let result = self.writer.flush().map_err(io_err(&self.path));
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
     }
 
     /// `path.(keep-1)` and older dropped, `path.N` → `path.N+1`, `path` → `path.1`, new `path`.

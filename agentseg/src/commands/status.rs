@@ -127,6 +127,12 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
                 status.last_alarm.as_deref().unwrap_or("-")
             );
         }
+        if status.audit_errors > 0 {
+            println!(
+                "audit log write errors: {} (the events still reached detectors and subscribers)",
+                status.audit_errors
+            );
+        }
         for f in &status.failed_members {
             println!("FAILED member (denied everything): {f}");
         }

@@ -12,12 +12,32 @@ use sha2::{Digest as _, Sha256};
 use super::Compiled;
 
 impl Compiled {
+    /// Everything the kernel maps hold, and where each rule is written.
     pub fn digest(&self) -> [u8; 32] {
+        self.hash(false)
+    }
+
+    /// What the policy means, not where it is written nor which host runs it: the digest
+    /// hosts running the same policy share (`status`, `agentseg_policy_info`). Rule origins
+    /// (file:line) and the host's own AF_UNIX denial (its control socket) are left out.
+    pub fn policy_digest(&self) -> [u8; 32] {
+        self.hash(true)
+    }
+
+    fn hash(&self, portable: bool) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(b"agentseg compiled policy v1\0");
+        h.update(if portable {
+            &b"agentseg policy v1\0"[..]
+        } else {
+            &b"agentseg compiled policy v1\0"[..]
+        });
         let len = |h: &mut Sha256, n: usize| h.update((n as u64).to_le_bytes());
         len(&mut h, self.segments.len());
         for s in &self.segments {
+            let host_only = |u: &&super::UnixEntry| {
+                portable && u.rule_id == agentseg_common::RULE_CONTROL_SOCKET
+            };
+            let unix: Vec<_> = s.unix.iter().filter(|u| !host_only(u)).collect();
             h.update(
                 format!(
                     "{} {:?} {} {} {:?} {:?} {:?} {:?} {:?}\n",
@@ -26,7 +46,7 @@ impl Compiled {
                     s.mode,
                     s.flags,
                     s.fqdns,
-                    s.unix,
+                    unix,
                     s.quarantine_unix,
                     s.member_cgroups,
                     s.member_units
@@ -52,7 +72,11 @@ impl Compiled {
         }
         len(&mut h, self.rules.len());
         for r in &self.rules {
-            h.update(format!("{:?}\n", r).as_bytes());
+            if portable {
+                h.update(format!("{} {:?} {}\n", r.id, r.segment, r.direction).as_bytes());
+            } else {
+                h.update(format!("{:?}\n", r).as_bytes());
+            }
         }
         h.finalize().into()
     }
@@ -93,5 +117,43 @@ mod tests {
         ] {
             assert_ne!(d(base), d(&changed), "{changed}");
         }
+    }
+}
+
+#[cfg(test)]
+mod policy_digest_tests {
+    use std::path::PathBuf;
+
+    use crate::compile::{HostPolicy, compile_with};
+    use crate::policy;
+
+    const SEG: &str = "name = \"a.b.c\"\n[[egress]]\ncidrs = [\"10.0.0.0/8\"]\nports = [443]\n";
+
+    fn digest(file: &str, text: &str, socket: &str) -> [u8; 32] {
+        let set =
+            policy::load_files(&[(PathBuf::from(file), text.as_bytes().to_vec())]).expect("loads");
+        let host = HostPolicy::new(Vec::new(), None, std::path::Path::new(socket)).expect("host");
+        compile_with(&set, &host).expect("compiles").policy_digest()
+    }
+
+    #[test]
+    fn the_policy_digest_ignores_where_it_is_written_and_the_hosts_socket() {
+        let a = digest(
+            "/etc/agentseg/policies/a.toml",
+            SEG,
+            "/run/agentseg/agentseg.sock",
+        );
+        let b = digest(
+            "/srv/p/other-name.toml",
+            &format!("\n\n{SEG}"),
+            "/tmp/x/agentseg.sock",
+        );
+        assert_eq!(a, b);
+        let c = digest(
+            "/etc/agentseg/policies/a.toml",
+            &SEG.replace("443", "444"),
+            "/run/agentseg/agentseg.sock",
+        );
+        assert_ne!(a, c, "a change of meaning changes it");
     }
 }

@@ -74,6 +74,8 @@ pub struct Engine {
     pub(super) attached: BTreeSet<u64>,
     pub(super) agents: BTreeMap<AgentId, Agent>,
     pub(super) reload: ReloadStatus,
+    /// When the dead-man heartbeat was last written.
+    pub(super) last_heartbeat: Option<std::time::Instant>,
     pub(super) store: Store,
     pub(super) sink: Sink,
     /// Decision counts of agents and member cgroups that are gone, by segment name, so that
@@ -161,6 +163,7 @@ impl Engine {
             names: Default::default(),
             read: 0,
             denials_reported: 0,
+            audit_errors: 0,
             ledger: Default::default(),
             departed: Default::default(),
             exact: Default::default(),
@@ -189,6 +192,7 @@ impl Engine {
             attached: BTreeSet::new(),
             agents: BTreeMap::new(),
             reload: ReloadStatus::default(),
+            last_heartbeat: None,
             store,
             sink,
             retired: Default::default(),
@@ -226,6 +230,8 @@ impl Engine {
                 "the live generation holds this policy already: adopted without rewriting it"
             );
             engine.adopt_live(compiled)?;
+            // The heartbeat is this daemon's from now on (one CONFIG field, nothing else).
+            engine.heartbeat();
         } else {
             engine.apply(compiled)?;
         }
@@ -259,6 +265,7 @@ impl Engine {
         engine.reload = ReloadStatus {
             ok: true,
             applied: 1,
+            refused: 0,
             at_unix: now_unix(),
             message: String::new(),
         };
@@ -372,6 +379,7 @@ impl Engine {
                 self.reload = ReloadStatus {
                     ok: true,
                     applied: self.reload.applied + 1,
+                    refused: self.reload.refused,
                     at_unix: now_unix(),
                     message: String::new(),
                 };
@@ -395,6 +403,7 @@ impl Engine {
                 self.reload = ReloadStatus {
                     ok: false,
                     applied: self.reload.applied,
+                    refused: self.reload.refused + 1,
                     at_unix: now_unix(),
                     message: message.clone(),
                 };
@@ -469,8 +478,9 @@ impl Engine {
             c.dns_port = self.dns.settings.port;
             self.dp.set_config(c)
         });
-        if let Err(e) = result {
-            warn!("heartbeat: {e:#}");
+        match result {
+            Ok(()) => self.last_heartbeat = Some(std::time::Instant::now()),
+            Err(e) => warn!("heartbeat: {e:#}"),
         }
     }
 

@@ -131,6 +131,8 @@ pub struct Sink {
     pub read: u64,
     /// Decisions those records (and the sweeps) stand for.
     pub denials_reported: u64,
+    /// Records the audit log refused (their events still went to detectors and subscribers).
+    pub audit_errors: u64,
     /// Each member's egress denials (kernel counters) deny_rate has been fed, by cgroup id.
     pub exact: HashMap<u64, u64>,
     /// Members with recent records, polled often: cgroup id → (detector key, segment, until).
@@ -253,15 +255,8 @@ pub(super) fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
 
 impl Sink {
     /// Write one record to the audit log; its line (with seq and hash) is what subscribers and
-    /// `agentseg events` see too. False when the log refused it (logged).
-    pub fn publish(
-        &mut self,
-        r: &Record,
-        w: &Who,
-        count: u64,
-        domain: Option<&str>,
-        ts_ms: u64,
-    ) -> bool {
+    /// `agentseg events` see too. A record the log refuses is counted and still published.
+    pub fn publish(&mut self, r: &Record, w: &Who, count: u64, domain: Option<&str>, ts_ms: u64) {
         let e = &r.event;
         let (segment, agent_id, cgroup) = (&w.segment, &w.agent_id, &w.cgroup);
         let egress = e.hook != HOOK_SKB_INGRESS;
@@ -290,7 +285,7 @@ impl Sink {
         };
         let rule_id = (e.rule_id < RULE_FIRST_SENTINEL).then_some(e.rule_id % RULES_PER_GEN);
         // The audit line (with its seq and hash) is what subscribers see too.
-        let json = match self.audit.append_canonical(|seq, prev, hash| EventRecord {
+        let make = |seq, prev, hash| EventRecord {
             agent_id: agent_id.as_deref(),
             cgroup,
             comm: &comm,
@@ -315,11 +310,15 @@ impl Sink {
             sport: e.sport,
             src: &src_text,
             ts_ms,
-        }) {
+        };
+        // A record the log refuses still reaches the detectors and subscribers (without its
+        // place in the chain); the failure is counted for status and metrics.
+        let json = match self.audit.append_canonical(make) {
             Ok(line) => line,
             Err(err) => {
+                self.audit_errors += 1;
                 warn!("audit log: {err}");
-                return false;
+                serde_json::to_string(&make(0, String::new(), None)).unwrap_or_default()
             }
         };
         let line = Arc::new(EventLine {
@@ -332,7 +331,6 @@ impl Sink {
         }
         self.recent.push_back(line.clone());
         let _ = self.bus.send(line);
-        true
     }
 
     /// How many decisions a kernel record adds (0: all counted already, by a sweep); the

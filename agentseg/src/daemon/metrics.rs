@@ -59,7 +59,7 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Job>) {
                 }
                 let Ok(body) = reply_rx.await else { return };
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
             } else {
@@ -207,6 +207,53 @@ impl Engine {
             "policy_applied",
             "Policies applied since the daemon started",
             counter(status.reload.applied),
+        );
+        let reloads = Family::<Labels, Counter>::default();
+        for (result, n) in [
+            ("applied", status.reload.applied),
+            ("refused", status.reload.refused),
+        ] {
+            reloads
+                .get_or_create(&vec![("result".into(), result.into())])
+                .inc_by(n);
+        }
+        registry.register(
+            "policy_reloads",
+            "Policy loads since the daemon started, by result (refused: the running policy stayed)",
+            reloads,
+        );
+        let info = prometheus_client::metrics::info::Info::<Labels>::new;
+        let objects: String = crate::datapath::objects_digest()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        registry.register(
+            "build",
+            "This daemon's version and the digest of its kernel objects",
+            info(vec![
+                ("version".into(), env!("CARGO_PKG_VERSION").into()),
+                ("objects".into(), objects),
+            ]),
+        );
+        registry.register(
+            "policy",
+            "The SHA-256 of the compiled policy in force: equal on every host running the same \
+             policy",
+            info(vec![("digest".into(), status.policy_digest.clone())]),
+        );
+        let age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        age.set(status.heartbeat_age_secs.unwrap_or(f64::INFINITY));
+        registry.register_with_unit(
+            "heartbeat_age",
+            "Time since the daemon last refreshed the dead-man heartbeat",
+            prometheus_client::registry::Unit::Seconds,
+            age,
+        );
+        registry.register(
+            "audit_write_errors",
+            "Records the audit log could not take (the events still reached detectors and \
+             subscribers)",
+            counter(status.audit_errors),
         );
         let agents_gauge = Gauge::<i64>::default();
         agents_gauge.set(status.agents.len() as i64);

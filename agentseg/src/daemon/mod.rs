@@ -328,7 +328,7 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
                 let answer = match engine.check_peer(pid) {
                     Err(message) => Reply::Error { message },
                     Ok(()) => match request {
-                        Request::Status => Reply::Status(engine.status()),
+                        Request::Status => Reply::Status(Box::new(engine.status())),
                         Request::StartAgent { segment, uid, gid } => {
                             engine.start_agent(&segment, uid, gid, pid)
                         }

@@ -194,6 +194,7 @@ impl Engine {
         config.flags = self.config_flags(Some(&compiled));
         config.heartbeat_ns = crate::datapath::boottime_ns();
         self.dp.set_config(config)?;
+        self.last_heartbeat = Some(std::time::Instant::now());
         self.generation = next;
         self.record_live(next, config.epoch, &digest);
 

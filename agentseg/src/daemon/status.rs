@@ -106,6 +106,13 @@ impl Engine {
             events_read: self.sink.read,
             events_lost: stats[agentseg_common::STAT_EVENTS_LOST as usize],
             denials_reported: self.sink.denials_reported,
+            audit_errors: self.sink.audit_errors,
+            policy_digest: self
+                .compiled
+                .as_ref()
+                .map(|c| hex(&c.policy_digest()))
+                .unwrap_or_default(),
+            heartbeat_age_secs: self.last_heartbeat.map(|t| t.elapsed().as_secs_f64()),
             audit_log: self.sink.audit.path().to_owned(),
             segments,
             agents,
@@ -137,4 +144,8 @@ fn rel(root: &Path, path: &Path) -> String {
         .unwrap_or(path)
         .display()
         .to_string()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
