@@ -83,6 +83,11 @@ pub enum AuditAction {
         /// The audit log [default: the daemon config's `audit_log`].
         #[arg(long)]
         log: Option<PathBuf>,
+        /// The chain head kept outside the log [default, with the config's log: audit-head.json
+        /// in the daemon config's `state_dir`]: without it, lines cut off the end cannot be
+        /// told.
+        #[arg(long)]
+        head: Option<PathBuf>,
         /// Print JSON: {"status": "intact"|"tampered"|"unreadable", ...}.
         #[arg(long)]
         json: bool,

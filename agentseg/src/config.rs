@@ -40,6 +40,10 @@ pub struct DaemonConfig {
     pub audit_max_bytes: u64,
     /// ...keeping this many rotated files.
     pub audit_keep: usize,
+    /// Where rotation moves the audit log files it drops, instead of deleting them (a
+    /// directory a collector ships or archives); a file that cannot be moved there is never
+    /// dropped. None: deleted (their ranges are still recorded in the chain head).
+    pub audit_archive_dir: Option<PathBuf>,
     /// Prometheus metrics on this loopback address ("" for none).
     pub metrics: String,
     /// Report one allowed connect/send in this many as an event (0: none).
@@ -206,6 +210,7 @@ impl Default for DaemonConfig {
             audit_log: PathBuf::from("/var/log/agentseg/audit.jsonl"),
             audit_max_bytes: 64 << 20,
             audit_keep: 8,
+            audit_archive_dir: None,
             metrics: "127.0.0.1:9464".into(),
             sample_allows: 0,
             agent_uids: Default::default(),

@@ -41,11 +41,21 @@ fn main() -> ExitCode {
             agent,
         } => commands::events::events(&socket, follow, json, segment, agent),
         Command::Audit {
-            action: Some(agentseg::cli::AuditAction::Verify { log, json }),
+            action: Some(agentseg::cli::AuditAction::Verify { log, head, json }),
             ..
         } => {
-            let log = log.unwrap_or_else(|| commands::check::host_config().audit_log);
-            commands::events::verify(&log, json)
+            // The config's head goes with the config's log; another log needs --head.
+            let config = commands::check::host_config();
+            let (head, explicit) = match (&head, &log) {
+                (Some(h), _) => (Some(h.clone()), true),
+                (None, None) => (
+                    Some(config.state_dir.join(agentseg::auditlog::head::FILE_NAME)),
+                    false,
+                ),
+                (None, Some(_)) => (None, false),
+            };
+            let log = log.unwrap_or(config.audit_log);
+            commands::events::verify(&log, head.as_deref(), explicit, json)
         }
         Command::Audit {
             action: None,

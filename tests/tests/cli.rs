@@ -241,13 +241,92 @@ fn daemon_commands_answer_in_json_and_logs_carry_no_colour() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json(&out)["status"], "unreadable");
+    // Every record names its host and the record format's version.
+    let records = d.audit_records();
+    assert!(!records.is_empty());
+    for r in &records {
+        assert_eq!(r["schema"], 1, "{r}");
+        assert!(!r["host"].as_str().unwrap_or_default().is_empty(), "{r}");
+    }
     let logs = d.stop();
     assert!(
         !logs.contains('\u{1b}'),
         "colour codes in logs off a terminal:\n{logs}"
     );
+    // The chain head the stopped daemon left outside the log.
+    let head = d.dir.path().join("state/audit-head.json");
+    let (log_s, head_s) = (log.to_str().expect("utf8"), head.to_str().expect("utf8"));
+    let verify = |extra: &[&str]| {
+        let mut a = vec![
+            "audit", "verify", "--log", log_s, "--head", head_s, "--json",
+        ];
+        a.extend_from_slice(extra);
+        agentseg(&a)
+    };
+    let out = verify(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v = json(&out);
+    assert_eq!(v["report"]["after_head"], 0, "{v}");
+    let original = std::fs::read_to_string(&log).expect("log");
+    // Lines cut off the end while the daemon is stopped: the chain alone still holds, the
+    // head does not.
+    let lines: Vec<&str> = original.lines().collect();
+    std::fs::write(&log, lines[..lines.len() - 2].join("\n") + "\n").expect("cut");
+    let alone = agentseg(&["audit", "verify", "--log", log_s, "--json"]);
+    assert_eq!(
+        json(&alone)["status"],
+        "intact",
+        "without its head the cut is invisible"
+    );
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["status"], "tampered", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("truncated"),
+        "{v}"
+    );
+    // Rewritten whole: another daemon's log, a valid chain at least as long.
+    let tree2 = CgroupTree::create();
+    let mut d2 = Daemon::start(&tree2, &[("web.toml", SEG), ("peers.toml", GROUPS)]);
+    for _ in 0..lines.len() {
+        let q = d2.cli(&["quarantine", "--segment", "cli.test.web", "--reason", "x"]);
+        assert!(q.status.success());
+        assert!(
+            d2.cli(&["release", "--segment", "cli.test.web"])
+                .status
+                .success()
+        );
+    }
+    d2.stop();
+    std::fs::copy(d2.audit_log(), &log).expect("replace the log");
+    let alone = agentseg(&["audit", "verify", "--log", log_s, "--json"]);
+    assert_eq!(
+        json(&alone)["status"],
+        "intact",
+        "a rewritten log is a valid chain"
+    );
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rewritten"),
+        "{v}"
+    );
+    std::fs::write(&log, &original).expect("restore");
     // An edited line: tampered, exit 1, the line named.
-    let text = std::fs::read_to_string(&log).expect("log");
+    let text = original;
     std::fs::write(&log, text.replacen("drill", "dri11", 1)).expect("edit");
     let out = agentseg(&[
         "audit",

@@ -14,6 +14,7 @@
 //! lines are length-capped, and `report` tolerates any JSON shape.
 
 mod chain;
+pub mod head;
 mod report;
 mod verify;
 mod writer;
@@ -29,7 +30,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use report::{AgentReport, AuditReport, RuleHits, SegmentReport, report};
-pub use verify::{Records, VerifyReport, read_records, verify};
+pub use verify::{Records, VerifyReport, read_records, verify, verify_with_head};
 pub use writer::AuditLog;
 
 /// `prev` of the very first line.
@@ -74,6 +75,9 @@ pub enum AuditError {
     /// A previous write or rotation failed half-way; further appends could corrupt the chain.
     #[error("audit log is unusable after an earlier write or rotation failure")]
     Poisoned,
+    /// The head file (kept outside the log) cannot be read.
+    #[error("audit log head: {reason}")]
+    Head { reason: String },
 }
 
 /// Where and why a log check failed. `line` is 1-based within `file`; 0 means the whole file.

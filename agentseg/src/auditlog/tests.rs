@@ -333,3 +333,118 @@ fn canonical_structs_match_maps_and_verify() {
     fast.flush().unwrap();
     verify(&a).unwrap();
 }
+
+/// A log written with its head kept beside it (`dir/state/audit-head.json`).
+fn write_with_head(
+    dir: &Path,
+    n: u64,
+    max_bytes: u64,
+    keep: usize,
+    archive: bool,
+) -> (PathBuf, PathBuf) {
+    let path = dir.join("logs").join("audit.log");
+    let head = dir.join("state").join(head::FILE_NAME);
+    fs::create_dir_all(head.parent().unwrap()).unwrap();
+    let mut log = AuditLog::open(&path, max_bytes, keep).unwrap();
+    if archive {
+        log.archive_to(&dir.join("archive")).unwrap();
+    }
+    assert_eq!(log.keep_head(&head).unwrap(), None);
+    for i in 0..n {
+        log.append(record(i)).unwrap();
+    }
+    log.checkpoint().unwrap();
+    (path, head)
+}
+
+fn head_of(p: &Path) -> head::Head {
+    head::read(p).unwrap().expect("a head")
+}
+
+#[test]
+fn the_head_follows_the_log_and_catches_a_cut_end_and_a_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, hp) = write_with_head(dir.path(), 10, 1 << 20, 3, false);
+    let h = head_of(&hp);
+    assert_eq!(h.seq, 10);
+    let rep = verify_with_head(&path, &h).unwrap();
+    assert_eq!((rep.head_seq, rep.after_head), (Some(10), 0));
+    // Lines cut off the end: the chain alone still verifies, the head does not.
+    let all = lines(&path);
+    write_lines(&path, &all[..7]);
+    assert!(verify(&path).is_ok(), "the chain alone cannot tell");
+    let e = verify_with_head(&path, &h).unwrap_err();
+    assert!(!e.unreadable);
+    assert!(
+        e.reason.contains("truncated") && e.reason.contains("8..10"),
+        "{e}"
+    );
+    // The whole log rewritten (a new, self-consistent chain of the same length).
+    fs::remove_file(&path).unwrap();
+    let mut log = AuditLog::open(&path, 1 << 20, 3).unwrap();
+    for i in 0..10 {
+        log.append(json!({"kind": "forged", "i": i})).unwrap();
+    }
+    log.flush().unwrap();
+    drop(log);
+    assert!(verify(&path).is_ok());
+    let e = verify_with_head(&path, &h).unwrap_err();
+    assert!(e.reason.contains("rewritten"), "{e}");
+}
+
+#[test]
+fn rotation_records_what_it_drops_and_deleted_files_show() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small files: many rotations, three files kept.
+    let (path, hp) = write_with_head(dir.path(), 60, 600, 3, false);
+    let h = head_of(&hp);
+    let rep = verify_with_head(&path, &h).unwrap();
+    assert!(!rep.anchored_at_genesis);
+    assert!(!rep.dropped.is_empty());
+    assert_eq!(rep.dropped[0].first_seq, 1);
+    assert_eq!(
+        rep.dropped.last().unwrap().last_seq + 1,
+        rep.first_seq,
+        "the dropped ranges end where the log begins: {:?}",
+        rep.dropped
+    );
+    assert!(rep.dropped.iter().all(|d| d.archived.is_none()));
+    // The oldest kept file deleted by hand: a gap no rotation explains.
+    let oldest = rotated(&path, 2);
+    assert!(oldest.is_file());
+    fs::remove_file(&oldest).unwrap();
+    let e = verify_with_head(&path, &h).unwrap_err();
+    assert!(e.reason.contains("no rotation dropped them"), "{e}");
+}
+
+#[test]
+fn rotation_archives_instead_of_deleting_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, hp) = write_with_head(dir.path(), 60, 600, 2, true);
+    let h = head_of(&hp);
+    let rep = verify_with_head(&path, &h).unwrap();
+    assert!(!rep.dropped.is_empty());
+    for d in &rep.dropped {
+        let to = d.archived.as_ref().expect("archived");
+        assert!(to.is_file(), "{}", to.display());
+        // Each archived file is the range it says, a chain of its own.
+        let text = fs::read_to_string(to).unwrap();
+        let first = text.lines().next().unwrap();
+        let last = text.lines().last().unwrap();
+        assert_eq!(field(first, "seq"), d.first_seq);
+        assert_eq!(field(last, "seq"), d.last_seq);
+    }
+}
+
+#[test]
+fn a_head_found_ahead_of_the_log_is_reported_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, hp) = write_with_head(dir.path(), 10, 1 << 20, 3, false);
+    let all = lines(&path);
+    write_lines(&path, &all[..4]);
+    let mut log = AuditLog::open(&path, 1 << 20, 3).unwrap();
+    let problem = log.keep_head(&hp).unwrap().expect("reported");
+    assert!(problem.contains("records 5..10 are gone"), "{problem}");
+    // The head follows the log from now on.
+    assert_eq!(head_of(&hp).seq, 4);
+}

@@ -22,6 +22,15 @@ pub struct VerifyReport {
     /// The oldest line is the first ever (seq 1, genesis `prev`), i.e. nothing was rotated away.
     /// True for an empty log.
     pub anchored_at_genesis: bool,
+    /// With a head: the ranges rotation took out (and where they were archived).
+    #[serde(default)]
+    pub dropped: Vec<super::head::Dropped>,
+    /// With a head: the seq it recorded, and how many records follow it in the log (written
+    /// in the moments before the daemon stopped, after its last update).
+    #[serde(default)]
+    pub head_seq: Option<u64>,
+    #[serde(default)]
+    pub after_head: u64,
 }
 
 fn err(file: &Path, line: usize, reason: impl Into<String>) -> VerifyError {
@@ -47,6 +56,68 @@ fn unreadable(file: &Path, line: usize, reason: impl Into<String>) -> VerifyErro
 /// away; `anchored_at_genesis` tells whether the log still reaches back to the first line.
 /// Only the live file may be empty (right after a rotation).
 pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_inner(path, None).map(|(r, _)| r)
+}
+
+/// [`verify`], then the log against its head ([`super::head`]): lines cut off the end (the
+/// log ends before the head's seq), a log rewritten (the head's record has another hash), and
+/// records missing before the oldest kept line that no rotation dropped (deleted by hand) are
+/// tampering; the ranges rotation dropped are reported.
+pub fn verify_with_head(
+    path: &Path,
+    head: &super::head::Head,
+) -> Result<VerifyReport, VerifyError> {
+    let (mut report, at_head) = verify_inner(path, Some(head.seq))?;
+    if head.seq > report.last_seq {
+        return Err(err(
+            path,
+            0,
+            format!(
+                "truncated: the log ends at seq {} but its head recorded seq {}: records {}..{} \
+                 are gone",
+                report.last_seq,
+                head.seq,
+                report.last_seq + 1,
+                head.seq
+            ),
+        ));
+    }
+    if let Some(hash) = at_head
+        && hash != head.hash
+    {
+        return Err(err(
+            path,
+            0,
+            format!(
+                "rewritten: record {} is not the one the head recorded (its hash differs)",
+                head.seq
+            ),
+        ));
+    }
+    if !report.anchored_at_genesis {
+        let missing = super::head::unexplained(&head.dropped, report.first_seq);
+        if let Some((a, b)) = missing.first() {
+            return Err(err(
+                path,
+                0,
+                format!(
+                    "records {a}..{b} are missing and no rotation dropped them (rotated files \
+                     deleted by hand?)"
+                ),
+            ));
+        }
+    }
+    report.dropped = head.dropped.clone();
+    report.head_seq = Some(head.seq);
+    report.after_head = report.last_seq - head.seq;
+    Ok(report)
+}
+
+/// The check, and the hash of the record numbered `want` if the log holds it.
+fn verify_inner(
+    path: &Path,
+    want: Option<u64>,
+) -> Result<(VerifyReport, Option<String>), VerifyError> {
     let files =
         log_files(path).map_err(|e| unreadable(path, 0, format!("cannot list files: {e}")))?;
     if files.is_empty() {
@@ -58,7 +129,11 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
         first_seq: 0,
         last_seq: 0,
         anchored_at_genesis: true,
+        dropped: Vec::new(),
+        head_seq: None,
+        after_head: 0,
     };
+    let mut at_want = None;
     let mut prev: Option<(u64, String)> = None;
     let mut buf = Vec::new();
     for file in &files {
@@ -109,6 +184,9 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             }
             report.lines += 1;
             report.last_seq = entry.seq;
+            if Some(entry.seq) == want {
+                at_want = Some(entry.hash.clone());
+            }
             prev = Some((entry.seq, entry.hash));
         }
         if line == 0 && file.as_path() != path {
@@ -116,7 +194,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             return Err(err(file, 0, "rotated file is empty (truncated?)"));
         }
     }
-    Ok(report)
+    Ok((report, at_want))
 }
 
 /// Reads every record of the log, oldest file first, without checking the chain (use

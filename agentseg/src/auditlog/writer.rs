@@ -24,7 +24,23 @@ pub struct AuditLog {
     last_hash: String,
     /// Set when a write failed half-way: the live file may end in a partial line.
     poisoned: bool,
+    /// The head file kept outside the log ([`super::head`]), and what rotation dropped.
+    head: Option<HeadFile>,
+    /// Where rotation moves the files it drops (`audit_archive_dir`); None: deleted.
+    archive: Option<PathBuf>,
 }
+
+#[derive(Debug)]
+struct HeadFile {
+    path: PathBuf,
+    dropped: Vec<super::head::Dropped>,
+    written_seq: Option<u64>,
+    written_at: std::time::Instant,
+}
+
+/// The head is rewritten at most this often while records flow (and at every rotation and
+/// checkpoint): a crash loses at most this much of it, never a record.
+const HEAD_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
     move |source| AuditError::Io {
@@ -116,7 +132,85 @@ impl AuditLog {
             seq,
             last_hash,
             poisoned: false,
+            head: None,
+            archive: None,
         })
+    }
+
+    /// Keep the chain head at `path` from now on. Returns what disagrees between the head
+    /// found there and the log (cut or rewritten while the daemon was stopped), for the caller
+    /// to record; the head then follows this log.
+    pub fn keep_head(&mut self, path: &Path) -> Result<Option<String>, AuditError> {
+        let found = super::head::read(path).map_err(|reason| AuditError::Head { reason })?;
+        let mut problem = None;
+        let mut dropped = Vec::new();
+        if let Some(h) = found {
+            if h.seq > self.seq {
+                problem = Some(format!(
+                    "the log ends at seq {} but its head recorded seq {} (records {}..{} are gone)",
+                    self.seq,
+                    h.seq,
+                    self.seq + 1,
+                    h.seq
+                ));
+            } else if h.seq == self.seq && h.hash != self.last_hash {
+                problem = Some(format!(
+                    "record {} is not the one the head recorded (the log was rewritten)",
+                    h.seq
+                ));
+            }
+            dropped = h.dropped;
+        }
+        self.head = Some(HeadFile {
+            path: path.to_path_buf(),
+            dropped,
+            written_seq: None,
+            written_at: std::time::Instant::now(),
+        });
+        self.write_head(true)?;
+        Ok(problem)
+    }
+
+    /// Move the files rotation drops into `dir` instead of deleting them; a file that cannot
+    /// be moved is not dropped (the rotation fails and is tried again).
+    pub fn archive_to(&mut self, dir: &Path) -> Result<(), AuditError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+        self.archive = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Flush, and bring the head up to date now.
+    pub fn checkpoint(&mut self) -> Result<(), AuditError> {
+        self.flush()?;
+        self.write_head(true)
+    }
+
+    /// Rewrite the head if records were added since (at most every [`HEAD_EVERY`] unless
+    /// `now`). The log's data is synced first: a head never gets ahead of the disk.
+    fn write_head(&mut self, now: bool) -> Result<(), AuditError> {
+        let Some(h) = self.head.as_mut() else {
+            return Ok(());
+        };
+        if h.written_seq == Some(self.seq) || (!now && h.written_at.elapsed() < HEAD_EVERY) {
+            return Ok(());
+        }
+        self.writer
+            .get_ref()
+            .sync_data()
+            .map_err(io_err(&self.path))?;
+        let head = super::head::Head {
+            seq: self.seq,
+            hash: self.last_hash.clone(),
+            dropped: h.dropped.clone(),
+        };
+        super::head::write(&h.path, &head).map_err(io_err(&h.path))?;
+        h.written_seq = Some(self.seq);
+        h.written_at = std::time::Instant::now();
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -204,7 +298,8 @@ impl AuditLog {
         if result.is_err() {
             self.poisoned = true;
         }
-        result
+        result?;
+        self.write_head(false)
     }
 
     /// `path.(keep-1)` and older dropped, `path.N` → `path.N+1`, `path` → `path.1`, new `path`.
@@ -218,7 +313,7 @@ impl AuditLog {
         let first_dropped = (self.keep - 1) as u64;
         for (n, file) in chain::rotated_files(&self.path).map_err(io_err(&self.path))? {
             if n >= first_dropped {
-                remove_if_exists(&file)?;
+                self.drop_file(&file)?;
             }
         }
         for n in (1..first_dropped).rev() {
@@ -236,7 +331,60 @@ impl AuditLog {
         }
         self.writer = BufWriter::new(open_append(&self.path)?);
         self.size = 0;
+        self.write_head(true)
+    }
+
+    /// Take a rotated file out of the log: archived (moved) when asked, else deleted, and its
+    /// range recorded in the head.
+    fn drop_file(&mut self, file: &Path) -> Result<(), AuditError> {
+        let range = match (first_seq(file)?, tail(file)?) {
+            (Some(a), Some((b, _))) => Some((a, b)),
+            _ => None,
+        };
+        let archived = match (&self.archive, range) {
+            (Some(dir), Some((a, b))) => {
+                let name = self.path.file_name().map_or_else(
+                    || "audit.jsonl".into(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                let to = dir.join(format!("{name}.{a}-{b}"));
+                if fs::rename(file, &to).is_err() {
+                    // Another file system: copy, make it durable, then remove.
+                    fs::copy(file, &to).map_err(io_err(&to))?;
+                    File::open(&to)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_err(&to))?;
+                    remove_if_exists(file)?;
+                }
+                Some(to)
+            }
+            _ => {
+                remove_if_exists(file)?;
+                None
+            }
+        };
+        if let (Some(h), Some((first_seq, last_seq))) = (self.head.as_mut(), range) {
+            h.dropped.push(super::head::Dropped {
+                first_seq,
+                last_seq,
+                archived,
+            });
+        }
         Ok(())
+    }
+}
+
+/// The sequence number of a file's first record.
+fn first_seq(file: &Path) -> Result<Option<u64>, AuditError> {
+    let f = match File::open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(file)(e)),
+    };
+    let mut buf = Vec::new();
+    match read_line(&mut BufReader::new(f), &mut buf).map_err(io_err(file))? {
+        Some(_) => Ok(check_line(&buf).ok().map(|e| e.seq)),
+        None => Ok(None),
     }
 }
 
@@ -249,7 +397,9 @@ fn remove_if_exists(file: &Path) -> Result<(), AuditError> {
 
 impl Drop for AuditLog {
     fn drop(&mut self) {
-        // Nowhere to report an error from drop; callers wanting one call `flush` first.
-        let _ = self.writer.flush();
+        // Nowhere to report an error from drop; callers wanting one call `checkpoint` first.
+        if !self.poisoned && self.writer.flush().is_ok() {
+            let _ = self.write_head(true);
+        }
     }
 }

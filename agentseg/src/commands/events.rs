@@ -121,15 +121,52 @@ pub fn audit(socket: &Path, since: Option<Duration>, json: bool) -> ExitCode {
     }
 }
 
-/// Exit status: 0 intact, 1 tampered or damaged, 2 unreadable.
-pub fn verify(log: &Path, json: bool) -> ExitCode {
-    let result = auditlog::verify(log);
+/// Exit status: 0 intact, 1 tampered or damaged, 2 unreadable. With a head file (kept by
+/// the daemon outside the log) lines cut off the end and rewrites are caught too.
+pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: bool) -> ExitCode {
+    let no_head = Path::new("-");
+    let head_path = head_path.unwrap_or(no_head);
+    let head = match head_path.as_os_str() == "-" {
+        true => Ok(None),
+        false => auditlog::head::read(head_path),
+    };
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => {
+            let message = format!("the audit log head cannot be read: {e}");
+            if json {
+                super::print_json(
+                    &serde_json::json!({"status": "unreadable", "log": log, "reason": message}),
+                );
+            } else {
+                eprintln!("agentseg: {message}");
+            }
+            return ExitCode::from(super::exit::BAD_INPUT);
+        }
+    };
+    if head.is_none() && head_explicit {
+        let message = format!("no audit log head at {}", head_path.display());
+        if json {
+            super::print_json(
+                &serde_json::json!({"status": "unreadable", "log": log, "reason": message}),
+            );
+        } else {
+            eprintln!("agentseg: {message}");
+        }
+        return ExitCode::from(super::exit::BAD_INPUT);
+    }
+    let result = match &head {
+        Some(h) => auditlog::verify_with_head(log, h),
+        None => auditlog::verify(log),
+    };
     if json {
         let v = match &result {
-            Ok(r) => serde_json::json!({"status": "intact", "log": log, "report": r}),
+            Ok(r) => serde_json::json!({"status": "intact", "log": log,
+                                        "head": head.as_ref().map(|_| head_path), "report": r}),
             Err(e) => serde_json::json!({
                 "status": if e.unreadable { "unreadable" } else { "tampered" },
                 "log": log,
+                "head": head.as_ref().map(|_| head_path),
                 "file": e.file,
                 "line": e.line,
                 "reason": e.reason,
@@ -160,6 +197,32 @@ pub fn verify(log: &Path, json: bool) -> ExitCode {
                     " (older files rotated away; chain anchored at the oldest kept line)"
                 }
             );
+            for d in &r.dropped {
+                match &d.archived {
+                    Some(to) => println!(
+                        "  records {}..{} rotated out, archived at {}",
+                        d.first_seq,
+                        d.last_seq,
+                        to.display()
+                    ),
+                    None => println!(
+                        "  records {}..{} rotated out and deleted",
+                        d.first_seq, d.last_seq
+                    ),
+                }
+            }
+            match r.head_seq {
+                Some(seq) if r.after_head > 0 => println!(
+                    "  head at seq {seq} ({}): {} later record(s), written after its last update",
+                    head_path.display(),
+                    r.after_head
+                ),
+                Some(seq) => println!("  matches its head at seq {seq} ({})", head_path.display()),
+                None => println!(
+                    "  checked without its head (--head FILE): lines cut off the end or a log \
+                     rewritten whole cannot be told"
+                ),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

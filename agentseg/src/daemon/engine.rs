@@ -111,6 +111,7 @@ pub struct StartOptions {
     pub audit_log: PathBuf,
     pub audit_max_bytes: u64,
     pub audit_keep: usize,
+    pub audit_archive_dir: Option<PathBuf>,
     pub sample_allows: u32,
     /// Where live events are published for `agentseg events --follow`.
     pub bus: tokio::sync::broadcast::Sender<std::sync::Arc<EventLine>>,
@@ -153,9 +154,24 @@ impl Engine {
             )
         })?;
         let store = Store::open(&opts.state_dir)?;
-        let audit = AuditLog::open(&opts.audit_log, opts.audit_max_bytes, opts.audit_keep)
+        let mut audit = AuditLog::open(&opts.audit_log, opts.audit_max_bytes, opts.audit_keep)
             .with_context(|| format!("opening the audit log {}", opts.audit_log.display()))?;
+        if let Some(dir) = &opts.audit_archive_dir {
+            audit
+                .archive_to(dir)
+                .with_context(|| format!("the audit archive directory {}", dir.display()))?;
+        }
+        // The chain head, kept beside the quarantine state: what a stopped daemon leaves for
+        // `audit verify` to check the log against.
+        let head_path = opts.state_dir.join(crate::auditlog::head::FILE_NAME);
+        let head_problem = audit
+            .keep_head(&head_path)
+            .with_context(|| format!("the audit log head {}", head_path.display()))?;
+        if let Some(problem) = &head_problem {
+            warn!("audit log changed while the daemon was stopped: {problem}");
+        }
         let sink = Sink {
+            host: super::events::host_name(),
             audit,
             detectors: Detectors::new().with_exact_denials(),
             bus: opts.bus,
@@ -236,6 +252,9 @@ impl Engine {
             engine.apply(compiled)?;
         }
         engine.recover_quarantines();
+        if let Some(problem) = head_problem {
+            engine.audit(serde_json::json!({"kind": "audit_log", "action": "changed_while_stopped", "problem": problem}));
+        }
         engine
             .dp
             .attach(agent_root_id, &engine.agent_root, &MEMBER_PROGRAMS)
@@ -713,6 +732,9 @@ impl Engine {
             agent.exited = true;
         }
         self.sweep();
+        if let Err(e) = self.sink.audit.checkpoint() {
+            warn!("audit log: {e}");
+        }
     }
 }
 

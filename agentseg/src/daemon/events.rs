@@ -80,6 +80,8 @@ struct EventRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     hash: Option<String>,
     hook: &'a str,
+    /// The host the daemon runs on (records from a fleet, collected in one place).
+    host: &'a str,
     kind: &'a str,
     /// The AF_UNIX address (AF_UNIX hooks only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,6 +97,8 @@ struct EventRecord<'a> {
     reason: Option<&'a str>,
     rule: &'a str,
     rule_id: Option<u32>,
+    /// [`SCHEMA`]: the record format's version.
+    schema: u32,
     segment: &'a str,
     seq: u64,
     sport: u16,
@@ -121,7 +125,20 @@ pub struct Names {
 }
 
 /// Everything the pipeline owns on the engine thread.
+/// Version of the audit record format (`schema` in every record; docs/audit-log.md). 1: the
+/// first with `host` and `schema`.
+pub const SCHEMA: u32 = 1;
+
+/// This host's name, for the `host` field of records.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 pub struct Sink {
+    /// [`host_name`], read once.
+    pub host: String,
     pub audit: AuditLog,
     pub detectors: Detectors,
     pub bus: broadcast::Sender<Arc<EventLine>>,
@@ -296,6 +313,7 @@ impl Sink {
             dst: &dst_text,
             hash,
             hook: hook_name(e.hook),
+            host: &self.host,
             kind,
             path: r.unix.as_deref(),
             pid: (e.pid_tgid >> 32) as u32,
@@ -305,6 +323,7 @@ impl Sink {
             reason: r.dns.as_ref().map(|d| d.reason.as_str()),
             rule: &rule,
             rule_id,
+            schema: SCHEMA,
             segment,
             seq,
             sport: e.sport,

@@ -157,6 +157,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             audit_log: config.audit_log.clone(),
             audit_max_bytes: config.audit_max_bytes,
             audit_keep: config.audit_keep,
+            audit_archive_dir: config.audit_archive_dir.clone(),
             sample_allows: config.sample_allows,
             bus: bus.clone(),
             agent_uids: config.agent_uids,

@@ -360,6 +360,8 @@ impl Engine {
     pub(super) fn audit(&mut self, mut record: Value) {
         if let Value::Object(map) = &mut record {
             map.insert("ts_ms".into(), json!(super::engine::now_unix_ms()));
+            map.insert("host".into(), json!(self.sink.host));
+            map.insert("schema".into(), json!(super::events::SCHEMA));
         }
         let result = self
             .sink
