@@ -487,8 +487,8 @@ impl Engine {
         }
     }
 
-    /// Refresh the heartbeat the dead-man switch watches.
-    pub fn heartbeat(&mut self) {
+    /// Refresh the heartbeat the dead-man switch watches; whether it was written.
+    pub fn heartbeat(&mut self) -> bool {
         let result = self.dp.config().and_then(|mut c| {
             c.heartbeat_ns = crate::datapath::boottime_ns();
             c.deadman_secs = self.deadman_secs;
@@ -498,8 +498,14 @@ impl Engine {
             self.dp.set_config(c)
         });
         match result {
-            Ok(()) => self.last_heartbeat = Some(std::time::Instant::now()),
-            Err(e) => warn!("heartbeat: {e:#}"),
+            Ok(()) => {
+                self.last_heartbeat = Some(std::time::Instant::now());
+                true
+            }
+            Err(e) => {
+                warn!("heartbeat: {e:#}");
+                false
+            }
         }
     }
 

@@ -287,6 +287,8 @@ fn spawn_ticker(
 
 fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: PolicyWatch) {
     let mut ticks = 0u64;
+    // Under systemd with WatchdogSec=: each heartbeat tells it the engine is alive.
+    let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
     // Ready already: the first reload will then write only a difference.
     engine.prepare_inactive();
     // Loading left large freed buffers (the object, the verifier's logs, the first write).
@@ -319,7 +321,12 @@ fn engine_loop(mut engine: Engine, mut rx: mpsc::Receiver<Job>, policy_watch: Po
                 }
             }
             Job::CgroupsChanged => engine.sync_members(),
-            Job::Heartbeat => engine.heartbeat(),
+            Job::Heartbeat => {
+                // The engine answered: systemd's watchdog (WatchdogSec=) hears from it too.
+                if engine.heartbeat() && watchdog {
+                    notify_systemd("WATCHDOG=1");
+                }
+            }
             Job::DenyPoll => engine.poll_hot_denials(),
             Job::Reload => {
                 policy_watch.taken();
@@ -475,7 +482,7 @@ impl PolicyWatch {
 }
 
 /// `sd_notify` for `Type=notify` units: one datagram to `$NOTIFY_SOCKET`, if set.
-fn notify_systemd(state: &str) {
+pub(super) fn notify_systemd(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
