@@ -1,8 +1,9 @@
 //! Builds the kernel object with aya-build and leaves it in OUT_DIR for `include_bytes_aligned!`.
 //!
-//! With `AGENTSEG_SKIP_EBPF=1` (or when no bpf-linker is installed) an empty object is written
-//! instead, so `cargo check`/`clippy`/unit tests work without the BPF toolchain; the loader then
-//! refuses with a clear message instead of aya's "error parsing ELF data".
+//! With `AGENTSEG_SKIP_EBPF=1` (or, in a debug build, when no bpf-linker is installed) an empty
+//! object is written instead, so `cargo check`/`clippy`/unit tests work without the BPF
+//! toolchain; the loader then refuses with a clear message instead of aya's "error parsing ELF
+//! data". A release build without bpf-linker fails.
 use std::{fs, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
@@ -13,6 +14,14 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let skip = std::env::var("AGENTSEG_SKIP_EBPF").is_ok_and(|v| v == "1" || v == "true");
     let have_linker = which_bpf_linker();
+    // A release binary without its kernel objects can only refuse to start: fail the build
+    // instead, unless the skip was asked for (the fuzz targets' builds).
+    if !skip && !have_linker && std::env::var("PROFILE").is_ok_and(|p| p == "release") {
+        anyhow::bail!(
+            "agentseg: a release build needs its eBPF objects, and bpf-linker is not on PATH \
+             (run `cargo xtask bootstrap`, or set AGENTSEG_SKIP_EBPF=1 for a build without them)"
+        );
+    }
     if skip || !have_linker {
         println!(
             "cargo:warning=agentseg: eBPF object not built ({}); run `cargo xtask bootstrap`",

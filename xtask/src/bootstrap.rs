@@ -46,7 +46,7 @@ pub fn all(for_tests: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo_home() -> PathBuf {
+pub fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -160,6 +160,18 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
         .args(["+nightly", "install", "cargo-fuzz", "--locked"])
         .env("PATH", path_with_cargo_bin())
         .env_remove("RUSTC"))
+}
+
+/// cargo-deb, for `cargo xtask deb` and the package test.
+pub fn cargo_deb() -> anyhow::Result<()> {
+    let bin = cargo_home().join("bin/cargo-deb");
+    if output(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(());
+    }
+    step("installing cargo-deb (about 2 minutes)");
+    run(Command::new("cargo")
+        .args(["install", "cargo-deb", "--version", "3.8.0", "--locked"])
+        .env("PATH", path_with_cargo_bin()))
 }
 
 fn on_path(tool: &str) -> bool {

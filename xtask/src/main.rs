@@ -4,6 +4,7 @@
 //! nightly's own LLVM, Debian packages) and says what it does; when all is present it is quick.
 mod bench;
 mod bootstrap;
+mod deb;
 mod fuzz;
 
 use std::{
@@ -54,6 +55,8 @@ enum Task {
         /// One target (policy_parser, compiler, control_request); all when absent.
         target: Option<String>,
     },
+    /// Build the Debian package (target/debian/agentseg_*.deb) with cargo-deb.
+    Deb,
     /// Benchmarks (root): none vs agentseg vs nftables vs iptables, in bench-made namespaces.
     Bench {
         /// Short loops, 2 rounds (about 3 minutes).
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.command {
         Task::Bootstrap => bootstrap::all(false),
+        Task::Deb => deb::build(&root).map(|_| ()),
         Task::Build => {
             bootstrap::all(false)?;
             cargo(&["build", "--release", "-p", "agentseg"])
@@ -146,8 +150,10 @@ fn main() -> anyhow::Result<()> {
             }
             // Kernel tests share host-wide state (bpffs, cgroup roots): one at a time.
             args.extend(["--", "--test-threads=1"]);
+            // The package, for the test that installs it (a release build, kernel objects in).
+            let deb = deb::build(&root)?;
             let mut cmd = cargo_cmd(&args);
-            cmd.env("AGENTSEG_BIN", &bin);
+            cmd.env("AGENTSEG_BIN", &bin).env("AGENTSEG_DEB", &deb);
             if let Some(promtool) = bootstrap::promtool(&root) {
                 cmd.env("AGENTSEG_PROMTOOL", promtool);
             }
