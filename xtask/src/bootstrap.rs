@@ -162,6 +162,43 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
         .env_remove("RUSTC"))
 }
 
+/// kubernetes-validate (PyPI: the Kubernetes schemas and a strict validator) unpacked into
+/// `target/tools/k8s-validate`, for the test that validates `packaging/kubernetes/`. None when
+/// it cannot be had.
+pub fn k8s_validate(root: &Path) -> Option<PathBuf> {
+    let dir = root.join("target/tools/k8s-validate");
+    if dir.join("bin/kubernetes-validate").is_file() {
+        return Some(dir);
+    }
+    step("installing kubernetes-validate (PyPI) into target/tools");
+    let has_pip = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pip && apt_install(&["python3-pip"]).is_err() {
+        println!("kubernetes-validate: no pip; the manifests are checked without the schema");
+        return None;
+    }
+    let installed = run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg("kubernetes-validate==1.37.0"));
+    match installed {
+        Ok(()) if dir.join("bin/kubernetes-validate").is_file() => Some(dir),
+        _ => {
+            println!("kubernetes-validate: cannot be had; the manifests are checked without it");
+            None
+        }
+    }
+}
+
 /// cargo-deb, for `cargo xtask deb` and the package test.
 pub fn cargo_deb() -> anyhow::Result<()> {
     let bin = cargo_home().join("bin/cargo-deb");

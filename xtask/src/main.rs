@@ -157,6 +157,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(promtool) = bootstrap::promtool(&root) {
                 cmd.env("AGENTSEG_PROMTOOL", promtool);
             }
+            if let Some(k8s) = bootstrap::k8s_validate(&root) {
+                cmd.env("AGENTSEG_K8S_VALIDATE", k8s);
+            }
             let tally = run_tests(&mut cmd)?;
             let (mut passed, mut failed) = (tally.passed, tally.failed);
             for name in &tally.ignored {
