@@ -44,6 +44,9 @@ pub struct DaemonConfig {
     /// directory a collector ships or archives); a file that cannot be moved there is never
     /// dropped. None: deleted (their ranges are still recorded in the chain head).
     pub audit_archive_dir: Option<PathBuf>,
+    /// Also send every audit record, as it is written, to this syslog receiver:
+    /// `udp://ADDR:PORT` or `unix:PATH` (RFC 5424, the record's JSON as the message).
+    pub audit_forward: Option<String>,
     /// Prometheus metrics on this loopback address ("" for none).
     pub metrics: String,
     /// Report one allowed connect/send in this many as an event (0: none).
@@ -211,6 +214,7 @@ impl Default for DaemonConfig {
             audit_max_bytes: 64 << 20,
             audit_keep: 8,
             audit_archive_dir: None,
+            audit_forward: None,
             metrics: "127.0.0.1:9464".into(),
             sample_allows: 0,
             agent_uids: Default::default(),

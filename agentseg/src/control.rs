@@ -182,6 +182,9 @@ pub struct Status {
     /// detectors and subscribers).
     #[serde(default)]
     pub audit_errors: u64,
+    /// Records `audit_forward` could not send.
+    #[serde(default)]
+    pub audit_forward_errors: u64,
     /// SHA-256 of the compiled policy the kernel holds (tables and rules, not where they are
     /// pinned): equal on every host running the same policy.
     #[serde(default)]

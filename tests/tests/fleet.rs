@@ -199,3 +199,68 @@ fn a_full_audit_log_hides_nothing_from_subscribers_and_shows_in_status_and_metri
     let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
     assert!(text.contains("audit log write errors"), "{text}");
 }
+
+#[test]
+fn every_record_is_forwarded_to_a_syslog_receiver_as_written() {
+    if !kernel_ready() {
+        return;
+    }
+    let tree = CgroupTree::create();
+    let ns = Netns::create();
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let port = receiver.local_addr().expect("addr").port();
+    let conf_dir = tempfile::tempdir().expect("tempdir");
+    let conf = conf_dir.path().join("agentseg.toml");
+    std::fs::write(
+        &conf,
+        format!("audit_forward = \"udp://127.0.0.1:{port}\"\n"),
+    )
+    .expect("config");
+    let d = Daemon::start_with(
+        &tree,
+        &[("web.toml", SEG)],
+        &["--config", conf.to_str().expect("utf8")],
+    );
+    let mut buf = [0u8; 65536];
+    let mut next = || {
+        let n = receiver
+            .recv(&mut buf)
+            .expect("a forwarded record within 5 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(
+        d.run_probe("flt.test.web", &ns, &["connect", "tcp", "127.0.0.9:4242"]),
+        "EPERM"
+    );
+    let deny = loop {
+        let m = next();
+        if m.contains("\"kind\":\"deny\"") {
+            break m;
+        }
+    };
+    assert!(deny.starts_with("<84>1 "), "{deny}");
+    assert!(
+        deny.contains(" agentseg ") && deny.contains("\"dst\":\"127.0.0.9\""),
+        "{deny}"
+    );
+    assert!(
+        deny.contains("\"hash\":\""),
+        "the forwarded copy carries its chain: {deny}"
+    );
+    // A policy record (notice).
+    assert!(d.cli(&["reload"]).status.success());
+    let policy = loop {
+        let m = next();
+        if m.contains("\"kind\":\"policy\"") {
+            break m;
+        }
+    };
+    assert!(policy.starts_with("<85>1 "), "{policy}");
+    // The same line as in the log.
+    let json = deny.splitn(8, ' ').nth(7).expect("MSG");
+    let logged = std::fs::read_to_string(d.audit_log()).expect("log");
+    assert!(logged.lines().any(|l| l == json), "{json}");
+}

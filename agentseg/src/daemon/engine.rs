@@ -112,6 +112,7 @@ pub struct StartOptions {
     pub audit_max_bytes: u64,
     pub audit_keep: usize,
     pub audit_archive_dir: Option<PathBuf>,
+    pub audit_forward: Option<String>,
     pub sample_allows: u32,
     /// Where live events are published for `agentseg events --follow`.
     pub bus: tokio::sync::broadcast::Sender<std::sync::Arc<EventLine>>,
@@ -170,8 +171,17 @@ impl Engine {
         if let Some(problem) = &head_problem {
             warn!("audit log changed while the daemon was stopped: {problem}");
         }
+        let host = super::events::host_name();
+        let forward = match &opts.audit_forward {
+            Some(target) => Some(
+                super::forward::Forwarder::new(target, &host)
+                    .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+            ),
+            None => None,
+        };
         let sink = Sink {
-            host: super::events::host_name(),
+            forward,
+            host,
             audit,
             detectors: Detectors::new().with_exact_denials(),
             bus: opts.bus,

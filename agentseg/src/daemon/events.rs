@@ -139,6 +139,8 @@ pub fn host_name() -> String {
 pub struct Sink {
     /// [`host_name`], read once.
     pub host: String,
+    /// `audit_forward`: every record also sent to a syslog receiver.
+    pub forward: Option<super::forward::Forwarder>,
     pub audit: AuditLog,
     pub detectors: Detectors,
     pub bus: broadcast::Sender<Arc<EventLine>>,
@@ -340,6 +342,9 @@ impl Sink {
                 serde_json::to_string(&make(0, String::new(), None)).unwrap_or_default()
             }
         };
+        if let Some(f) = self.forward.as_mut() {
+            f.send(&json, ts_ms, kind == "deny");
+        }
         let line = Arc::new(EventLine {
             segment: segment.clone(),
             agent_id: agent_id.clone(),

@@ -255,6 +255,11 @@ impl Engine {
              subscribers)",
             counter(status.audit_errors),
         );
+        registry.register(
+            "audit_forward_errors",
+            "Records the audit_forward syslog receiver could not be sent",
+            counter(status.audit_forward_errors),
+        );
         let agents_gauge = Gauge::<i64>::default();
         agents_gauge.set(status.agents.len() as i64);
         registry.register(

@@ -8,6 +8,7 @@ mod dns;
 mod engine;
 mod events;
 mod explain;
+mod forward;
 mod generations;
 mod guards;
 mod metrics;
@@ -158,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             audit_max_bytes: config.audit_max_bytes,
             audit_keep: config.audit_keep,
             audit_archive_dir: config.audit_archive_dir.clone(),
+            audit_forward: config.audit_forward.clone(),
             sample_allows: config.sample_allows,
             bus: bus.clone(),
             agent_uids: config.agent_uids,

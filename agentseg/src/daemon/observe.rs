@@ -363,11 +363,13 @@ impl Engine {
             map.insert("host".into(), json!(self.sink.host));
             map.insert("schema".into(), json!(super::events::SCHEMA));
         }
-        let result = self
-            .sink
-            .audit
-            .append(record)
-            .and_then(|_| self.sink.audit.flush());
+        let ts_ms = record["ts_ms"].as_u64().unwrap_or(0);
+        let result = self.sink.audit.append(record).and_then(|line| {
+            if let Some(f) = self.sink.forward.as_mut() {
+                f.send(&line, ts_ms, false);
+            }
+            self.sink.audit.flush()
+        });
         if let Err(err) = result {
             self.sink.audit_errors += 1;
             warn!("audit log: {err}");

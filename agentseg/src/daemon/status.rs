@@ -107,6 +107,7 @@ impl Engine {
             events_lost: stats[agentseg_common::STAT_EVENTS_LOST as usize],
             denials_reported: self.sink.denials_reported,
             audit_errors: self.sink.audit_errors,
+            audit_forward_errors: self.sink.forward.as_ref().map_or(0, |f| f.errors),
             policy_digest: self
                 .compiled
                 .as_ref()
