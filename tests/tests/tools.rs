@@ -306,24 +306,24 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
     );
     let d = Daemon::start(&tree, &[("lrn.toml", LEARNER)]);
     let run = |args: &[&str]| d.run_probe("lrn.test.audit", &ns, args);
-    let go = |proto: &str, dst: &str, args: &[&str]| l.judged(proto, dst, run(args));
+    // A TCP connect or a UDP send to `dst`, checked against the listeners.
+    let flow = |proto: &str, dst: &str| {
+        let args = if proto == "tcp" {
+            vec!["connect", "tcp", dst]
+        } else {
+            vec!["sendto", dst]
+        };
+        l.judged(proto, dst, run(&args))
+    };
     // What the agents do (audit mode lets it all through).
-    assert_eq!(
-        go(
-            "tcp",
-            "127.0.0.1:8080",
-            &["connect", "tcp", "127.0.0.1:8080"]
-        ),
-        "ok"
-    );
-    assert_eq!(
-        go("tcp", "[::1]:8080", &["connect", "tcp", "[::1]:8080"]),
-        "ok"
-    );
-    assert_eq!(
-        go("udp", "127.0.0.2:5353", &["sendto", "127.0.0.2:5353"]),
-        "ok"
-    );
+    let made = [
+        ("tcp", "127.0.0.1:8080"),
+        ("tcp", "[::1]:8080"),
+        ("udp", "127.0.0.2:5353"),
+    ];
+    for (proto, dst) in made {
+        assert_eq!(flow(proto, dst), "ok", "{proto} {dst}");
+    }
     // Nothing routes 169.254.0.0/16 in the test's namespace: nothing leaves it.
     assert_ne!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
     d.wait_records(4, |r| {
@@ -389,47 +389,18 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
         "the learned policy",
         || d.status_json()["segments"][0]["mode"] == "enforce",
     );
-    assert_eq!(
-        go(
-            "tcp",
-            "127.0.0.1:8080",
-            &["connect", "tcp", "127.0.0.1:8080"]
-        ),
-        "ok"
-    );
-    assert_eq!(
-        go("tcp", "[::1]:8080", &["connect", "tcp", "[::1]:8080"]),
-        "ok"
-    );
-    assert_eq!(
-        go("udp", "127.0.0.2:5353", &["sendto", "127.0.0.2:5353"]),
-        "ok"
-    );
+    for (proto, dst) in made {
+        assert_eq!(flow(proto, dst), "ok", "{proto} {dst} after learning");
+    }
     // Never made: another port, another peer, another protocol; the metadata address.
-    assert_eq!(
-        go(
-            "tcp",
-            "127.0.0.1:9090",
-            &["connect", "tcp", "127.0.0.1:9090"]
-        ),
-        "EPERM"
-    );
-    assert_eq!(
-        go("udp", "127.0.0.2:5354", &["sendto", "127.0.0.2:5354"]),
-        "EPERM"
-    );
-    assert_eq!(
-        go(
-            "tcp",
-            "127.0.0.2:8080",
-            &["connect", "tcp", "127.0.0.2:8080"]
-        ),
-        "EPERM"
-    );
-    assert_eq!(
-        go("udp", "127.0.0.1:8080", &["sendto", "127.0.0.1:8080"]),
-        "EPERM"
-    );
+    for (proto, dst) in [
+        ("tcp", "127.0.0.1:9090"),
+        ("udp", "127.0.0.2:5354"),
+        ("tcp", "127.0.0.2:8080"),
+        ("udp", "127.0.0.1:8080"),
+    ] {
+        assert_eq!(flow(proto, dst), "EPERM", "{proto} {dst} was never made");
+    }
     assert_eq!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
     l.assert_silent("at the end");
 }

@@ -130,22 +130,7 @@ pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: b
         true => Ok(None),
         false => auditlog::head::read(head_path),
     };
-    let head = match head {
-        Ok(h) => h,
-        Err(e) => {
-            let message = format!("the audit log head cannot be read: {e}");
-            if json {
-                super::print_json(
-                    &serde_json::json!({"status": "unreadable", "log": log, "reason": message}),
-                );
-            } else {
-                eprintln!("agentseg: {message}");
-            }
-            return ExitCode::from(super::exit::BAD_INPUT);
-        }
-    };
-    if head.is_none() && head_explicit {
-        let message = format!("no audit log head at {}", head_path.display());
+    let unreadable = |message: String| {
         if json {
             super::print_json(
                 &serde_json::json!({"status": "unreadable", "log": log, "reason": message}),
@@ -153,7 +138,14 @@ pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: b
         } else {
             eprintln!("agentseg: {message}");
         }
-        return ExitCode::from(super::exit::BAD_INPUT);
+        ExitCode::from(super::exit::BAD_INPUT)
+    };
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => return unreadable(format!("the audit log head cannot be read: {e}")),
+    };
+    if head.is_none() && head_explicit {
+        return unreadable(format!("no audit log head at {}", head_path.display()));
     }
     let result = match &head {
         Some(h) => auditlog::verify_with_head(log, h),
