@@ -324,9 +324,11 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
     for (proto, dst) in made {
         assert_eq!(flow(proto, dst), "ok", "{proto} {dst}");
     }
-    // Nothing routes 169.254.0.0/16 in the test's namespace: nothing leaves it.
+    // Nothing routes 169.254.0.0/16 in the test's namespace: nothing leaves it. The cloud
+    // metadata address and another link-local one.
     assert_ne!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
-    d.wait_records(4, |r| {
+    assert_ne!(run(&["connect", "tcp", "169.254.7.7:80"]), "EPERM");
+    d.wait_records(5, |r| {
         r["segment"] == "lrn.test.audit" && r["kind"] == "audit_deny"
     });
 
@@ -353,7 +355,12 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
         learned.contains("#   169.254.169.254 (cloud metadata address): 1 hit(s)"),
         "{learned}"
     );
+    assert!(
+        learned.contains("#   169.254.7.7 (link-local): 1 hit(s)"),
+        "{learned}"
+    );
     assert!(!learned.contains("169.254.169.254/32"), "{learned}");
+    assert!(!learned.contains("169.254.7.7/32"), "{learned}");
     // `agentseg check` accepts it as it is.
     let check_dir = d.scratch().join("check");
     std::fs::create_dir_all(&check_dir).expect("mkdir");
@@ -402,5 +409,6 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
         assert_eq!(flow(proto, dst), "EPERM", "{proto} {dst} was never made");
     }
     assert_eq!(run(&["connect", "tcp", "169.254.169.254:80"]), "EPERM");
+    assert_eq!(run(&["connect", "tcp", "169.254.7.7:80"]), "EPERM");
     l.assert_silent("at the end");
 }
