@@ -156,7 +156,8 @@ fn protocol_number(name: &str) -> Option<u8> {
     }
 }
 
-fn proto_name(protocol: u8) -> String {
+/// A protocol number as flows and policies name it (`tcp`, `icmpv6`, `sctp`, `89`).
+pub(crate) fn proto_name(protocol: u8) -> String {
     match u32::from(protocol) {
         IPPROTO_TCP => "tcp".to_owned(),
         IPPROTO_UDP => "udp".to_owned(),
@@ -327,7 +328,7 @@ pub fn explain(
     let mut notes = Vec::new();
     let mut nearest = Vec::new();
     let decided_by = if let Some(reason) = &state.quarantine {
-        let table = table(seg, Table::Quarantine, flow.peer);
+        let table = table(seg, Table::Quarantine, flow.peer.is_ipv6());
         let rule = lookup(compiled, &table, flow.peer)
             .map(|hit| ruleset_allows(&compiled.rulesets[hit.ruleset], proto, port))
             .filter(|r| *r < RULE_FIRST_SENTINEL)
@@ -347,7 +348,7 @@ pub fn explain(
             Direction::Egress => Table::Egress,
             Direction::Ingress => Table::Ingress,
         };
-        let entries = table(seg, which, flow.peer);
+        let entries = table(seg, which, flow.peer.is_ipv6());
         let hit = lookup(compiled, &entries, flow.peer);
         let found = hit
             .as_ref()
@@ -429,25 +430,27 @@ pub fn explain(
     })
 }
 
+/// One of a segment's prefix tables (`prove` reads them the same way).
 #[derive(Clone, Copy)]
-enum Table {
+pub(crate) enum Table {
     Egress,
     Ingress,
     Quarantine,
 }
 
-/// The segment's (prefix, ruleset) entries of one table, in the peer's family.
-fn table(seg: &CompiledSegment, which: Table, peer: IpAddr) -> Vec<(IpNet, u32)> {
+/// The segment's (prefix, ruleset) entries of one table in one family, sorted by (address,
+/// length) as the compiler leaves them.
+pub(crate) fn table(seg: &CompiledSegment, which: Table, v6: bool) -> Vec<(IpNet, u32)> {
     fn widen<N: Into<IpNet> + Copy>(v: &[(N, u32)]) -> Vec<(IpNet, u32)> {
         v.iter().map(|(n, r)| ((*n).into(), *r)).collect()
     }
-    match (which, peer) {
-        (Table::Egress, IpAddr::V4(_)) => widen(&seg.egress_v4),
-        (Table::Egress, IpAddr::V6(_)) => widen(&seg.egress_v6),
-        (Table::Ingress, IpAddr::V4(_)) => widen(&seg.ingress_v4),
-        (Table::Ingress, IpAddr::V6(_)) => widen(&seg.ingress_v6),
-        (Table::Quarantine, IpAddr::V4(_)) => widen(&seg.quarantine_v4),
-        (Table::Quarantine, IpAddr::V6(_)) => widen(&seg.quarantine_v6),
+    match (which, v6) {
+        (Table::Egress, false) => widen(&seg.egress_v4),
+        (Table::Egress, true) => widen(&seg.egress_v6),
+        (Table::Ingress, false) => widen(&seg.ingress_v4),
+        (Table::Ingress, true) => widen(&seg.ingress_v6),
+        (Table::Quarantine, false) => widen(&seg.quarantine_v4),
+        (Table::Quarantine, true) => widen(&seg.quarantine_v6),
     }
 }
 

@@ -34,7 +34,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{Compiled, CompiledSegment};
-use crate::explain::{RuleRef, rule_ref};
+use crate::explain::{RuleRef, Table, rule_ref, table};
 use crate::policy::{PortRange, Protocol};
 use ceiling::{Forbid, glob};
 
@@ -71,13 +71,7 @@ pub struct Witness {
 
 impl std::fmt::Display for Witness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match u32::from(self.protocol) {
-            IPPROTO_TCP => "tcp".to_owned(),
-            IPPROTO_UDP => "udp".to_owned(),
-            IPPROTO_ICMP => "icmp".to_owned(),
-            IPPROTO_ICMPV6 => "icmpv6".to_owned(),
-            _ => Protocol::Number(self.protocol).to_string(),
-        };
+        let proto = crate::explain::proto_name(self.protocol);
         match (self.peer, self.port) {
             (IpAddr::V6(a), Some(p)) => write!(f, "[{a}]:{p}/{proto}"),
             (a, Some(p)) => write!(f, "{a}:{p}/{proto}"),
@@ -239,13 +233,6 @@ fn check_segment(compiled: &Compiled, seg: &CompiledSegment, forbid: &Forbid, re
     }
 }
 
-#[derive(Clone, Copy)]
-enum Table {
-    Egress,
-    Ingress,
-    Quarantine,
-}
-
 /// One table of a segment in one family: (prefix, ruleset) sorted by (address, length), as
 /// the compiler leaves them, with a set for "is this prefix an entry".
 struct Entries {
@@ -255,17 +242,7 @@ struct Entries {
 
 impl Entries {
     fn of(seg: &CompiledSegment, which: Table, v6: bool) -> Entries {
-        fn widen<N: Into<IpNet> + Copy>(v: &[(N, u32)]) -> Vec<(IpNet, u32)> {
-            v.iter().map(|(n, r)| ((*n).into(), *r)).collect()
-        }
-        let list = match (which, v6) {
-            (Table::Egress, false) => widen(&seg.egress_v4),
-            (Table::Egress, true) => widen(&seg.egress_v6),
-            (Table::Ingress, false) => widen(&seg.ingress_v4),
-            (Table::Ingress, true) => widen(&seg.ingress_v6),
-            (Table::Quarantine, false) => widen(&seg.quarantine_v4),
-            (Table::Quarantine, true) => widen(&seg.quarantine_v6),
-        };
+        let list = table(seg, which, v6);
         let set = list.iter().map(|(n, _)| *n).collect();
         Entries { list, set }
     }
