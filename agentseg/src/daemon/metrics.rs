@@ -223,10 +223,7 @@ impl Engine {
             reloads,
         );
         let info = prometheus_client::metrics::info::Info::<Labels>::new;
-        let objects: String = crate::datapath::objects_digest()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let objects = crate::datapath::build_id();
         registry.register(
             "build",
             "This daemon's version and the digest of its kernel objects",

@@ -111,7 +111,7 @@ impl Engine {
             policy_digest: self
                 .compiled
                 .as_ref()
-                .map(|c| hex(&c.policy_digest()))
+                .map(|c| crate::compile::hex(&c.policy_digest()))
                 .unwrap_or_default(),
             heartbeat_age_secs: self.last_heartbeat.map(|t| t.elapsed().as_secs_f64()),
             audit_log: self.sink.audit.path().to_owned(),
@@ -145,8 +145,4 @@ fn rel(root: &Path, path: &Path) -> String {
         .unwrap_or(path)
         .display()
         .to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

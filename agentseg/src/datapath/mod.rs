@@ -649,14 +649,14 @@ impl Datapath {
     }
 }
 
-/// `progs/<first 16 hex digits of the build's objects digest>`.
+/// The first 16 hex digits of the build's objects digest: names this build's pinned programs
+/// (`progs/<id>`) and labels `agentseg_build_info`.
+pub fn build_id() -> String {
+    crate::compile::hex(&objects_digest()[..8])
+}
+
 fn programs_build_dir(pins: &PinDirs) -> PathBuf {
-    let hex: String = objects_digest()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    pins.progs.join(hex)
+    pins.progs.join(build_id())
 }
 
 /// Every program pinned under `build`, if each is root's, not a symlink, and uses only maps
