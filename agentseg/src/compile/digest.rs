@@ -11,11 +11,6 @@ use sha2::{Digest as _, Sha256};
 
 use super::Compiled;
 
-/// Lower-case hexadecimal of `bytes` (digests in records, labels and file names).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Compiled {
     /// Everything the kernel maps hold, and where each rule is written.
     pub fn digest(&self) -> [u8; 32] {

@@ -31,7 +31,6 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::policy::{DaemonLoss, Fqdn, Mode, Origin, PolicySet, Protocol, Rule, Segment};
 use cover::{FamRule, Net};
-pub use digest::hex;
 pub use fqdn::FqdnEntry;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

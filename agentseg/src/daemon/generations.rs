@@ -34,7 +34,7 @@ impl Engine {
             h.update([0]);
         }
         h.update(self.dp.pin_dirs().root.as_os_str().as_encoded_bytes());
-        crate::compile::hex(&h.finalize())
+        hex::encode(h.finalize())
     }
 
     /// After a switch (or an adoption), and when the epoch moves: the record, replaced

@@ -111,7 +111,7 @@ impl Engine {
             policy_digest: self
                 .compiled
                 .as_ref()
-                .map(|c| crate::compile::hex(&c.policy_digest()))
+                .map(|c| hex::encode(c.policy_digest()))
                 .unwrap_or_default(),
             heartbeat_age_secs: self.last_heartbeat.map(|t| t.elapsed().as_secs_f64()),
             audit_log: self.sink.audit.path().to_owned(),

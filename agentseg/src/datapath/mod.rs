@@ -652,7 +652,7 @@ impl Datapath {
 /// The first 16 hex digits of the build's objects digest: names this build's pinned programs
 /// (`progs/<id>`) and labels `agentseg_build_info`.
 pub fn build_id() -> String {
-    crate::compile::hex(&objects_digest()[..8])
+    hex::encode(&objects_digest()[..8])
 }
 
 fn programs_build_dir(pins: &PinDirs) -> PathBuf {
