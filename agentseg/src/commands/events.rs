@@ -124,12 +124,6 @@ pub fn audit(socket: &Path, since: Option<Duration>, json: bool) -> ExitCode {
 /// Exit status: 0 intact, 1 tampered or damaged, 2 unreadable. With a head file (kept by
 /// the daemon outside the log) lines cut off the end and rewrites are caught too.
 pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: bool) -> ExitCode {
-    let no_head = Path::new("-");
-    let head_path = head_path.unwrap_or(no_head);
-    let head = match head_path.as_os_str() == "-" {
-        true => Ok(None),
-        false => auditlog::head::read(head_path),
-    };
     let unreadable = |message: String| {
         if json {
             super::print_json(
@@ -140,12 +134,15 @@ pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: b
         }
         ExitCode::from(super::exit::BAD_INPUT)
     };
-    let head = match head {
-        Ok(h) => h,
-        Err(e) => return unreadable(format!("the audit log head cannot be read: {e}")),
+    let head = match head_path.map(auditlog::head::read) {
+        None => None,
+        Some(Ok(h)) => h,
+        Some(Err(e)) => return unreadable(format!("the audit log head cannot be read: {e}")),
     };
-    if head.is_none() && head_explicit {
-        return unreadable(format!("no audit log head at {}", head_path.display()));
+    // The head file read (for the report), when there was one.
+    let shown = head.as_ref().and(head_path).map(Path::display);
+    if let (None, Some(p), true) = (&head, head_path, head_explicit) {
+        return unreadable(format!("no audit log head at {}", p.display()));
     }
     let result = match &head {
         Some(h) => auditlog::verify_with_head(log, h),
@@ -154,11 +151,11 @@ pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: b
     if json {
         let v = match &result {
             Ok(r) => serde_json::json!({"status": "intact", "log": log,
-                                        "head": head.as_ref().map(|_| head_path), "report": r}),
+                                        "head": head.as_ref().and(head_path), "report": r}),
             Err(e) => serde_json::json!({
                 "status": if e.unreadable { "unreadable" } else { "tampered" },
                 "log": log,
-                "head": head.as_ref().map(|_| head_path),
+                "head": head.as_ref().and(head_path),
                 "file": e.file,
                 "line": e.line,
                 "reason": e.reason,
@@ -203,14 +200,13 @@ pub fn verify(log: &Path, head_path: Option<&Path>, head_explicit: bool, json: b
                     ),
                 }
             }
-            match r.head_seq {
-                Some(seq) if r.after_head > 0 => println!(
-                    "  head at seq {seq} ({}): {} later record(s), written after its last update",
-                    head_path.display(),
+            match (r.head_seq, shown) {
+                (Some(seq), Some(p)) if r.after_head > 0 => println!(
+                    "  head at seq {seq} ({p}): {} later record(s), written after its last update",
                     r.after_head
                 ),
-                Some(seq) => println!("  matches its head at seq {seq} ({})", head_path.display()),
-                None => println!(
+                (Some(seq), Some(p)) => println!("  matches its head at seq {seq} ({p})"),
+                _ => println!(
                     "  checked without its head (--head FILE): lines cut off the end or a log \
                      rewritten whole cannot be told"
                 ),

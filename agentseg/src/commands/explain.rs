@@ -39,11 +39,10 @@ pub fn explain(socket: &Path, q: &Question) -> ExitCode {
     };
     let e = match answer {
         Ok(e) => e,
-        Err(message) if message.starts_with(NO_DAEMON) => {
-            eprintln!("agentseg: explain: {}", &message[NO_DAEMON.len()..]);
-            return ExitCode::from(super::exit::NO_DAEMON);
+        Err(NoAnswer { code, message }) => {
+            eprintln!("agentseg: explain: {message}");
+            return ExitCode::from(code);
         }
-        Err(message) => return refuse(&message),
     };
     if q.json {
         match serde_json::to_string_pretty(&e) {
@@ -59,17 +58,34 @@ pub fn explain(socket: &Path, q: &Question) -> ExitCode {
     }
 }
 
-/// Marks a message as "no daemon answers" (exit 3).
-const NO_DAEMON: &str = "\0no-daemon:";
+/// Why there is no explanation, and the exit status that says so.
+struct NoAnswer {
+    code: u8,
+    message: String,
+}
+
+/// Bad input: exit 2.
+impl From<String> for NoAnswer {
+    fn from(message: String) -> Self {
+        NoAnswer {
+            code: super::exit::BAD_INPUT,
+            message,
+        }
+    }
+}
 
 fn refuse(message: &str) -> ExitCode {
     eprintln!("agentseg: explain: {message}");
     ExitCode::from(2)
 }
 
-fn live(socket: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String> {
+fn live(socket: &Path, q: &Question, flow: &Flow) -> Result<Explanation, NoAnswer> {
     if q.quarantined {
-        return Err("--quarantined goes with --policies (the daemon knows its quarantines)".into());
+        return Err(
+            "--quarantined goes with --policies (the daemon knows its quarantines)"
+                .to_owned()
+                .into(),
+        );
     }
     let request = Request::Explain {
         segment: q.segment.map(str::to_owned),
@@ -78,23 +94,26 @@ fn live(socket: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String>
     };
     match control::call(socket, &request) {
         Ok(Reply::Explain(e)) => Ok(*e),
-        Ok(Reply::Error { message }) => Err(message),
-        Ok(other) => Err(format!("unexpected reply: {other:?}")),
-        Err(e @ control::ClientError::Connect { .. }) => Err(format!(
-            "{NO_DAEMON}{e} (or judge a policy directory offline: --policies DIR)"
-        )),
-        Err(e) => Err(e.to_string()),
+        Ok(Reply::Error { message }) => Err(message.into()),
+        Ok(other) => Err(format!("unexpected reply: {other:?}").into()),
+        Err(e @ control::ClientError::Connect { .. }) => Err(NoAnswer {
+            code: super::exit::NO_DAEMON,
+            message: format!("{e} (or judge a policy directory offline: --policies DIR)"),
+        }),
+        Err(e) => Err(e.to_string().into()),
     }
 }
 
 /// The directory's policy, compiled as the daemon of this host would (its config's AF_UNIX
 /// baseline and resolver port): no quarantine unless asked, nothing learned.
-fn offline(dir: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String> {
+fn offline(dir: &Path, q: &Question, flow: &Flow) -> Result<Explanation, NoAnswer> {
     if q.agent.is_some() {
-        return Err("--agent needs the running daemon (drop --policies)".into());
+        return Err("--agent needs the running daemon (drop --policies)"
+            .to_owned()
+            .into());
     }
     let Some(segment) = q.segment else {
-        return Err("name the segment (--segment)".into());
+        return Err("name the segment (--segment)".to_owned().into());
     };
     let set = policy::load_dir(dir).map_err(|e| format!("{}:\n{e}", dir.display()))?;
     let config = host_config();
@@ -105,5 +124,5 @@ fn offline(dir: &Path, q: &Question, flow: &Flow) -> Result<Explanation, String>
         dns_port: (config.dns.port != 0).then_some(config.dns.port),
         learned: None,
     };
-    explain::explain(&compiled, segment, flow, &state).map_err(|e| e.to_string())
+    explain::explain(&compiled, segment, flow, &state).map_err(|e| e.to_string().into())
 }
