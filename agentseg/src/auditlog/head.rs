@@ -60,6 +60,26 @@ pub fn write(path: &Path, head: &Head) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// What the log says against its head: `last_seq` is the log's last record, `at_head` the hash
+/// of its record numbered `head.seq` when it holds that one. None when they agree.
+pub fn disagreement(head: &Head, last_seq: u64, at_head: Option<&str>) -> Option<String> {
+    if head.seq > last_seq {
+        return Some(format!(
+            "truncated: the log ends at seq {last_seq} but its head recorded seq {}: records \
+             {}..{} are gone",
+            head.seq,
+            last_seq + 1,
+            head.seq
+        ));
+    }
+    at_head.filter(|h| *h != head.hash).map(|_| {
+        format!(
+            "rewritten: record {} is not the one the head recorded (its hash differs)",
+            head.seq
+        )
+    })
+}
+
 /// The ranges of 1..`before` no entry of `dropped` accounts for.
 pub fn unexplained(dropped: &[Dropped], before: u64) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = dropped.iter().map(|d| (d.first_seq, d.last_seq)).collect();

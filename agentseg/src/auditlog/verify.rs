@@ -68,31 +68,8 @@ pub fn verify_with_head(
     head: &super::head::Head,
 ) -> Result<VerifyReport, VerifyError> {
     let (mut report, at_head) = verify_inner(path, Some(head.seq))?;
-    if head.seq > report.last_seq {
-        return Err(err(
-            path,
-            0,
-            format!(
-                "truncated: the log ends at seq {} but its head recorded seq {}: records {}..{} \
-                 are gone",
-                report.last_seq,
-                head.seq,
-                report.last_seq + 1,
-                head.seq
-            ),
-        ));
-    }
-    if let Some(hash) = at_head
-        && hash != head.hash
-    {
-        return Err(err(
-            path,
-            0,
-            format!(
-                "rewritten: record {} is not the one the head recorded (its hash differs)",
-                head.seq
-            ),
-        ));
+    if let Some(problem) = super::head::disagreement(head, report.last_seq, at_head.as_deref()) {
+        return Err(err(path, 0, problem));
     }
     if !report.anchored_at_genesis {
         let missing = super::head::unexplained(&head.dropped, report.first_seq);

@@ -145,20 +145,8 @@ impl AuditLog {
         let mut problem = None;
         let mut dropped = Vec::new();
         if let Some(h) = found {
-            if h.seq > self.seq {
-                problem = Some(format!(
-                    "the log ends at seq {} but its head recorded seq {} (records {}..{} are gone)",
-                    self.seq,
-                    h.seq,
-                    self.seq + 1,
-                    h.seq
-                ));
-            } else if h.seq == self.seq && h.hash != self.last_hash {
-                problem = Some(format!(
-                    "record {} is not the one the head recorded (the log was rewritten)",
-                    h.seq
-                ));
-            }
+            let at_head = (h.seq == self.seq).then_some(self.last_hash.as_str());
+            problem = super::head::disagreement(&h, self.seq, at_head);
             dropped = h.dropped;
         }
         self.head = Some(HeadFile {
