@@ -14,19 +14,10 @@ fn policy_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
     for path in paths {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         if path.is_dir() {
-            let mut names: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension().is_some_and(|x| x == "toml")
-                        && !p
-                            .file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                        && p.is_file()
-                })
-                .collect();
-            names.sort();
+            let (names, errors) = policy::policy_paths(path).map_err(|e| e.to_string())?;
+            if let Some(e) = errors.first() {
+                return Err(e.to_string());
+            }
             for n in names {
                 let bytes = read(&n)?;
                 out.push((n, bytes));

@@ -301,6 +301,44 @@ pub fn load_files(files: &[(PathBuf, Vec<u8>)]) -> Result<PolicySet, PolicyError
     PolicyCache::default().load_files(files)
 }
 
+/// The policy files of `dir`: every `*.toml` directly in it (not recursive; hidden files
+/// skipped; symlinks followed), sorted, and the entries that could not be read.
+pub fn policy_paths(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PolicyError>), PolicyErrors> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PolicyErrors(vec![error::file_error(
+            dir,
+            format!("cannot read policy directory: {e}"),
+        )])
+    })?;
+    let mut paths = Vec::new();
+    let mut errors = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(error::file_error(
+                    dir,
+                    format!("cannot read policy directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Editors leave hidden lock/backup files (`.#x.toml`) next to the real ones.
+        if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        // Follows symlinks on purpose: a policy file may be linked in from elsewhere.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok((paths, errors))
+}
+
 /// Remembers what each policy file parsed to, keyed by its path and contents (SHA-256), so
 /// that a reload parses only the files that changed (a 100,000-prefix peer-group file takes
 /// ~30 ms to parse, hashing it ~1.2 ms; only files with segments keep their text). Only files
@@ -314,38 +352,7 @@ pub struct PolicyCache {
 impl PolicyCache {
     /// [`load_dir`], reusing the files whose contents did not change since the last call.
     pub fn load_dir(&mut self, dir: &Path) -> Result<PolicySet, PolicyErrors> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            PolicyErrors(vec![error::file_error(
-                dir,
-                format!("cannot read policy directory: {e}"),
-            )])
-        })?;
-        let mut paths = Vec::new();
-        let mut errors = Vec::new();
-        for entry in entries {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    errors.push(error::file_error(
-                        dir,
-                        format!("cannot read policy directory: {e}"),
-                    ));
-                    continue;
-                }
-            };
-            let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            // Editors leave hidden lock/backup files (`.#x.toml`) next to the real ones.
-            if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            // Follows symlinks on purpose: a policy file may be linked in from elsewhere.
-            if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-                paths.push(path);
-            }
-        }
-        paths.sort();
+        let (paths, mut errors) = policy_paths(dir)?;
         if paths.is_empty() && errors.is_empty() {
             errors.push(error::file_error(
                 dir,
