@@ -141,7 +141,8 @@ fn split_port(s: &str) -> Result<(&str, Option<&str>), &'static str> {
     }
 }
 
-fn protocol_number(name: &str) -> Option<u8> {
+/// A protocol's number from its name (`tcp`, `icmpv6`, `sctp`, `proto-89`).
+pub(crate) fn protocol_number(name: &str) -> Option<u8> {
     let lower = name.to_ascii_lowercase();
     match lower.as_str() {
         "tcp" => Some(IPPROTO_TCP as u8),

@@ -108,7 +108,7 @@ pub fn read(records: impl Iterator<Item = Value>, segment: &str, since_ms: u64) 
             continue;
         };
         let port = match r["dport"].as_u64().and_then(|p| u16::try_from(p).ok()) {
-            Some(p) if p != 0 && has_ports(&protocol) => Some(p),
+            Some(p) if p != 0 && ported(&protocol) => Some(p),
             _ => None,
         };
         seen.flows.push(Observation {
@@ -135,8 +135,10 @@ fn policy_protocol(p: &str) -> Option<String> {
     }
 }
 
-fn has_ports(protocol: &str) -> bool {
-    matches!(protocol, "tcp" | "udp" | "udplite" | "sctp" | "dccp")
+/// Whether a protocol, by the name a policy gives it, has ports (the kernel's own test).
+fn ported(protocol: &str) -> bool {
+    crate::explain::protocol_number(protocol)
+        .is_some_and(|n| agentseg_common::has_ports(u32::from(n)))
 }
 
 fn canonical(a: IpAddr) -> IpAddr {
