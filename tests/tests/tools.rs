@@ -332,18 +332,17 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
         r["segment"] == "lrn.test.audit" && r["kind"] == "audit_deny"
     });
 
+    // `agentseg learn` on this daemon's log and policy directory, with `extra` flags.
+    let (log, policies) = (d.audit_log(), d.policies.clone());
+    let learn = |extra: &[&str]| {
+        let mut args = vec!["learn", "--segment", "lrn.test.audit"];
+        args.extend(["--log", log.to_str().expect("utf8")]);
+        args.extend(["--policies", policies.to_str().expect("utf8")]);
+        args.extend_from_slice(extra);
+        d.cli(&args)
+    };
     let out_file = d.scratch().join("learned.toml");
-    let out = d.cli(&[
-        "learn",
-        "--segment",
-        "lrn.test.audit",
-        "--log",
-        d.audit_log().to_str().expect("utf8"),
-        "--policies",
-        d.policies.to_str().expect("utf8"),
-        "--out",
-        out_file.to_str().expect("utf8"),
-    ]);
+    let out = learn(&["--out", out_file.to_str().expect("utf8")]);
     assert!(
         out.status.success(),
         "{}",
@@ -372,16 +371,7 @@ fn a_learned_policy_allows_what_the_agents_did_and_nothing_else() {
         String::from_utf8_lossy(&check.stderr)
     );
     // --diff against the running (rule-less) segment: every flow is new.
-    let diff = d.cli(&[
-        "learn",
-        "--segment",
-        "lrn.test.audit",
-        "--log",
-        d.audit_log().to_str().expect("utf8"),
-        "--policies",
-        d.policies.to_str().expect("utf8"),
-        "--diff",
-    ]);
+    let diff = learn(&["--diff"]);
     let diff = String::from_utf8_lossy(&diff.stdout);
     assert!(
         diff.contains("+ to 127.0.0.1:8080/tcp: refused now"),
