@@ -76,6 +76,9 @@ pub struct Engine {
     pub(super) reload: ReloadStatus,
     /// When the dead-man heartbeat was last written.
     pub(super) last_heartbeat: Option<std::time::Instant>,
+    /// `Compiled::policy_digest` of the live policy, hex: hashed at the first status or
+    /// scrape after a switch, not on the switch's own path.
+    pub(super) policy_digest: std::cell::OnceCell<String>,
     pub(super) store: Store,
     pub(super) sink: Sink,
     /// Decision counts of agents and member cgroups that are gone, by segment name, so that
@@ -219,6 +222,7 @@ impl Engine {
             agents: BTreeMap::new(),
             reload: ReloadStatus::default(),
             last_heartbeat: None,
+            policy_digest: std::cell::OnceCell::new(),
             store,
             sink,
             retired: Default::default(),

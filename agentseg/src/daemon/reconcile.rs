@@ -241,6 +241,7 @@ impl Engine {
             .map(|(cgroup_id, (segment, path))| (path, MemberCgroup { segment, cgroup_id }))
             .collect();
         let old = self.compiled.replace(compiled);
+        self.policy_digest = std::cell::OnceCell::new();
         if keep_old {
             self.inactive_policy = old;
         }

@@ -111,7 +111,11 @@ impl Engine {
             policy_digest: self
                 .compiled
                 .as_ref()
-                .map(|c| hex::encode(c.policy_digest()))
+                .map(|c| {
+                    self.policy_digest
+                        .get_or_init(|| hex::encode(c.policy_digest()))
+                        .clone()
+                })
                 .unwrap_or_default(),
             heartbeat_age_secs: self.last_heartbeat.map(|t| t.elapsed().as_secs_f64()),
             audit_log: self.sink.audit.path().to_owned(),
