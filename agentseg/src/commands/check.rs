@@ -140,6 +140,18 @@ pub fn check(paths: &[PathBuf], show: bool, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A policy directory loaded and compiled as this host's daemon would compile it (its
+/// config's AF_UNIX baseline and control socket), for the commands that judge a directory.
+pub(super) fn compile_dir(
+    dir: &Path,
+    config: &DaemonConfig,
+) -> Result<(policy::PolicySet, compile::Compiled), String> {
+    let set = policy::load_dir(dir).map_err(|e| format!("{} has errors:\n{e}", dir.display()))?;
+    let compiled = compile::compile_with(&set, &host_policy(config))
+        .map_err(|e| format!("{} does not compile:\n{e}", dir.display()))?;
+    Ok((set, compiled))
+}
+
 /// What the daemon on this host adds to every segment: its `[unix] allow` baseline and its
 /// control socket, from the default config file (all defaults when there is none). The
 /// baseline's rules point at the config file's `[unix]` table (line 1 when it has none).

@@ -1,12 +1,10 @@
 //! `agentseg explain`: why a flow is allowed or denied.
 use std::{path::Path, process::ExitCode};
 
-use crate::compile;
 use crate::control::{self, Reply, Request};
 use crate::explain::{self, Direction, Explanation, Flow, State, Verdict};
-use crate::policy;
 
-use super::check::{host_config, host_policy};
+use super::check::{compile_dir, host_config};
 
 /// What to explain, from the command line.
 pub struct Question<'a> {
@@ -115,10 +113,8 @@ fn offline(dir: &Path, q: &Question, flow: &Flow) -> Result<Explanation, NoAnswe
     let Some(segment) = q.segment else {
         return Err("name the segment (--segment)".to_owned().into());
     };
-    let set = policy::load_dir(dir).map_err(|e| format!("{}:\n{e}", dir.display()))?;
     let config = host_config();
-    let compiled = compile::compile_with(&set, &host_policy(&config))
-        .map_err(|e| format!("{} does not compile:\n{e}", dir.display()))?;
+    let (_, compiled) = compile_dir(dir, &config)?;
     let state = State {
         quarantine: q.quarantined.then(|| "--quarantined".to_owned()),
         dns_port: (config.dns.port != 0).then_some(config.dns.port),

@@ -96,7 +96,7 @@ pub fn learn(a: &Ask) -> ExitCode {
     }
     if a.diff {
         match &current {
-            Some(set) => diff(set, &proposal, a.segment),
+            Some(set) => diff(set, &config, &proposal, a.segment),
             None => return fail(format!("--diff: {} does not load", dir.display())),
         }
     }
@@ -124,9 +124,13 @@ pub fn learn(a: &Ask) -> ExitCode {
 
 /// What the proposal changes against the running segment: flows it allows that the segment
 /// refuses now (+), flows both allow (=), and rules no observed flow uses (-: they would go).
-fn diff(set: &policy::PolicySet, proposal: &learn::Proposal, segment: &str) {
-    let config = host_config();
-    let Ok(compiled) = compile::compile_with(set, &host_policy(&config)) else {
+fn diff(
+    set: &policy::PolicySet,
+    config: &crate::config::DaemonConfig,
+    proposal: &learn::Proposal,
+    segment: &str,
+) {
+    let Ok(compiled) = compile::compile_with(set, &host_policy(config)) else {
         println!("(the current policy does not compile: no diff)");
         return;
     };

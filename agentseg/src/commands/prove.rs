@@ -1,11 +1,9 @@
 //! `agentseg prove`: every segment of a policy directory against a ceiling file.
 use std::{path::Path, process::ExitCode};
 
-use crate::compile;
-use crate::policy;
 use crate::prove::{self, Kind, Report, ceiling};
 
-use super::check::{host_config, host_policy};
+use super::check::{compile_dir, host_config};
 
 /// Exit status: 0 within the ceiling, 1 violations, 2 a file could not be read or has errors.
 pub fn prove(ceiling_file: &Path, dir: Option<&Path>, json: bool) -> ExitCode {
@@ -15,13 +13,9 @@ pub fn prove(ceiling_file: &Path, dir: Option<&Path>, json: bool) -> ExitCode {
         eprintln!("agentseg: prove: {message}");
         ExitCode::from(2)
     };
-    let set = match policy::load_dir(dir) {
-        Ok(set) => set,
-        Err(errors) => return fail(format!("{} has errors:\n{errors}", dir.display())),
-    };
-    let compiled = match compile::compile_with(&set, &host_policy(&config)) {
-        Ok(c) => c,
-        Err(errors) => return fail(format!("{} does not compile:\n{errors}", dir.display())),
+    let (set, compiled) = match compile_dir(dir, &config) {
+        Ok(both) => both,
+        Err(message) => return fail(message),
     };
     let ceilings = match ceiling::load(ceiling_file, &set.peers) {
         Ok(c) => c,
