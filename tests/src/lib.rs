@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod boot;
 pub mod dns;
 pub mod reference;
 pub mod sandbox;

@@ -1,10 +1,16 @@
 //! The systemd unit (issue 14.1): `systemd-analyze verify` accepts it, its exposure score is
 //! reported and bounded, and the daemon speaks the notify protocol the unit relies on
-//! (`Type=notify` READY=1, `WatchdogSec=` WATCHDOG=1 with every heartbeat). Booting the unit
-//! under a real systemd is not done yet (see the closing notes).
-use std::{os::unix::net::UnixDatagram, path::Path, process::Command, time::Duration};
+//! (`Type=notify` READY=1, `WatchdogSec=` WATCHDOG=1 with every heartbeat). A systemd booted
+//! in namespaces of the test's own starts, reloads and stops the packaged unit as it is, and
+//! every capability in its bounding set is shown needed by removing it.
+use std::{
+    os::unix::net::UnixDatagram,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use agentseg_tests::{CgroupTree, Daemon, agentseg_bin, kernel_ready};
+use agentseg_tests::{CgroupTree, Daemon, Proc, agentseg_bin, boot::Booted, kernel_ready};
 
 fn unit_file() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.service")
@@ -100,4 +106,278 @@ fn the_daemon_notifies_ready_and_feeds_the_watchdog() {
     }
     assert_eq!(said[0], "READY=1", "{said:?}");
     assert!(said[1..].iter().all(|s| s == "WATCHDOG=1"), "{said:?}");
+}
+
+/// The capabilities the unit bounds the daemon to, as written in it.
+fn unit_capabilities() -> Vec<String> {
+    std::fs::read_to_string(unit_file())
+        .expect("unit")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A segment whose member lives in a cgroup delegated to uid 4242 (mode 0700, as a delegated
+/// subtree may be) and in a network namespace of its own: what the daemon's capabilities are
+/// for, besides loading and attaching its programs.
+const MEMBER_SEGMENT: &str = r#"name = "boot.test.member"
+[[egress]]
+fqdns = ["allowed.example"]
+ports = [443]
+protocol = "tcp"
+[members]
+cgroups = ["boot/member"]
+"#;
+const MEMBER_CGROUP: &str = "/sys/fs/cgroup/boot/member";
+
+fn start_member(boot: &Booted) -> Proc {
+    let script = format!(
+        "mkdir -p {MEMBER_CGROUP} && chown 4242:4242 {MEMBER_CGROUP} && chmod 0700 {MEMBER_CGROUP} \
+         && echo $$ > {MEMBER_CGROUP}/cgroup.procs && exec unshare --net sh -c \
+         'ip link set lo up && exec setpriv --reuid 4242 --regid 4242 --clear-groups sleep 3600'"
+    );
+    let member = Proc(
+        boot.command(&["sh", "-c", &script])
+            .spawn()
+            .expect("member"),
+    );
+    let procs = boot
+        .root()
+        .join(MEMBER_CGROUP.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let start = Instant::now();
+    while std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the member did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    member
+}
+
+/// A lookup of a name the segment does not allow, from inside the member's cgroup and network
+/// namespace: "rcode=REFUSED ..." when the daemon's resolver serves that namespace.
+fn member_lookup(boot: &Booted) -> String {
+    let script = format!(
+        "m=$(head -1 {MEMBER_CGROUP}/cgroup.procs) && echo $$ > {MEMBER_CGROUP}/cgroup.procs && \
+         exec nsenter -t $m -n setpriv --reuid 4242 --regid 4242 --clear-groups \
+         agentseg-probe resolve --timeout-ms 700 denied.example 127.0.0.53:53"
+    );
+    let out = boot.exec(&["sh", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Cold start, DNS in the member's namespace, `agentseg run`, restart adopting the pins: what
+/// failed, each with what it said.
+fn exercise(boot: &Booted) -> Vec<String> {
+    let mut failed = Vec::new();
+    let _ = boot.systemctl(&["stop", "agentseg"]);
+    let _ = boot.exec(&["agentseg", "uninstall"]);
+    let _ = boot.systemctl(&["reset-failed", "agentseg"]);
+    let since = boot.exec(&["date", "+@%s"]);
+    let since = String::from_utf8_lossy(&since.stdout).trim().to_owned();
+    let (ok, said) = boot.systemctl(&["start", "agentseg"]);
+    if !ok {
+        let journal = boot.journal("agentseg", &since);
+        let why = journal
+            .lines()
+            .rfind(|l| l.starts_with("agentseg:"))
+            .unwrap_or(said.trim());
+        failed.push(format!("start ({why})"));
+        return failed;
+    }
+    let start = Instant::now();
+    let mut answer = member_lookup(boot);
+    while !answer.starts_with("rcode=REFUSED") && start.elapsed() < Duration::from_secs(4) {
+        answer = member_lookup(boot);
+    }
+    if !answer.starts_with("rcode=REFUSED") {
+        let journal = boot.journal("agentseg", &since);
+        let why = journal
+            .lines()
+            .rfind(|l| l.contains("WARN") && !l.contains("detector="))
+            .unwrap_or(&answer);
+        failed.push(format!("DNS in the member's namespace ({})", why.trim()));
+    }
+    let out = boot.exec(&[
+        "timeout",
+        "20",
+        "agentseg",
+        "run",
+        "--segment",
+        "boot.test.member",
+        "--",
+        "/bin/true",
+    ]);
+    if !out.status.success() {
+        failed.push(format!(
+            "agentseg run ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let (ok, said) = boot.systemctl(&["restart", "agentseg"]);
+    if !ok {
+        failed.push(format!("restart on its pins ({})", said.trim()));
+    }
+    let _ = boot.systemctl(&["stop", "agentseg"]);
+    failed
+}
+
+/// Bound the service to `caps` (a drop-in, as an administrator would write it).
+fn bound_to(boot: &Booted, caps: &[String]) {
+    boot.write(
+        "/etc/systemd/system/agentseg.service.d/caps.conf",
+        &format!(
+            "[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet={}\nRestart=no\n",
+            caps.join(" ")
+        ),
+    );
+    let (ok, said) = boot.systemctl(&["daemon-reload"]);
+    assert!(ok, "daemon-reload: {said}");
+}
+
+#[test]
+fn systemd_starts_reloads_and_stops_the_unit_and_needs_each_capability() {
+    if !kernel_ready() {
+        return;
+    }
+    let boot = Booted::boot();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |p: &str| std::fs::read_to_string(repo.join(p)).expect(p);
+    // The unit and the config exactly as packaged; the bundled policies plus the member's.
+    boot.write(
+        "/etc/systemd/system/agentseg.service",
+        &read("packaging/agentseg.service"),
+    );
+    boot.write(
+        "/etc/agentseg/agentseg.toml",
+        &read("packaging/agentseg.toml"),
+    );
+    for entry in std::fs::read_dir(repo.join("policies")).expect("policies") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_str()
+            .expect("utf8")
+            .to_owned();
+        boot.write(
+            &format!("/etc/agentseg/policies/{name}"),
+            &std::fs::read_to_string(&path).expect("policy"),
+        );
+    }
+    boot.write("/etc/agentseg/policies/zz-member.toml", MEMBER_SEGMENT);
+    let (ok, said) = boot.systemctl(&["daemon-reload"]);
+    assert!(ok, "daemon-reload: {said}");
+    let _member = start_member(&boot);
+
+    // Start: Type=notify, so this returns once the daemon said READY=1.
+    let (ok, said) = boot.systemctl(&["start", "agentseg"]);
+    assert!(
+        ok,
+        "systemctl start: {said}\n{}",
+        boot.journal("agentseg", "-1h")
+    );
+    let (_, state) = boot.systemctl(&["is-active", "agentseg"]);
+    assert_eq!(state.trim(), "active");
+    let status = boot.exec(&["agentseg", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    assert_eq!(
+        status["segments"].as_array().map(Vec::len),
+        Some(6),
+        "{status}"
+    );
+
+    // Reload: a good policy is applied, a bad one fails `systemctl reload` and changes nothing.
+    let (ok, said) = boot.systemctl(&["reload", "agentseg"]);
+    assert!(ok, "systemctl reload: {said}");
+    boot.write("/etc/agentseg/policies/zz-bad.toml", "name = \"bad\n");
+    let (ok, said) = boot.systemctl(&["reload", "agentseg"]);
+    assert!(!ok, "a refused policy must fail systemctl reload: {said}");
+    let journal = boot.journal("agentseg", "-1h");
+    assert!(
+        journal.contains("zz-bad.toml:1:") && journal.contains("reload refused"),
+        "{journal}"
+    );
+    let (_, state) = boot.systemctl(&["is-active", "agentseg"]);
+    assert_eq!(
+        state.trim(),
+        "active",
+        "a refused reload stopped the service"
+    );
+    boot.remove("/etc/agentseg/policies/zz-bad.toml");
+
+    // Stop: the service goes, enforcement stays pinned; a start adopts it.
+    let (ok, said) = boot.systemctl(&["stop", "agentseg"]);
+    assert!(ok, "systemctl stop: {said}");
+    let (_, state) = boot.systemctl(&["is-active", "agentseg"]);
+    assert_eq!(state.trim(), "inactive");
+    assert!(
+        boot.exists("/sys/fs/bpf/agentseg"),
+        "stopping removed the pins"
+    );
+    let (ok, said) = boot.systemctl(&["start", "agentseg"]);
+    assert!(ok, "systemctl start on the pins: {said}");
+    assert!(
+        boot.journal("agentseg", "-1h")
+            .contains("adopting pinned state"),
+        "the second start did not adopt the pins"
+    );
+
+    // Every capability in the bounding set is needed: with all of them everything works,
+    // without any one of them something fails.
+    let caps = unit_capabilities();
+    let mut table = vec![format!("{:<22} what fails without it", "capability")];
+    let failed = exercise(&boot);
+    assert!(
+        failed.is_empty(),
+        "with the unit's capabilities: {failed:?}"
+    );
+    for cap in &caps {
+        let rest: Vec<String> = caps.iter().filter(|c| *c != cap).cloned().collect();
+        bound_to(&boot, &rest);
+        let failed = exercise(&boot);
+        assert!(
+            !failed.is_empty(),
+            "{cap} is in the unit's bounding set but nothing fails without it"
+        );
+        table.push(format!("{cap:<22} {}", failed.join("; ")));
+    }
+    // The documented variant for hosts whose agents share the daemon's network namespace:
+    // CAP_SYS_ADMIN (setns) swapped for the three it implies for bpf(); each of them needed,
+    // and members in namespaces of their own get no resolver.
+    let variant: Vec<String> = caps
+        .iter()
+        .filter(|c| *c != "CAP_SYS_ADMIN")
+        .cloned()
+        .chain(["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"].map(String::from))
+        .collect();
+    bound_to(&boot, &variant);
+    let failed = exercise(&boot);
+    assert!(
+        failed.len() == 1 && failed[0].starts_with("DNS in the member's namespace"),
+        "without CAP_SYS_ADMIN only member namespaces lose the resolver: {failed:?}"
+    );
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+        let rest: Vec<String> = variant.iter().filter(|c| *c != cap).cloned().collect();
+        bound_to(&boot, &rest);
+        let failed = exercise(&boot);
+        assert!(
+            failed.iter().any(|f| f.starts_with("start")),
+            "{cap}: without CAP_SYS_ADMIN the daemon should need it to start: {failed:?}"
+        );
+        table.push(format!(
+            "{cap:<22} (variant without CAP_SYS_ADMIN) {}",
+            failed.join("; ")
+        ));
+    }
+    eprintln!("{}", table.join("\n"));
 }

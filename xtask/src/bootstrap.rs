@@ -12,11 +12,16 @@ use crate::step;
 /// bpf-linker version known to build with the machine's nightly (shared/notes/toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the kernel tests use: `ip` for network namespaces, `bpftool` to detach
-/// links from outside, `nft` for the NAT-after-the-check vectors.
+/// links from outside, `nft` for the NAT-after-the-check vectors, systemd (booted in
+/// namespaces of the test's own) and util-linux's `unshare`, `nsenter`, `setpriv` around it.
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nft", "nftables"),
+    ("/lib/systemd/systemd", "systemd"),
+    ("unshare", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
 ];
 
 /// Debian packages the build links against, each known by a file it installs: the launcher's
