@@ -8,7 +8,8 @@
 //! read-only, every `.wants` directory and generator of the image is taken out of its view (it
 //! starts journald and what the test asks for, nothing else), and it has its own pid, network
 //! (only `lo`), uts, ipc and cgroup namespaces, a cgroup2 of its own below a test cgroup, and a
-//! bpffs of its own (its pins die with it).
+//! bpffs of its own (its pins die with it). The binary under test is at /usr/local/bin/agentseg
+//! (the probe beside it) and the repository, read-only, at /src.
 use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -20,7 +21,7 @@ use crate::{CgroupTree, agentseg_bin, probe_bin};
 
 /// Runs as PID 1 of the new namespaces, builds the root and becomes systemd.
 const INSIDE: &str = r#"set -eu
-S="$1"; BIN="$2"; PROBE="$3"
+S="$1"; BIN="$2"; PROBE="$3"; SRC="$4"
 mount -t tmpfs -o mode=0755 boot "$S"
 mkdir "$S/upper" "$S/work" "$S/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$S/upper,workdir=$S/work" "$S/root"
@@ -51,6 +52,7 @@ ln -s /proc/self/fd/0 "$R/dev/stdin"; ln -s /proc/self/fd/1 "$R/dev/stdout"
 ln -s /proc/self/fd/2 "$R/dev/stderr"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
+mkdir -p "$R/src"; mount --bind "$SRC" "$R/src"; mount -o remount,bind,ro "$R/src"
 touch "$R/usr/local/bin/agentseg" "$R/usr/local/bin/agentseg-probe"
 mount --bind "$BIN" "$R/usr/local/bin/agentseg"
 mount --bind "$PROBE" "$R/usr/local/bin/agentseg-probe"
@@ -101,6 +103,7 @@ impl Booted {
         .arg(&mnt)
         .arg(agentseg_bin())
         .arg(probe_bin())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -250,44 +250,40 @@ fn systemd_starts_reloads_and_stops_the_unit_and_needs_each_capability() {
         return;
     }
     let boot = Booted::boot();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let read = |p: &str| std::fs::read_to_string(repo.join(p)).expect(p);
-    // The unit and the config exactly as packaged; the bundled policies plus the member's.
-    boot.write(
-        "/etc/systemd/system/agentseg.service",
-        &read("packaging/agentseg.service"),
-    );
-    boot.write(
-        "/etc/agentseg/agentseg.toml",
-        &read("packaging/agentseg.toml"),
-    );
-    for entry in std::fs::read_dir(repo.join("policies")).expect("policies") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_str()
-            .expect("utf8")
-            .to_owned();
-        boot.write(
-            &format!("/etc/agentseg/policies/{name}"),
-            &std::fs::read_to_string(&path).expect("policy"),
-        );
-    }
-    boot.write("/etc/agentseg/policies/zz-member.toml", MEMBER_SEGMENT);
-    let (ok, said) = boot.systemctl(&["daemon-reload"]);
-    assert!(ok, "daemon-reload: {said}");
-    let _member = start_member(&boot);
-
-    // Start: Type=notify, so this returns once the daemon said READY=1.
-    let (ok, said) = boot.systemctl(&["start", "agentseg"]);
+    // The README's install lines, run as written (but the first, which builds and installs
+    // the binary: the one under test is in place). `systemctl enable --now` returns once the
+    // daemon said READY=1 (Type=notify).
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README");
+    let block: Vec<&str> = readme
+        .split("Without the package, to install on a host")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's install block")
+        .lines()
+        .collect();
     assert!(
-        ok,
-        "systemctl start: {said}\n{}",
+        block[0].ends_with("install -m 0755 target/release/agentseg /usr/local/bin/agentseg"),
+        "the README's install block changed: {block:?}"
+    );
+    let script = format!("set -e\ncd /src\n{}", block[1..].join("\n"));
+    let out = boot.exec(&["sh", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "the README's install lines: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
         boot.journal("agentseg", "-1h")
     );
     let (_, state) = boot.systemctl(&["is-active", "agentseg"]);
     assert_eq!(state.trim(), "active");
+    let _member = start_member(&boot);
+
+    // Reload: a good policy is applied, a bad one fails `systemctl reload` and changes nothing.
+    boot.write("/etc/agentseg/policies/zz-member.toml", MEMBER_SEGMENT);
+    let (ok, said) = boot.systemctl(&["reload", "agentseg"]);
+    assert!(ok, "systemctl reload: {said}");
     let status = boot.exec(&["agentseg", "status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
     assert_eq!(
@@ -295,10 +291,6 @@ fn systemd_starts_reloads_and_stops_the_unit_and_needs_each_capability() {
         Some(6),
         "{status}"
     );
-
-    // Reload: a good policy is applied, a bad one fails `systemctl reload` and changes nothing.
-    let (ok, said) = boot.systemctl(&["reload", "agentseg"]);
-    assert!(ok, "systemctl reload: {said}");
     boot.write("/etc/agentseg/policies/zz-bad.toml", "name = \"bad\n");
     let (ok, said) = boot.systemctl(&["reload", "agentseg"]);
     assert!(!ok, "a refused policy must fail systemctl reload: {said}");
