@@ -121,6 +121,14 @@ fn daemon_refuses_a_bad_policy() {
         .err()
         .expect("must refuse");
     assert!(err.contains("bot.toml:5:"), "{err}");
+    // The programs were verified meanwhile (on another thread), but a refused start pins
+    // nothing: the fresh pin root is as it was.
+    let pin_root = std::path::Path::new("/sys/fs/bpf").join(&tree.rel);
+    assert!(
+        !pin_root.exists(),
+        "a refused start left {}",
+        pin_root.display()
+    );
 }
 
 #[test]

@@ -142,6 +142,11 @@ pub enum DatapathError {
     Adopt { root: PathBuf, reason: String },
     #[error("AF_UNIX hooks: {0}")]
     Unix(String),
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
 }
 
 /// Where this daemon's pins live.
@@ -220,6 +225,10 @@ pub struct Datapath {
     links: BTreeMap<(u64, &'static str), links::HeldLink>,
     /// The event ring's descriptor once the reader took the map out of `ebpf`.
     events_fd: Option<OwnedFd>,
+    /// What [`Datapath::commit`] still has to pin: the maps when they were all created here,
+    /// the programs when they were loaded here.
+    unpinned_maps: bool,
+    unpinned_programs: bool,
 }
 
 macro_rules! map_mut {
@@ -254,13 +263,14 @@ pub(crate) use {map_mut, map_ref};
 
 impl Datapath {
     /// Load the programs; every map is opened from its pin when one exists (adoption, after
-    /// checking the pin tree and each adopted map's shape) and created and pinned otherwise.
+    /// checking the pin tree and each adopted map's shape) and created otherwise. Nothing new
+    /// is pinned until [`Datapath::commit`]: a start refused after this (a bad policy, opened
+    /// on another thread meanwhile) leaves a fresh pin root as it found it.
     pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         let pins = PinDirs::new(pin_root);
-        pins.create()?;
         let adopted = pins.maps.join(map_names::CONFIG).exists();
         let refuse = |reason: String| DatapathError::Adopt {
             root: pin_root.to_owned(),
@@ -278,8 +288,13 @@ impl Datapath {
             pins::check_pin(path).map_err(|e| refuse(e.to_string()))?;
         }
         let mut loader = EbpfLoader::new();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        // Fresh: every map is created unpinned and pinned by `commit`. Otherwise the pins are
+        // opened (and a map a newer build added is created and pinned at once, as before).
+        if !fresh {
+            pins.create()?;
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.as_path());
+            }
         }
         let started = std::time::Instant::now();
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -310,11 +325,13 @@ impl Datapath {
             }
             None => (load_all(&mut ebpf, &map_fds)?, Vec::new()),
         };
-        for (_, path) in &paths {
-            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+        if !fresh {
+            for (_, path) in &paths {
+                let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+            }
         }
         let loaded_here = pinned_programs.is_empty();
-        let mut dp = Self {
+        let dp = Self {
             ebpf,
             pins,
             adopted,
@@ -324,11 +341,35 @@ impl Datapath {
             pinned_programs,
             links: BTreeMap::new(),
             events_fd: None,
+            unpinned_maps: fresh,
+            unpinned_programs: loaded_here,
         };
-        if loaded_here {
-            dp.pin_programs(&build);
-        }
         Ok(dp)
+    }
+
+    /// Pin what `open` created, once the daemon is going to use it (its policy compiled): the
+    /// maps when none existed, and the programs it verified, for the next restart. Before any
+    /// attach: a link pinned on an unpinned map would enforce what a restart cannot adopt.
+    pub fn commit(&mut self) -> Result<(), DatapathError> {
+        if self.unpinned_maps {
+            self.pins.create()?;
+            for name in map_names::ALL {
+                let path = self.pins.maps.join(name);
+                let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+                map.pin(&path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+            }
+            self.unpinned_maps = false;
+        }
+        if self.unpinned_programs {
+            let build = programs_build_dir(&self.pins);
+            self.pin_programs(&build);
+            self.unpinned_programs = false;
+        }
+        Ok(())
     }
 
     /// Pin every program under `build` (and drop other builds' pins) for the next restart.
@@ -729,83 +770,122 @@ enum Prog<'a> {
     Sockopt(&'a mut CgroupSockopt),
 }
 
-/// Load (verify) every program: the AF_UNIX object on a thread of its own while aya loads the
-/// main one (the kernel verifies loads in parallel; verification is most of a start). The
-/// scope joins it before `ebpf`, whose maps it uses, can be dropped on any error path.
+/// Verification order, heaviest first (the debug log's `verified` times at 100k rules, the
+/// AF_UNIX pair ~90 ms each, the packet hooks 45-90, the sock_addr hooks 30-60): a queue that
+/// hands out the longest jobs first leaves no core idle at the end. Unlisted programs (the
+/// trivial recvmsg/getpeername hooks) come last.
+const LOAD_ORDER: [&str; 10] = [
+    prog_names::SKB_HANDOFF,
+    prog_names::CONNECT_UNIX,
+    prog_names::SENDMSG_UNIX,
+    prog_names::SKB_INGRESS,
+    prog_names::SKB_EGRESS,
+    prog_names::CONNECT4,
+    prog_names::CONNECT6,
+    prog_names::SENDMSG4,
+    prog_names::SENDMSG6,
+    prog_names::SETSOCKOPT,
+];
+
+/// One program to load (verify).
+enum Load<'a> {
+    Main(&'static str, &'a mut aya::programs::Program),
+    Unix(&'a unix_loader::UnixProgram),
+}
+
+impl Load<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Load::Main(name, _) => name,
+            Load::Unix(p) => p.name,
+        }
+    }
+}
+
+/// Load (verify) every program, the main object's and the AF_UNIX pair, on as many threads as
+/// there are CPUs, each taking the heaviest program left: the kernel verifies loads in
+/// parallel, and verification is most of a cold start. Returns the AF_UNIX programs' fds (aya
+/// holds the others). On the first error the queue is emptied and that error returned.
 fn load_all(
     ebpf: &mut Ebpf,
     map_fds: &HashMap<String, std::os::fd::RawFd>,
 ) -> Result<Vec<(&'static str, OwnedFd)>, DatapathError> {
-    let (main, unix) = std::thread::scope(|scope| {
-        let unix = scope.spawn(|| {
-            let started = std::time::Instant::now();
-            let loaded = unix_loader::load(map_fds);
-            tracing::debug!(
-                ms = started.elapsed().as_millis() as u64,
-                "AF_UNIX programs verified"
-            );
-            loaded
-        });
-        let main = load_programs(ebpf);
-        let unix = unix.join().unwrap_or_else(|_| {
-            Err(DatapathError::Unix(
-                "the AF_UNIX loader thread panicked".to_owned(),
-            ))
-        });
-        (main, unix)
+    let unix = unix_loader::prepare(map_fds)?;
+    let mut jobs: Vec<Load> = ebpf
+        .programs_mut()
+        .filter_map(|(name, prog)| {
+            let name = all_programs().find(|n| *n == name && !is_unix(n))?;
+            Some(Load::Main(name, prog))
+        })
+        .chain(unix.iter().map(Load::Unix))
+        .collect();
+    // Popped from the end: the heaviest last in the vector.
+    jobs.sort_by_key(|j| {
+        std::cmp::Reverse(
+            LOAD_ORDER
+                .iter()
+                .position(|n| *n == j.name())
+                .unwrap_or(LOAD_ORDER.len()),
+        )
     });
-    main?;
-    unix
-}
-
-/// Load (verify) every program of the main object, in two halves on two threads: the
-/// kernel verifies loads in parallel, and verification is most of a start.
-fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    // The three packet programs are the heavy ones: two on one side, one with the rest.
-    let heavy = [prog_names::SKB_EGRESS, prog_names::SKB_HANDOFF];
-    let (mut one, mut other): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
-    for (name, prog) in ebpf.programs_mut() {
-        let Some(name) = all_programs().find(|n| *n == name && !is_unix(n)) else {
-            continue;
-        };
-        if heavy.contains(&name) {
-            one.push((name, prog));
-        } else {
-            other.push((name, prog));
-        }
-    }
-    std::thread::scope(|scope| {
-        let first = scope.spawn(move || load_each(one));
-        let second = load_each(other);
-        let first = first.join().unwrap_or_else(|_| {
-            Err(DatapathError::Unix(
-                "a program loader thread panicked".to_owned(),
-            ))
-        });
-        first.and(second)
-    })
-}
-
-fn load_each(progs: Vec<(&'static str, &mut aya::programs::Program)>) -> Result<(), DatapathError> {
-    for (name, prog) in progs {
-        let started = std::time::Instant::now();
-        let err = |source| DatapathError::Program { name, source };
-        let result = match name {
-            prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
-                <&mut CgroupSkb>::try_from(prog).map_err(err)?.load()
+    let queue = std::sync::Mutex::new(jobs);
+    let unix_fds = std::sync::Mutex::new(Vec::new());
+    let work = || -> Result<(), DatapathError> {
+        loop {
+            let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(job) = job else {
+                return Ok(());
+            };
+            let name = job.name();
+            let started = std::time::Instant::now();
+            let loaded = match job {
+                Load::Main(name, prog) => load_one(name, prog),
+                Load::Unix(p) => p.load().map(|fd| {
+                    unix_fds
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((p.name, fd));
+                }),
+            };
+            if let Err(e) = loaded {
+                queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                return Err(e);
             }
-            prog_names::SETSOCKOPT => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
-            _ => <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load(),
-        };
-        result.map_err(err)?;
-        // The verifier's time: a program that grows past its budget shows here first.
-        tracing::debug!(
-            program = name,
-            ms = started.elapsed().as_millis() as u64,
-            "verified"
-        );
-    }
-    Ok(())
+            // The verifier's time: a program that grows past its budget shows here first.
+            tracing::debug!(
+                program = name,
+                ms = started.elapsed().as_millis() as u64,
+                "verified"
+            );
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+        let mut result = work();
+        for h in helpers {
+            let joined = h.join().unwrap_or_else(|_| {
+                Err(DatapathError::Unix(
+                    "a program loader thread panicked".to_owned(),
+                ))
+            });
+            result = result.and(joined);
+        }
+        result
+    })?;
+    Ok(unix_fds.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn load_one(name: &'static str, prog: &mut aya::programs::Program) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Program { name, source };
+    let result = match name {
+        prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
+            <&mut CgroupSkb>::try_from(prog).map_err(err)?.load()
+        }
+        prog_names::SETSOCKOPT => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
+        _ => <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load(),
+    };
+    result.map_err(err)
 }
 
 fn is_unix(name: &str) -> bool {

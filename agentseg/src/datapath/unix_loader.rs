@@ -19,9 +19,34 @@ pub(super) static UNIX_OBJECT: &[u8] =
 pub const BPF_CGROUP_UNIX_CONNECT: u32 = 49;
 pub const BPF_CGROUP_UNIX_SENDMSG: u32 = 50;
 
-/// Load both AF_UNIX programs; `maps` holds the descriptor of every map of the main object by
-/// name (the programs share its maps). Returns (name, program fd) pairs.
-pub fn load(maps: &HashMap<String, RawFd>) -> Result<Vec<(&'static str, OwnedFd)>, DatapathError> {
+/// One AF_UNIX program, relocated and ready for `BPF_PROG_LOAD`.
+pub struct UnixProgram {
+    pub name: &'static str,
+    attach_type: u32,
+    insns: Vec<aya_obj::generated::bpf_insn>,
+    license: std::ffi::CString,
+}
+
+impl UnixProgram {
+    /// Load (verify) it: returns the program's fd.
+    pub fn load(&self) -> Result<OwnedFd, DatapathError> {
+        // SAFETY: bpf_insn is a plain 8-byte repr(C) struct; the slice covers exactly the
+        // vector's initialised elements.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.insns.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(self.insns.as_slice()),
+            )
+        };
+        sys::prog_load_sock_addr(self.name, bytes, self.attach_type, &self.license)
+            .map_err(|e| DatapathError::Unix(format!("loading {}: {e}", self.name)))
+    }
+}
+
+/// Parse and relocate both AF_UNIX programs; `maps` holds the descriptor of every map of the
+/// main object by name (the programs share its maps). Loading is left to the caller, so that
+/// each program can be verified on a thread of its own.
+pub fn prepare(maps: &HashMap<String, RawFd>) -> Result<Vec<UnixProgram>, DatapathError> {
     if UNIX_OBJECT.is_empty() {
         return Err(DatapathError::NoObject);
     }
@@ -60,18 +85,12 @@ pub fn load(maps: &HashMap<String, RawFd>) -> Result<Vec<(&'static str, OwnedFd)
             .functions
             .get(&prog.function_key())
             .ok_or(DatapathError::MissingProgram(name))?;
-        let insns = &function.instructions;
-        // SAFETY: bpf_insn is a plain 8-byte repr(C) struct; the slice covers exactly the
-        // vector's initialised elements.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                insns.as_ptr().cast::<u8>(),
-                std::mem::size_of_val(insns.as_slice()),
-            )
-        };
-        let fd = sys::prog_load_sock_addr(name, bytes, attach_type, &prog.license)
-            .map_err(|e| bad(format!("loading {name}: {e}")))?;
-        out.push((name, fd));
+        out.push(UnixProgram {
+            name,
+            attach_type,
+            insns: function.instructions.clone(),
+            license: prog.license.clone(),
+        });
     }
     Ok(out)
 }
