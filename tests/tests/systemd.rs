@@ -280,6 +280,27 @@ fn systemd_starts_reloads_and_stops_the_unit_and_needs_each_capability() {
     assert_eq!(state.trim(), "active");
     let _member = start_member(&boot);
 
+    // The watchdog is fed: systemd records each WATCHDOG=1 it accepts.
+    let fed = || {
+        boot.systemctl(&[
+            "show",
+            "agentseg",
+            "-p",
+            "WatchdogTimestampMonotonic",
+            "--value",
+        ])
+        .1
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    let first = fed();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        first > 0 && fed() > first,
+        "systemd saw no WATCHDOG=1 within 2.5 s (first at {first})"
+    );
+
     // Reload: a good policy is applied, a bad one fails `systemctl reload` and changes nothing.
     boot.write("/etc/agentseg/policies/zz-member.toml", MEMBER_SEGMENT);
     let (ok, said) = boot.systemctl(&["reload", "agentseg"]);

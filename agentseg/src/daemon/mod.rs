@@ -78,17 +78,6 @@ const DENY_POLL: Duration = Duration::from_millis(20);
 
 /// Run the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if datapath::ensure_bpffs()? {
-        info!("mounted bpffs at /sys/fs/bpf");
-    }
-    datapath::raise_memlock();
-    // The programs verify (most of a cold start) while the policy is read and compiled: two
-    // independent halves of the start on two threads. `open` pins nothing new; what it made
-    // is pinned by `commit` once the policy compiled and this daemon holds the socket.
-    let opening = tokio::task::spawn_blocking({
-        let pin_root = config.pin_root.clone();
-        move || Datapath::open(&pin_root)
-    });
     let mut policy_cache = policy::PolicyCache::default();
     let set = policy_cache
         .load_dir(&config.policies)
@@ -104,6 +93,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     })?;
     let cgroup2 = cgroup::cgroup2_mount()?;
     let agent_root = cgroup2.join(cgroup::check_relative(&config.agent_root)?);
+    if datapath::ensure_bpffs()? {
+        info!("mounted bpffs at /sys/fs/bpf");
+    }
+    datapath::raise_memlock();
     let listener = bind(&config.socket)?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let metrics = match config.metrics_addr()? {
@@ -146,10 +139,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         None
     };
-    let mut dp = opening
-        .await
-        .map_err(|e| anyhow::anyhow!("the program loader stopped: {e}"))??;
-    dp.commit()?;
+    let mut dp = Datapath::open(&config.pin_root)?;
     let ring = dp.take_events()?;
     let (bus, _) = tokio::sync::broadcast::channel(4096);
     if dp.adopted() {

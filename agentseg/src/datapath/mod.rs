@@ -142,11 +142,6 @@ pub enum DatapathError {
     Adopt { root: PathBuf, reason: String },
     #[error("AF_UNIX hooks: {0}")]
     Unix(String),
-    #[error("pinning {path}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
 }
 
 /// Where this daemon's pins live.
@@ -225,10 +220,6 @@ pub struct Datapath {
     links: BTreeMap<(u64, &'static str), links::HeldLink>,
     /// The event ring's descriptor once the reader took the map out of `ebpf`.
     events_fd: Option<OwnedFd>,
-    /// What [`Datapath::commit`] still has to pin: the maps when they were all created here,
-    /// the programs when they were loaded here.
-    unpinned_maps: bool,
-    unpinned_programs: bool,
 }
 
 macro_rules! map_mut {
@@ -263,14 +254,13 @@ pub(crate) use {map_mut, map_ref};
 
 impl Datapath {
     /// Load the programs; every map is opened from its pin when one exists (adoption, after
-    /// checking the pin tree and each adopted map's shape) and created otherwise. Nothing new
-    /// is pinned until [`Datapath::commit`]: a start refused after this (a bad policy, opened
-    /// on another thread meanwhile) leaves a fresh pin root as it found it.
+    /// checking the pin tree and each adopted map's shape) and created and pinned otherwise.
     pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         let pins = PinDirs::new(pin_root);
+        pins.create()?;
         let adopted = pins.maps.join(map_names::CONFIG).exists();
         let refuse = |reason: String| DatapathError::Adopt {
             root: pin_root.to_owned(),
@@ -288,13 +278,8 @@ impl Datapath {
             pins::check_pin(path).map_err(|e| refuse(e.to_string()))?;
         }
         let mut loader = EbpfLoader::new();
-        // Fresh: every map is created unpinned and pinned by `commit`. Otherwise the pins are
-        // opened (and a map a newer build added is created and pinned at once, as before).
-        if !fresh {
-            pins.create()?;
-            for (name, path) in &paths {
-                loader.map_pin_path(name, path.as_path());
-            }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
         let started = std::time::Instant::now();
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -325,13 +310,11 @@ impl Datapath {
             }
             None => (load_all(&mut ebpf, &map_fds)?, Vec::new()),
         };
-        if !fresh {
-            for (_, path) in &paths {
-                let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
-            }
+        for (_, path) in &paths {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
         }
         let loaded_here = pinned_programs.is_empty();
-        let dp = Self {
+        let mut dp = Self {
             ebpf,
             pins,
             adopted,
@@ -341,35 +324,11 @@ impl Datapath {
             pinned_programs,
             links: BTreeMap::new(),
             events_fd: None,
-            unpinned_maps: fresh,
-            unpinned_programs: loaded_here,
         };
+        if loaded_here {
+            dp.pin_programs(&build);
+        }
         Ok(dp)
-    }
-
-    /// Pin what `open` created, once the daemon is going to use it (its policy compiled): the
-    /// maps when none existed, and the programs it verified, for the next restart. Before any
-    /// attach: a link pinned on an unpinned map would enforce what a restart cannot adopt.
-    pub fn commit(&mut self) -> Result<(), DatapathError> {
-        if self.unpinned_maps {
-            self.pins.create()?;
-            for name in map_names::ALL {
-                let path = self.pins.maps.join(name);
-                let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-                map.pin(&path).map_err(|source| DatapathError::Pin {
-                    path: path.clone(),
-                    source,
-                })?;
-                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
-            }
-            self.unpinned_maps = false;
-        }
-        if self.unpinned_programs {
-            let build = programs_build_dir(&self.pins);
-            self.pin_programs(&build);
-            self.unpinned_programs = false;
-        }
-        Ok(())
     }
 
     /// Pin every program under `build` (and drop other builds' pins) for the next restart.
