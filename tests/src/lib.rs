@@ -127,6 +127,19 @@ pub fn agentseg_bin() -> PathBuf {
     PathBuf::from(std::env::var_os("AGENTSEG_BIN").expect("AGENTSEG_BIN"))
 }
 
+/// The capabilities `packaging/agentseg.service` bounds the daemon to, as written there.
+pub fn unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.service");
+    std::fs::read_to_string(unit)
+        .expect("unit")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The probe binary, built beside `agentseg` by `cargo xtask test`.
 pub fn probe_bin() -> PathBuf {
     agentseg_bin().with_file_name("agentseg-probe")

@@ -4,7 +4,7 @@
 //! Containerfile starts the packaged binary on the config the DaemonSet mounts.
 use std::{path::Path, process::Command};
 
-use agentseg_tests::{agentseg_bin, kernel_ready};
+use agentseg_tests::{agentseg_bin, kernel_ready, unit_capabilities};
 
 fn packaging() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
@@ -109,12 +109,8 @@ for d in docs:
         );
     }
     // The capabilities the unit bounds the daemon to, no more, no fewer.
-    let unit = std::fs::read_to_string(packaging().join("agentseg.service")).expect("unit");
-    let mut unit_caps: Vec<String> = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("CapabilityBoundingSet")
-        .split_whitespace()
+    let mut unit_caps: Vec<String> = unit_capabilities()
+        .iter()
         .map(|c| c.trim_start_matches("CAP_").to_owned())
         .collect();
     unit_caps.sort();

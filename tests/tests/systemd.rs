@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentseg_tests::{CgroupTree, Daemon, Proc, agentseg_bin, boot::Booted, kernel_ready};
+use agentseg_tests::{
+    CgroupTree, Daemon, Proc, agentseg_bin, boot::Booted, kernel_ready, unit_capabilities,
+};
 
 fn unit_file() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentseg.service")
@@ -106,18 +108,6 @@ fn the_daemon_notifies_ready_and_feeds_the_watchdog() {
     }
     assert_eq!(said[0], "READY=1", "{said:?}");
     assert!(said[1..].iter().all(|s| s == "WATCHDOG=1"), "{said:?}");
-}
-
-/// The capabilities the unit bounds the daemon to, as written in it.
-fn unit_capabilities() -> Vec<String> {
-    std::fs::read_to_string(unit_file())
-        .expect("unit")
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("CapabilityBoundingSet")
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// A segment whose member lives in a cgroup delegated to uid 4242 (mode 0700, as a delegated
