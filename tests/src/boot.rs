@@ -107,9 +107,9 @@ impl Booted {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-        // SAFETY: after fork, before exec; only async-signal-safe calls (open/write/close
-        // through std's fs with no allocation after the path was built).
         let procs_c = std::ffi::CString::new(procs.to_str().expect("utf8")).expect("path");
+        // SAFETY: after fork, before exec: only async-signal-safe calls (libc open, write and
+        // close, on a path built before the fork).
         unsafe {
             cmd.pre_exec(move || {
                 let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY);
