@@ -836,15 +836,12 @@ fn load_all(
 }
 
 fn load_one(name: &'static str, prog: &mut aya::programs::Program) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::Program { name, source };
-    let result = match name {
-        prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
-            <&mut CgroupSkb>::try_from(prog).map_err(err)?.load()
-        }
-        prog_names::SETSOCKOPT => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
-        _ => <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load(),
+    let result = match typed(name, prog)? {
+        Prog::SockAddr(p) => p.load(),
+        Prog::Skb(p) => p.load(),
+        Prog::Sockopt(p) => p.load(),
     };
-    result.map_err(err)
+    result.map_err(|source| DatapathError::Program { name, source })
 }
 
 fn is_unix(name: &str) -> bool {
@@ -855,6 +852,14 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Prog<'a>, Datap
     let prog = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?;
+    typed(name, prog)
+}
+
+/// A program of the main object as its kind, known by its name.
+fn typed<'a>(
+    name: &'static str,
+    prog: &'a mut aya::programs::Program,
+) -> Result<Prog<'a>, DatapathError> {
     let err = |source| DatapathError::Program { name, source };
     Ok(match name {
         prog_names::SKB_EGRESS | prog_names::SKB_INGRESS | prog_names::SKB_HANDOFF => {
