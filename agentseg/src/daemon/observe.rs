@@ -358,12 +358,12 @@ impl Engine {
 
     /// Append a non-event record (policy, quarantine, detector) with a timestamp.
     pub(super) fn audit(&mut self, mut record: Value) {
+        let ts_ms = super::engine::now_unix_ms();
         if let Value::Object(map) = &mut record {
-            map.insert("ts_ms".into(), json!(super::engine::now_unix_ms()));
+            map.insert("ts_ms".into(), json!(ts_ms));
             map.insert("host".into(), json!(self.sink.host));
             map.insert("schema".into(), json!(super::events::SCHEMA));
         }
-        let ts_ms = record["ts_ms"].as_u64().unwrap_or(0);
         let result = self.sink.audit.append(record).and_then(|line| {
             if let Some(f) = self.sink.forward.as_mut() {
                 f.send(&line, ts_ms, false);
