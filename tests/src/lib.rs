@@ -156,13 +156,16 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("no cgroup2 mount")
 }
 
-fn sh(cmd: &mut Command) {
+/// Run `cmd`, which must succeed (the failure names it and shows what it printed); its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}",
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A network namespace with only `lo` (127.0.0.0/8, ::1, and two test-only v6 addresses on
@@ -178,11 +181,11 @@ pub const V6_B: &str = "fd00:a5::2";
 impl Netns {
     pub fn create() -> Self {
         let name = unique("agseg");
-        sh(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };
-        sh(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
         // Ping sockets for every group: agents run as uids of their own.
-        sh(Command::new("ip").args([
+        run_ok(Command::new("ip").args([
             "netns",
             "exec",
             &ns.name,
@@ -191,7 +194,7 @@ impl Netns {
             "net.ipv4.ping_group_range=0 2147483647",
         ]));
         for a in [V6_A, V6_B] {
-            sh(Command::new("ip").args([
+            run_ok(Command::new("ip").args([
                 "-n",
                 &ns.name,
                 "addr",

@@ -4,7 +4,7 @@
 use std::{io::Read as _, io::Write as _, path::Path, process::Command, time::Duration};
 
 use agentseg_tests::{
-    CgroupTree, Daemon, Netns, free_port, kernel_ready, metric, scrape, wait_until,
+    CgroupTree, Daemon, Netns, free_port, kernel_ready, metric, run_ok, scrape, wait_until,
 };
 
 const SEG: &str = "name = \"flt.test.web\"\n[[egress]]\ncidrs = [\"127.0.0.1\"]\nports = [8080]\nprotocol = \"tcp\"\n";
@@ -118,16 +118,10 @@ fn metrics_name_the_build_the_policy_and_the_heartbeat_and_the_rules_use_only_th
     // And promtool accepts the file, where the test command could fetch it.
     match std::env::var_os("AGENTSEG_PROMTOOL") {
         Some(promtool) => {
-            let out = Command::new(promtool)
-                .args(["check", "rules"])
-                .arg(rules_file())
-                .output()
-                .expect("promtool");
-            assert!(
-                out.status.success(),
-                "promtool: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            run_ok(
+                Command::new(promtool)
+                    .args(["check", "rules"])
+                    .arg(rules_file()),
             );
         }
         None => eprintln!(

@@ -4,7 +4,7 @@
 //! Containerfile starts the packaged binary on the config the DaemonSet mounts.
 use std::{path::Path, process::Command};
 
-use agentseg_tests::{agentseg_bin, kernel_ready, unit_capabilities};
+use agentseg_tests::{agentseg_bin, kernel_ready, run_ok, unit_capabilities};
 
 fn packaging() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
@@ -12,20 +12,13 @@ fn packaging() -> std::path::PathBuf {
 
 /// Run python3 with the validator's packages (PyYAML among them) on `script`.
 fn python(tools: &Path, script: &str, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .env("PYTHONPATH", tools)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(
+        Command::new("python3")
+            .env("PYTHONPATH", tools)
+            .arg("-c")
+            .arg(script)
+            .args(args),
+    )
 }
 
 #[test]

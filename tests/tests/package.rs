@@ -7,7 +7,7 @@
 //! test says so and passes only outside CI.
 use std::{path::Path, process::Command, time::Duration};
 
-use agentseg_tests::{CgroupTree, kernel_ready, wait_until};
+use agentseg_tests::{CgroupTree, kernel_ready, run_ok, wait_until};
 
 /// `dpkg --purge agentseg` on drop.
 struct Installed;
@@ -16,17 +16,6 @@ impl Drop for Installed {
     fn drop(&mut self) {
         let _ = Command::new("dpkg").args(["--purge", "agentseg"]).status();
     }
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -52,7 +41,7 @@ fn the_package_installs_verifies_and_runs_the_daemon() {
         "agentseg is installed on this machine already"
     );
     let _installed = Installed;
-    ok(Command::new("dpkg").arg("-i").arg(&deb));
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
     for f in [
         "/usr/bin/agentseg",
         "/lib/systemd/system/agentseg.service",
@@ -67,7 +56,7 @@ fn the_package_installs_verifies_and_runs_the_daemon() {
         assert!(Path::new(f).is_file(), "{f} missing");
     }
     let conffiles =
-        ok(Command::new("dpkg-query").args(["--control-show", "agentseg", "conffiles"]));
+        run_ok(Command::new("dpkg-query").args(["--control-show", "agentseg", "conffiles"]));
     assert!(
         conffiles.contains("/etc/agentseg/agentseg.toml"),
         "{conffiles}"
@@ -77,9 +66,11 @@ fn the_package_installs_verifies_and_runs_the_daemon() {
         unit.contains("ExecStart=/usr/bin/agentseg daemon"),
         "{unit}"
     );
-    ok(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/agentseg.service"]));
+    run_ok(
+        Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/agentseg.service"]),
+    );
     let examples = "/usr/share/doc/agentseg/examples";
-    ok(Command::new("/usr/bin/agentseg").args(["check", examples]));
+    run_ok(Command::new("/usr/bin/agentseg").args(["check", examples]));
     // The packaged daemon, on the packaged examples, in the test's own cgroup tree and paths.
     let tree = CgroupTree::create();
     let dir = tempfile::tempdir().expect("tempdir");
