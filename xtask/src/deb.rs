@@ -41,19 +41,12 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_file(staging.join("agentseg.8.gz"));
     output(Command::new("gzip").args(["-9n"]).arg(&page))?;
     step("building the Debian package (cargo deb)");
-    let out = Command::new(bootstrap::cargo_home().join("bin/cargo-deb"))
-        .args(["-p", "agentseg", "--no-build", "--no-strip"])
-        .current_dir(root)
-        .output()
-        .context("running cargo-deb")?;
-    if !out.status.success() {
-        bail!(
-            "cargo deb failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let path = String::from_utf8_lossy(&out.stdout)
+    let out = output(
+        Command::new(bootstrap::cargo_home().join("bin/cargo-deb"))
+            .args(["-p", "agentseg", "--no-build", "--no-strip"])
+            .current_dir(root),
+    )?;
+    let path = String::from_utf8_lossy(&out)
         .trim()
         .lines()
         .last()
@@ -67,10 +60,15 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `cmd`'s stdout; an error that names it and shows what it printed when it fails.
 fn output(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out.stdout)
 }
