@@ -12,6 +12,7 @@ use std::{
 
 use agentseg_tests::{
     CgroupTree, Daemon, Proc, agentseg_bin, boot::Booted, kernel_ready, unit_capabilities,
+    wait_until,
 };
 
 fn unit_file() -> std::path::PathBuf {
@@ -138,18 +139,12 @@ fn start_member(boot: &Booted) -> Proc {
         .root()
         .join(MEMBER_CGROUP.trim_start_matches('/'))
         .join("cgroup.procs");
-    let start = Instant::now();
-    while std::fs::read_to_string(&procs)
-        .unwrap_or_default()
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the member did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), "the member's start", || {
+        !std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+    });
     member
 }
 
